@@ -1,0 +1,94 @@
+//! Recognising datagrams on the shared media port without any state: which
+//! are STUN binding requests, and which server ufrag they name.
+
+/// STUN magic cookie (RFC 5389).
+const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
+const BINDING_REQUEST: u16 = 0x0001;
+const ATTR_USERNAME: u16 = 0x0006;
+
+/// True when the datagram looks like a STUN message (RFC 7983 demux range,
+/// magic cookie present).
+pub fn is_stun(data: &[u8]) -> bool {
+    data.len() >= 20 && data[0] < 4 && data[4..8] == MAGIC_COOKIE
+}
+
+/// For a STUN binding request, the server-side ICE ufrag: the part of
+/// USERNAME (`<server ufrag>:<client ufrag>`) before the colon.
+/// Returns `None` for anything else, including truncated or malformed
+/// messages. Integrity is checked later by the peer connection itself.
+pub fn binding_request_ufrag(data: &[u8]) -> Option<&str> {
+    if !is_stun(data) {
+        return None;
+    }
+    let msg_type = u16::from_be_bytes([data[0], data[1]]);
+    if msg_type != BINDING_REQUEST {
+        return None;
+    }
+    let body_len = u16::from_be_bytes([data[2], data[3]]) as usize;
+    let body = data.get(20..20 + body_len)?;
+    let mut at = 0;
+    while at + 4 <= body.len() {
+        let typ = u16::from_be_bytes([body[at], body[at + 1]]);
+        let len = u16::from_be_bytes([body[at + 2], body[at + 3]]) as usize;
+        let value = body.get(at + 4..at + 4 + len)?;
+        if typ == ATTR_USERNAME {
+            let username = std::str::from_utf8(value).ok()?;
+            let (server, _client) = username.split_once(':')?;
+            return (!server.is_empty()).then_some(server);
+        }
+        // Attributes are padded to four bytes.
+        at += 4 + len.div_ceil(4) * 4;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding_request(username: &str) -> Vec<u8> {
+        let mut attr = Vec::new();
+        attr.extend_from_slice(&ATTR_USERNAME.to_be_bytes());
+        attr.extend_from_slice(&(username.len() as u16).to_be_bytes());
+        attr.extend_from_slice(username.as_bytes());
+        while attr.len() % 4 != 0 {
+            attr.push(0);
+        }
+        // A PRIORITY attribute after USERNAME, as browsers send.
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&BINDING_REQUEST.to_be_bytes());
+        msg.extend_from_slice(&((attr.len() + 8) as u16).to_be_bytes());
+        msg.extend_from_slice(&MAGIC_COOKIE);
+        msg.extend_from_slice(&[7u8; 12]);
+        msg.extend_from_slice(&attr);
+        msg.extend_from_slice(&[0x00, 0x24, 0x00, 0x04, 1, 2, 3, 4]);
+        msg
+    }
+
+    #[test]
+    fn finds_server_ufrag() {
+        let msg = binding_request("srvUfrag123:cli");
+        assert_eq!(binding_request_ufrag(&msg), Some("srvUfrag123"));
+        let msg = binding_request("abcde:f");
+        assert_eq!(binding_request_ufrag(&msg), Some("abcde"));
+    }
+
+    #[test]
+    fn rejects_non_stun_and_malformed() {
+        assert_eq!(binding_request_ufrag(&[]), None);
+        assert_eq!(binding_request_ufrag(&[0x80; 40]), None); // RTP
+        let mut msg = binding_request("a:b");
+        msg[0] = 0x01; // 0x0101: binding success response
+        assert_eq!(binding_request_ufrag(&msg), None);
+        let msg = binding_request("nocolon");
+        assert_eq!(binding_request_ufrag(&msg), None);
+        let msg = binding_request(":client");
+        assert_eq!(binding_request_ufrag(&msg), None);
+        let mut msg = binding_request("srv:cli");
+        msg.truncate(26); // length field now points past the end
+        assert_eq!(binding_request_ufrag(&msg), None);
+        let mut msg = binding_request("srv:cli");
+        msg[22..24].copy_from_slice(&0xFFFFu16.to_be_bytes()); // attribute longer than body
+        assert_eq!(binding_request_ufrag(&msg), None);
+    }
+}

@@ -1,0 +1,178 @@
+//! Construction of the webrtc-rs `rtc` peer connections the room drives:
+//! codecs with the RTCP feedback browsers need, the interceptor chain, and
+//! the interceptor that lets keyframe requests reach the room.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::media_engine::{
+    MediaEngine, MIME_TYPE_OPUS, MIME_TYPE_VP8,
+};
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::transport::RTCDtlsRole;
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind,
+};
+use rtc::sansio::Protocol;
+use rtc::shared::error::Error as RtcError;
+
+/// Payload type the server uses for VP8 in its own offers.
+pub const VP8_PAYLOAD_TYPE: u8 = 96;
+/// Payload type the server uses for Opus in its own offers.
+pub const OPUS_PAYLOAD_TYPE: u8 = 111;
+
+fn video_feedback() -> Vec<RTCPFeedback> {
+    [
+        ("goog-remb", ""),
+        ("ccm", "fir"),
+        ("nack", ""),
+        ("nack", "pli"),
+        ("transport-cc", ""),
+    ]
+    .into_iter()
+    .map(|(typ, parameter)| RTCPFeedback {
+        typ: typ.to_owned(),
+        parameter: parameter.to_owned(),
+    })
+    .collect()
+}
+
+/// The VP8 codec as the room registers and forwards it.
+pub fn vp8_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_VP8.to_owned(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: String::new(),
+        rtcp_feedback: video_feedback(),
+    }
+}
+
+/// The Opus codec as the room registers and forwards it.
+pub fn opus_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_OPUS.to_owned(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+        rtcp_feedback: vec![RTCPFeedback {
+            typ: "transport-cc".to_owned(),
+            parameter: String::new(),
+        }],
+    }
+}
+
+/// A media engine with exactly the codecs the room forwards.
+pub fn media_engine() -> Result<MediaEngine, RtcError> {
+    let mut engine = MediaEngine::default();
+    engine.register_codec(
+        RTCRtpCodecParameters {
+            rtp_codec: vp8_codec(),
+            payload_type: VP8_PAYLOAD_TYPE,
+            ..Default::default()
+        },
+        RtpCodecKind::Video,
+    )?;
+    engine.register_codec(
+        RTCRtpCodecParameters {
+            rtp_codec: opus_codec(),
+            payload_type: OPUS_PAYLOAD_TYPE,
+            ..Default::default()
+        },
+        RtpCodecKind::Audio,
+    )?;
+    Ok(engine)
+}
+
+/// What a connection is for; decides the DTLS role and nothing else here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnRole {
+    /// The client offers, the server answers (as DTLS server).
+    Answering,
+    /// The server offers.
+    Offering,
+}
+
+/// Builds one server-side peer connection: ICE-lite with the given
+/// credentials and host candidate, VP8 + Opus, default interceptors plus
+/// keyframe-request delivery.
+pub fn build_peer_connection(
+    now: Instant,
+    ufrag: &str,
+    pwd: &str,
+    role: ConnRole,
+) -> Result<RTCPeerConnection, RtcError> {
+    let mut engine = media_engine()?;
+    let registry = register_default_interceptors(Registry::new(), &mut engine)?;
+    let registry = registry.with(Slot::Custom(14_000), KeyframeRequestTap::default());
+    let mut settings = SettingEngineBuilder::new()
+        .with_lite(true)
+        .with_ice_credentials(ufrag.to_owned(), pwd.to_owned());
+    if role == ConnRole::Answering {
+        settings = settings.with_answering_dtls_role(RTCDtlsRole::Server);
+    }
+    RTCPeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_setting_engine(settings.build())
+        .with_media_engine(engine)
+        .with_interceptor_registry(registry)
+        .build(now)
+}
+
+/// Marks inbound PLI and FIR for delivery to the application. The engine
+/// stops all inbound RTCP at the end of its chain unless told otherwise,
+/// and the room must see keyframe requests to pass them to publishers.
+#[derive(Default)]
+pub struct KeyframeRequestTap {
+    read: VecDeque<TaggedPacket>,
+    write: VecDeque<TaggedPacket>,
+}
+
+fn is_keyframe_request(packet: &dyn rtc::rtcp::Packet) -> bool {
+    let any = packet.as_any();
+    any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestTap {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = RtcError;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), RtcError> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            if packets.iter().any(|p| is_keyframe_request(p.as_ref())) {
+                msg.message.add(Attribute::DeliverToApplication);
+            }
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), RtcError> {
+        self.write.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.write.pop_front()
+    }
+}
+
+impl Interceptor for KeyframeRequestTap {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}

@@ -1,0 +1,33 @@
+//! The media plane of the SFU, sans-I/O.
+//!
+//! A [`Room`] owns every participant's peer connections (webrtc-rs `rtc`
+//! engine) and forwards each publisher's RTP to every subscriber. It never
+//! reads a clock, never touches a socket and never spawns: every input
+//! carries `now`, and everything it wants done comes out of
+//! [`Room::poll_output`]. Randomness (ids, ICE credentials, SSRCs) comes from
+//! a seeded generator.
+//!
+//! # Run loop
+//!
+//! 1. Feed inputs as they happen, each with the current time:
+//!    [`Room::join`], [`Room::handle_signal`], [`Room::handle_datagram`],
+//!    [`Room::leave`].
+//! 2. Drain [`Room::poll_output`] until it returns [`Output::Timeout`]:
+//!    send each [`Output::Transmit`] from the media socket, deliver each
+//!    [`Output::Signal`] to its participant, act on each [`Output::Event`].
+//! 3. When the instant of that timeout arrives with no other input, call
+//!    [`Room::handle_timeout`] and go back to 2.
+//!
+//! The server's UDP socket, WebSocket handlers and timers live in
+//! `sfu-server`; tests drive a room with in-memory peers on a virtual clock.
+
+pub mod demux;
+pub mod engine;
+mod ids;
+mod room;
+
+pub use ids::{ConnId, ParticipantId, SeededRng, TrackKey};
+pub use room::{
+    CoreError, DropReason, JoinRequest, Output, Room, RoomConfig, RoomEvent, RoomStats, Transmit,
+};
+pub use sfu_signal as signal;

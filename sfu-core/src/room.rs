@@ -1,0 +1,1298 @@
+//! The room: participants, their peer connections, published tracks and the
+//! down tracks that carry them to subscribers.
+//!
+//! Each participant has up to two peer connections, as the signalling
+//! protocol describes: a publisher connection offered by the client and a
+//! subscriber connection offered by the room and renegotiated as tracks come
+//! and go.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::message::RTCMessage;
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::transport::{
+    CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit,
+};
+use rtc::peer_connection::RTCPeerConnection;
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use sfu_signal::{
+    ClientMessage, ErrorCode, IceCandidate, IceServer, LeaveReason, ParticipantInfo, RoomRef,
+    ServerMessage, Target, TrackInfo, TrackKind, PROTOCOL_VERSION,
+};
+
+use crate::engine::{build_peer_connection, opus_codec, vp8_codec, ConnRole};
+use crate::ids::{ConnId, ParticipantId, SeededRng, TrackKey};
+
+/// Keyframe requests to one publisher track are sent at most this often.
+const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Errors from misusing the room's API (not from bad client input, which
+/// gets an `error` message on the wire instead).
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("room is full ({0} participants)")]
+    RoomFull(usize),
+    #[error("unknown participant")]
+    UnknownParticipant,
+    #[error("peer connection: {0}")]
+    Engine(#[from] rtc::shared::error::Error),
+}
+
+/// Why a datagram or packet was not forwarded. Drops are outcomes, not errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A datagram from an address that no ICE check has introduced.
+    UnknownSource,
+    /// A STUN binding request naming a ufrag this room does not own.
+    UnknownUfrag,
+    /// RTP for a track the room does not know.
+    UnknownTrack,
+    /// A simulcast layer other than the one being forwarded.
+    LayerNotSelected,
+    /// The subscriber's connection has not yet negotiated this track.
+    NotNegotiated,
+    /// The engine refused the packet.
+    EngineRejected,
+}
+
+/// Static settings of one room.
+#[derive(Debug, Clone)]
+pub struct RoomConfig {
+    pub name: String,
+    pub sid: String,
+    /// The media socket's address as clients reach it: advertised as the
+    /// host candidate and used as the local address of every connection.
+    pub media_addr: SocketAddr,
+    pub seed: u64,
+    pub ice_servers: Vec<IceServer>,
+    /// 0 means no limit.
+    pub max_participants: usize,
+}
+
+/// What a join token grants, as checked by the server.
+#[derive(Debug, Clone)]
+pub struct JoinRequest {
+    pub identity: String,
+    pub name: String,
+    pub can_publish: bool,
+    pub can_subscribe: bool,
+    /// Unix seconds, for display only.
+    pub joined_at_unix: u64,
+}
+
+/// A datagram to send from the media socket.
+#[derive(Debug)]
+pub struct Transmit {
+    pub destination: SocketAddr,
+    pub contents: BytesMut,
+}
+
+/// Things the I/O shell must act on besides sending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomEvent {
+    /// STUN binding requests naming this ufrag belong to this room.
+    UfragAdded(String),
+    /// These ufrags and source addresses no longer belong to this room.
+    Unrouted {
+        ufrags: Vec<String>,
+        addrs: Vec<SocketAddr>,
+    },
+    /// The participant is gone; close its signalling connection once the
+    /// signals queued before this event are sent.
+    ParticipantRemoved {
+        participant: ParticipantId,
+        reason: LeaveReason,
+    },
+}
+
+/// One thing the room wants done.
+#[derive(Debug)]
+pub enum Output {
+    Transmit(Transmit),
+    Signal {
+        participant: ParticipantId,
+        message: ServerMessage,
+    },
+    Event(RoomEvent),
+    /// Nothing more to do until this instant (or the next input).
+    Timeout(Instant),
+}
+
+/// Counters of what the room has done, for metrics and tests.
+#[derive(Debug, Clone, Default)]
+pub struct RoomStats {
+    pub datagrams_in: u64,
+    pub rtp_in: u64,
+    pub rtp_forwarded: u64,
+    pub bytes_forwarded: u64,
+    pub keyframe_requests_sent: u64,
+    pub drops: HashMap<DropReason, u64>,
+}
+
+impl RoomStats {
+    fn drop(&mut self, reason: DropReason) {
+        *self.drops.entry(reason).or_default() += 1;
+    }
+}
+
+struct Conn {
+    pc: RTCPeerConnection,
+    participant: ParticipantId,
+    target: Target,
+    ufrag: String,
+    addrs: Vec<SocketAddr>,
+    dirty: bool,
+}
+
+struct DownTrack {
+    sender: RTCRtpSenderId,
+    ssrc: u32,
+    payload_type: Option<u8>,
+    /// The subscriber offer that first carried this track.
+    offer_gen: Option<u64>,
+    negotiated: bool,
+}
+
+#[derive(Default)]
+struct SubscriberNegotiation {
+    /// Generation of the offer awaiting an answer.
+    outstanding: Option<u64>,
+    needs_offer: bool,
+    generation: u64,
+}
+
+struct Participant {
+    sid: String,
+    identity: String,
+    name: String,
+    joined_at: u64,
+    can_publish: bool,
+    can_subscribe: bool,
+    publisher: Option<ConnId>,
+    subscriber: Option<ConnId>,
+    /// Engine track id on the publisher connection -> published track.
+    published: HashMap<String, TrackKey>,
+    down_tracks: BTreeMap<TrackKey, DownTrack>,
+    negotiation: SubscriberNegotiation,
+}
+
+struct PublishedTrack {
+    sid: String,
+    cid: String,
+    publisher: ParticipantId,
+    kind: TrackKind,
+    codec: RTCRtpCodec,
+    receiver: RTCRtpReceiverId,
+    /// SSRCs of the simulcast layers (or the single stream) seen so far.
+    layers: Vec<(Option<String>, u32)>,
+    /// The layer forwarded to everyone (first one seen; layer selection
+    /// per subscriber is the forwarder's job).
+    forwarded_ssrc: u32,
+    muted: bool,
+    last_keyframe_request: Option<Instant>,
+    subscribers: Vec<ParticipantId>,
+}
+
+impl PublishedTrack {
+    fn info(&self) -> TrackInfo {
+        TrackInfo {
+            sid: self.sid.clone(),
+            cid: self.cid.clone(),
+            kind: self.kind,
+            muted: self.muted,
+            mime_type: self.codec.mime_type.clone(),
+            simulcast: self.layers.iter().any(|(rid, _)| rid.is_some()),
+        }
+    }
+}
+
+/// A room: see the crate documentation for its run loop.
+pub struct Room {
+    config: RoomConfig,
+    rng: SeededRng,
+    participants: BTreeMap<ParticipantId, Participant>,
+    next_participant: u64,
+    conns: Vec<Option<Conn>>,
+    by_ufrag: HashMap<String, ConnId>,
+    by_addr: HashMap<SocketAddr, ConnId>,
+    tracks: BTreeMap<TrackKey, PublishedTrack>,
+    next_track: u64,
+    down_by_ssrc: HashMap<u32, (ParticipantId, TrackKey)>,
+    dirty: Vec<ConnId>,
+    outputs: VecDeque<Output>,
+    stats: RoomStats,
+    last_now: Instant,
+}
+
+impl Room {
+    pub fn new(config: RoomConfig, now: Instant) -> Room {
+        Room {
+            rng: SeededRng::new(config.seed),
+            config,
+            participants: BTreeMap::new(),
+            next_participant: 1,
+            conns: Vec::new(),
+            by_ufrag: HashMap::new(),
+            by_addr: HashMap::new(),
+            tracks: BTreeMap::new(),
+            next_track: 1,
+            down_by_ssrc: HashMap::new(),
+            dirty: Vec::new(),
+            outputs: VecDeque::new(),
+            stats: RoomStats::default(),
+            last_now: now,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn sid(&self) -> &str {
+        &self.config.sid
+    }
+
+    pub fn stats(&self) -> &RoomStats {
+        &self.stats
+    }
+
+    pub fn participant_count(&self) -> usize {
+        self.participants.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.participants.is_empty()
+    }
+
+    /// The participants as the REST API and `joined` show them.
+    pub fn participants(&self) -> Vec<ParticipantInfo> {
+        self.participants
+            .keys()
+            .map(|id| self.participant_info(*id))
+            .collect()
+    }
+
+    /// The participant with this identity, if present.
+    pub fn find_identity(&self, identity: &str) -> Option<ParticipantId> {
+        self.participants
+            .iter()
+            .find(|(_, p)| p.identity == identity)
+            .map(|(id, _)| *id)
+    }
+
+    /// The participant's server id (`PA_...`).
+    pub fn participant_sid(&self, id: ParticipantId) -> Option<&str> {
+        self.participants.get(&id).map(|p| p.sid.as_str())
+    }
+
+    fn participant_info(&self, id: ParticipantId) -> ParticipantInfo {
+        let p = &self.participants[&id];
+        let mut tracks: Vec<TrackInfo> = p
+            .published
+            .values()
+            .filter_map(|k| self.tracks.get(k))
+            .map(PublishedTrack::info)
+            .collect();
+        tracks.sort_by(|a, b| a.sid.cmp(&b.sid));
+        ParticipantInfo {
+            sid: p.sid.clone(),
+            identity: p.identity.clone(),
+            name: p.name.clone(),
+            joined_at: p.joined_at,
+            tracks,
+        }
+    }
+
+    fn signal(&mut self, participant: ParticipantId, message: ServerMessage) {
+        self.outputs.push_back(Output::Signal {
+            participant,
+            message,
+        });
+    }
+
+    fn broadcast(&mut self, except: Option<ParticipantId>, message: ServerMessage) {
+        let ids: Vec<ParticipantId> = self
+            .participants
+            .keys()
+            .copied()
+            .filter(|id| Some(*id) != except)
+            .collect();
+        for id in ids {
+            self.signal(id, message.clone());
+        }
+    }
+
+    /// Admits a participant. Sends it `joined`, tells the others, and opens
+    /// its subscriber connection to every track already published.
+    pub fn join(&mut self, now: Instant, request: JoinRequest) -> Result<ParticipantId, CoreError> {
+        self.last_now = now;
+        if let Some(old) = self.find_identity(&request.identity) {
+            self.remove_participant(now, old, LeaveReason::DuplicateIdentity);
+        }
+        if self.config.max_participants > 0
+            && self.participants.len() >= self.config.max_participants
+        {
+            return Err(CoreError::RoomFull(self.config.max_participants));
+        }
+        let id = ParticipantId(self.next_participant);
+        self.next_participant += 1;
+        let sid = self.rng.sid("PA");
+        self.participants.insert(
+            id,
+            Participant {
+                sid,
+                identity: request.identity,
+                name: request.name,
+                joined_at: request.joined_at_unix,
+                can_publish: request.can_publish,
+                can_subscribe: request.can_subscribe,
+                publisher: None,
+                subscriber: None,
+                published: HashMap::new(),
+                down_tracks: BTreeMap::new(),
+                negotiation: SubscriberNegotiation::default(),
+            },
+        );
+
+        let others: Vec<ParticipantInfo> = self
+            .participants
+            .keys()
+            .filter(|other| **other != id)
+            .map(|other| self.participant_info(*other))
+            .collect();
+        let me = self.participant_info(id);
+        self.signal(
+            id,
+            ServerMessage::Joined {
+                protocol: PROTOCOL_VERSION,
+                room: RoomRef {
+                    name: self.config.name.clone(),
+                    sid: self.config.sid.clone(),
+                },
+                participant: me.clone(),
+                participants: others,
+                ice_servers: self.config.ice_servers.clone(),
+                can_publish: request.can_publish,
+                can_subscribe: request.can_subscribe,
+            },
+        );
+        self.broadcast(
+            Some(id),
+            ServerMessage::ParticipantJoined { participant: me },
+        );
+
+        if request.can_subscribe {
+            let conn = self.open_conn(now, id, Target::Subscriber)?;
+            self.participants
+                .get_mut(&id)
+                .ok_or(CoreError::UnknownParticipant)?
+                .subscriber = Some(conn);
+            let existing: Vec<TrackKey> = self
+                .tracks
+                .iter()
+                .filter(|(_, t)| t.publisher != id)
+                .map(|(k, _)| *k)
+                .collect();
+            for track in existing {
+                self.subscribe(id, track);
+            }
+            self.maybe_offer(now, id);
+        }
+        self.drain(now);
+        Ok(id)
+    }
+
+    /// Removes a participant at its own request or the server's.
+    pub fn leave(&mut self, now: Instant, id: ParticipantId, reason: LeaveReason) {
+        self.last_now = now;
+        self.remove_participant(now, id, reason);
+        self.drain(now);
+    }
+
+    fn open_conn(
+        &mut self,
+        now: Instant,
+        participant: ParticipantId,
+        target: Target,
+    ) -> Result<ConnId, CoreError> {
+        let ufrag = self.rng.string(16);
+        let pwd = self.rng.string(32);
+        let role = match target {
+            Target::Publisher => ConnRole::Answering,
+            Target::Subscriber => ConnRole::Offering,
+        };
+        let mut pc = build_peer_connection(now, &ufrag, &pwd, role)?;
+        let addr = self.config.media_addr;
+        let candidate = CandidateHostConfig {
+            base_config: CandidateConfig {
+                network: "udp".to_owned(),
+                address: addr.ip().to_string(),
+                port: addr.port(),
+                component: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .new_candidate_host()?;
+        pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+        let id = ConnId(self.conns.len());
+        self.conns.push(Some(Conn {
+            pc,
+            participant,
+            target,
+            ufrag: ufrag.clone(),
+            addrs: Vec::new(),
+            dirty: false,
+        }));
+        self.by_ufrag.insert(ufrag.clone(), id);
+        self.outputs
+            .push_back(Output::Event(RoomEvent::UfragAdded(ufrag)));
+        Ok(id)
+    }
+
+    fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.conns.get_mut(id.0).and_then(Option::as_mut)
+    }
+
+    fn mark_dirty(&mut self, id: ConnId) {
+        if let Some(conn) = self.conn_mut(id) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    fn close_conn(&mut self, id: ConnId) -> Option<(String, Vec<SocketAddr>)> {
+        let mut conn = self.conns.get_mut(id.0)?.take()?;
+        let _ = conn.pc.close();
+        self.by_ufrag.remove(&conn.ufrag);
+        for addr in &conn.addrs {
+            if self.by_addr.get(addr) == Some(&id) {
+                self.by_addr.remove(addr);
+            }
+        }
+        Some((conn.ufrag, conn.addrs))
+    }
+
+    fn remove_participant(&mut self, now: Instant, id: ParticipantId, reason: LeaveReason) {
+        let Some(p) = self.participants.get(&id) else {
+            return;
+        };
+        let published: Vec<TrackKey> = p.published.values().copied().collect();
+        for track in published {
+            self.unpublish(now, track);
+        }
+        let Some(p) = self.participants.remove(&id) else {
+            return;
+        };
+        for (key, down) in &p.down_tracks {
+            self.down_by_ssrc.remove(&down.ssrc);
+            if let Some(track) = self.tracks.get_mut(key) {
+                track.subscribers.retain(|s| *s != id);
+            }
+        }
+        let mut ufrags = Vec::new();
+        let mut addrs = Vec::new();
+        for conn in [p.publisher, p.subscriber].into_iter().flatten() {
+            if let Some((ufrag, a)) = self.close_conn(conn) {
+                ufrags.push(ufrag);
+                addrs.extend(a);
+            }
+        }
+        self.outputs
+            .push_back(Output::Event(RoomEvent::Unrouted { ufrags, addrs }));
+        if reason != LeaveReason::ClientLeave {
+            self.signal(id, ServerMessage::Leave { reason });
+        }
+        self.outputs
+            .push_back(Output::Event(RoomEvent::ParticipantRemoved {
+                participant: id,
+                reason,
+            }));
+        self.broadcast(
+            None,
+            ServerMessage::ParticipantLeft {
+                sid: p.sid,
+                identity: p.identity,
+            },
+        );
+    }
+
+    /// Handles one message from a participant's signalling connection. Bad
+    /// messages get an `error` reply to that participant only.
+    pub fn handle_signal(&mut self, now: Instant, id: ParticipantId, message: ClientMessage) {
+        self.last_now = now;
+        if !self.participants.contains_key(&id) {
+            return;
+        }
+        if let Err((code, text)) = self.apply_signal(now, id, message) {
+            self.signal(id, ServerMessage::error(code, text));
+        }
+        self.drain(now);
+    }
+
+    fn apply_signal(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        message: ClientMessage,
+    ) -> Result<(), (ErrorCode, String)> {
+        match message {
+            ClientMessage::Offer {
+                target: Target::Publisher,
+                sdp,
+            } => self.publisher_offer(now, id, sdp),
+            ClientMessage::Answer {
+                target: Target::Subscriber,
+                sdp,
+            } => self.subscriber_answer(now, id, sdp),
+            ClientMessage::Offer {
+                target: Target::Subscriber,
+                ..
+            } => Err((
+                ErrorCode::BadState,
+                "the server offers on the subscriber connection; send an answer".into(),
+            )),
+            ClientMessage::Answer {
+                target: Target::Publisher,
+                ..
+            } => Err((
+                ErrorCode::BadState,
+                "the client offers on the publisher connection; send an offer".into(),
+            )),
+            ClientMessage::Candidate { target, candidate } => {
+                let Some(candidate) = candidate.filter(|c| !c.candidate.is_empty()) else {
+                    return Ok(()); // end of candidates
+                };
+                let p = &self.participants[&id];
+                let conn = match target {
+                    Target::Publisher => p.publisher,
+                    Target::Subscriber => p.subscriber,
+                }
+                .ok_or((
+                    ErrorCode::BadState,
+                    format!("no {target:?} connection for this candidate").to_lowercase(),
+                ))?;
+                let c = self
+                    .conn_mut(conn)
+                    .ok_or((ErrorCode::BadState, "connection is closed".to_owned()))?;
+                c.pc.add_remote_candidate(RTCIceCandidateInit {
+                    candidate: candidate.candidate,
+                    sdp_mid: candidate.sdp_mid,
+                    sdp_mline_index: candidate.sdp_m_line_index,
+                    username_fragment: candidate.username_fragment,
+                    ..Default::default()
+                })
+                .map_err(|e| (ErrorCode::BadMessage, format!("bad candidate: {e}")))?;
+                self.mark_dirty(conn);
+                Ok(())
+            }
+            ClientMessage::Mute { track_sid, muted } => {
+                let key = self.participants[&id]
+                    .published
+                    .values()
+                    .copied()
+                    .find(|k| self.tracks.get(k).is_some_and(|t| t.sid == track_sid))
+                    .ok_or((
+                        ErrorCode::NotAllowed,
+                        format!("no track {track_sid} published by this participant"),
+                    ))?;
+                if let Some(track) = self.tracks.get_mut(&key) {
+                    track.muted = muted;
+                }
+                let participant_sid = self.participants[&id].sid.clone();
+                self.broadcast(
+                    None,
+                    ServerMessage::TrackMuted {
+                        participant_sid,
+                        track_sid,
+                        muted,
+                    },
+                );
+                Ok(())
+            }
+            ClientMessage::Ping { ts } => {
+                self.signal(id, ServerMessage::Pong { ts });
+                Ok(())
+            }
+            ClientMessage::Leave => {
+                self.remove_participant(now, id, LeaveReason::ClientLeave);
+                Ok(())
+            }
+        }
+    }
+
+    fn publisher_offer(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        sdp: String,
+    ) -> Result<(), (ErrorCode, String)> {
+        if !self.participants[&id].can_publish {
+            return Err((
+                ErrorCode::NotAllowed,
+                "this token does not allow publishing".into(),
+            ));
+        }
+        let offer = RTCSessionDescription::offer(sdp)
+            .map_err(|e| (ErrorCode::BadSdp, format!("cannot parse offer: {e}")))?;
+        let conn = match self.participants[&id].publisher {
+            Some(conn) => conn,
+            None => {
+                let conn = self
+                    .open_conn(now, id, Target::Publisher)
+                    .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+                if let Some(p) = self.participants.get_mut(&id) {
+                    p.publisher = Some(conn);
+                }
+                conn
+            }
+        };
+        let c = self
+            .conn_mut(conn)
+            .ok_or((ErrorCode::BadState, "connection is closed".to_owned()))?;
+        c.pc.set_remote_description(now, offer)
+            .map_err(|e| (ErrorCode::BadSdp, format!("offer rejected: {e}")))?;
+        let answer =
+            c.pc.create_answer(None)
+                .map_err(|e| (ErrorCode::BadSdp, format!("cannot answer offer: {e}")))?;
+        c.pc.set_local_description(now, answer)
+            .map_err(|e| (ErrorCode::Internal, format!("cannot apply answer: {e}")))?;
+        let sdp =
+            c.pc.local_description()
+                .map(|d| d.sdp)
+                .ok_or((ErrorCode::Internal, "no local description".to_owned()))?;
+        self.signal(
+            id,
+            ServerMessage::Answer {
+                target: Target::Publisher,
+                sdp,
+            },
+        );
+        self.mark_dirty(conn);
+        Ok(())
+    }
+
+    fn subscriber_answer(
+        &mut self,
+        now: Instant,
+        id: ParticipantId,
+        sdp: String,
+    ) -> Result<(), (ErrorCode, String)> {
+        let p = &self.participants[&id];
+        let (Some(conn), Some(generation)) = (p.subscriber, p.negotiation.outstanding) else {
+            return Err((
+                ErrorCode::BadState,
+                "no subscriber offer is awaiting an answer".into(),
+            ));
+        };
+        let answer = RTCSessionDescription::answer(sdp)
+            .map_err(|e| (ErrorCode::BadSdp, format!("cannot parse answer: {e}")))?;
+        let c = self
+            .conn_mut(conn)
+            .ok_or((ErrorCode::BadState, "connection is closed".to_owned()))?;
+        c.pc.set_remote_description(now, answer)
+            .map_err(|e| (ErrorCode::BadSdp, format!("answer rejected: {e}")))?;
+        self.mark_dirty(conn);
+
+        // Every track carried by the answered offer can now be forwarded.
+        let mut fresh = Vec::new();
+        let p = self
+            .participants
+            .get_mut(&id)
+            .ok_or((ErrorCode::Internal, "participant vanished".to_owned()))?;
+        p.negotiation.outstanding = None;
+        let conn_slot = self.conns.get_mut(conn.0).and_then(Option::as_mut);
+        if let Some(c) = conn_slot {
+            for (key, down) in p.down_tracks.iter_mut() {
+                if down.negotiated || down.offer_gen.is_none_or(|g| g > generation) {
+                    continue;
+                }
+                down.negotiated = true;
+                let mime = self.tracks.get(key).map(|t| t.codec.mime_type.clone());
+                if let (Some(mut sender), Some(mime)) = (c.pc.rtp_sender(down.sender), mime) {
+                    down.payload_type = sender
+                        .get_parameters()
+                        .rtp_parameters
+                        .codecs
+                        .iter()
+                        .find(|codec| codec.rtp_codec.mime_type.eq_ignore_ascii_case(&mime))
+                        .map(|codec| codec.payload_type);
+                }
+                fresh.push(*key);
+            }
+        }
+        for key in fresh {
+            if self
+                .tracks
+                .get(&key)
+                .is_some_and(|t| t.kind == TrackKind::Video)
+            {
+                self.request_keyframe(now, key, true);
+            }
+        }
+        self.maybe_offer(now, id);
+        Ok(())
+    }
+
+    /// Adds a down track for `track` to the subscriber's connection (the
+    /// caller renegotiates).
+    fn subscribe(&mut self, subscriber: ParticipantId, key: TrackKey) {
+        let Some(track) = self.tracks.get(&key) else {
+            return;
+        };
+        let Some(p) = self.participants.get(&subscriber) else {
+            return;
+        };
+        let Some(conn) = p.subscriber else {
+            return;
+        };
+        if p.down_tracks.contains_key(&key) {
+            return;
+        }
+        let publisher_sid = self
+            .participants
+            .get(&track.publisher)
+            .map(|p| p.sid.clone())
+            .unwrap_or_default();
+        let ssrc = loop {
+            let s = self.rng.next_u32();
+            if s != 0 && !self.down_by_ssrc.contains_key(&s) {
+                break s;
+            }
+        };
+        let kind = match track.kind {
+            TrackKind::Audio => RtpCodecKind::Audio,
+            TrackKind::Video => RtpCodecKind::Video,
+        };
+        let media_track = MediaStreamTrack::new(
+            publisher_sid,
+            track.sid.clone(),
+            track.sid.clone(),
+            kind,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                codec: track.codec.clone(),
+                ..Default::default()
+            }],
+        );
+        let Some(c) = self.conn_mut(conn) else {
+            return;
+        };
+        let sender = match c.pc.add_track(media_track) {
+            Ok(sender) => sender,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot add down track");
+                return;
+            }
+        };
+        self.down_by_ssrc.insert(ssrc, (subscriber, key));
+        if let Some(track) = self.tracks.get_mut(&key) {
+            track.subscribers.push(subscriber);
+        }
+        if let Some(p) = self.participants.get_mut(&subscriber) {
+            p.down_tracks.insert(
+                key,
+                DownTrack {
+                    sender,
+                    ssrc,
+                    payload_type: None,
+                    offer_gen: None,
+                    negotiated: false,
+                },
+            );
+            p.negotiation.needs_offer = true;
+        }
+    }
+
+    fn unsubscribe(&mut self, subscriber: ParticipantId, key: TrackKey) {
+        let Some(p) = self.participants.get_mut(&subscriber) else {
+            return;
+        };
+        let Some(down) = p.down_tracks.remove(&key) else {
+            return;
+        };
+        p.negotiation.needs_offer = true;
+        let conn = p.subscriber;
+        self.down_by_ssrc.remove(&down.ssrc);
+        if let Some(c) = conn.and_then(|c| self.conn_mut(c)) {
+            if let Err(e) = c.pc.remove_track(down.sender) {
+                tracing::debug!(error = %e, "remove_track");
+            }
+        }
+        if let Some(track) = self.tracks.get_mut(&key) {
+            track.subscribers.retain(|s| *s != subscriber);
+        }
+    }
+
+    /// Sends a new subscriber offer if one is needed and none is outstanding.
+    fn maybe_offer(&mut self, now: Instant, id: ParticipantId) {
+        let Some(p) = self.participants.get_mut(&id) else {
+            return;
+        };
+        if p.negotiation.outstanding.is_some() || !p.negotiation.needs_offer {
+            return;
+        }
+        let Some(conn) = p.subscriber else {
+            return;
+        };
+        // An empty first offer would open a connection with nothing on it.
+        if p.negotiation.generation == 0 && p.down_tracks.is_empty() {
+            return;
+        }
+        p.negotiation.generation += 1;
+        let generation = p.negotiation.generation;
+        p.negotiation.outstanding = Some(generation);
+        p.negotiation.needs_offer = false;
+        for down in p.down_tracks.values_mut() {
+            down.offer_gen.get_or_insert(generation);
+        }
+        let Some(c) = self.conns.get_mut(conn.0).and_then(Option::as_mut) else {
+            return;
+        };
+        let sdp =
+            c.pc.create_offer(None)
+                .and_then(|offer| c.pc.set_local_description(now, offer))
+                .map(|_| c.pc.local_description().map(|d| d.sdp));
+        match sdp {
+            Ok(Some(sdp)) => {
+                self.signal(
+                    id,
+                    ServerMessage::Offer {
+                        target: Target::Subscriber,
+                        sdp,
+                    },
+                );
+                self.mark_dirty(conn);
+            }
+            other => {
+                tracing::warn!(?other, "cannot create subscriber offer");
+                if let Some(p) = self.participants.get_mut(&id) {
+                    p.negotiation.outstanding = None;
+                }
+            }
+        }
+    }
+
+    fn unpublish(&mut self, now: Instant, key: TrackKey) {
+        let Some(track) = self.tracks.remove(&key) else {
+            return;
+        };
+        // Keep the entry until subscribers are detached so unsubscribe works.
+        let subscribers = track.subscribers.clone();
+        let track_sid = track.sid.clone();
+        let publisher = track.publisher;
+        self.tracks.insert(key, track);
+        for sub in &subscribers {
+            self.unsubscribe(*sub, key);
+        }
+        self.tracks.remove(&key);
+        let participant_sid = match self.participants.get_mut(&publisher) {
+            Some(p) => {
+                p.published.retain(|_, k| *k != key);
+                p.sid.clone()
+            }
+            None => String::new(),
+        };
+        self.broadcast(
+            None,
+            ServerMessage::TrackUnpublished {
+                participant_sid,
+                track_sid,
+            },
+        );
+        for sub in subscribers {
+            self.maybe_offer(now, sub);
+        }
+    }
+
+    /// Feeds one datagram that arrived on the media socket.
+    pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, contents: BytesMut) {
+        self.last_now = now;
+        self.stats.datagrams_in += 1;
+        let conn = match crate::demux::binding_request_ufrag(&contents) {
+            Some(ufrag) => match self.by_ufrag.get(ufrag).copied() {
+                Some(conn) => {
+                    if self.by_addr.insert(source, conn) != Some(conn) {
+                        if let Some(c) = self.conn_mut(conn) {
+                            if !c.addrs.contains(&source) {
+                                c.addrs.push(source);
+                            }
+                        }
+                    }
+                    conn
+                }
+                None => {
+                    self.stats.drop(DropReason::UnknownUfrag);
+                    return;
+                }
+            },
+            None => match self.by_addr.get(&source) {
+                Some(conn) => *conn,
+                None => {
+                    self.stats.drop(DropReason::UnknownSource);
+                    return;
+                }
+            },
+        };
+        let local_addr = self.config.media_addr;
+        let Some(c) = self.conn_mut(conn) else {
+            return;
+        };
+        let result = c.pc.handle_read(TaggedBytesMut {
+            now,
+            transport: TransportContext {
+                local_addr,
+                peer_addr: source,
+                ecn: None,
+                transport_protocol: TransportProtocol::UDP,
+            },
+            message: contents,
+        });
+        if let Err(e) = result {
+            tracing::trace!(error = %e, "datagram rejected by peer connection");
+        }
+        self.mark_dirty(conn);
+        self.drain(now);
+    }
+
+    /// Advances every connection's timers to `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = now;
+        for index in 0..self.conns.len() {
+            let Some(c) = self.conns[index].as_mut() else {
+                continue;
+            };
+            if c.pc.poll_timeout().is_some_and(|t| t <= now) {
+                if let Err(e) = c.pc.handle_timeout(now) {
+                    tracing::debug!(error = %e, "peer connection timeout handling");
+                }
+                self.mark_dirty(ConnId(index));
+            }
+        }
+        self.drain(now);
+    }
+
+    /// Next thing for the I/O shell to do. Ends with [`Output::Timeout`].
+    pub fn poll_output(&mut self) -> Output {
+        if let Some(output) = self.outputs.pop_front() {
+            return output;
+        }
+        let mut next = self.last_now + Duration::from_secs(3600);
+        for c in self.conns.iter_mut().flatten() {
+            if let Some(t) = c.pc.poll_timeout() {
+                next = next.min(t);
+            }
+        }
+        Output::Timeout(next)
+    }
+
+    /// Moves everything the touched connections produced into the output
+    /// queue, acting on their events and application messages.
+    fn drain(&mut self, now: Instant) {
+        while let Some(id) = self.dirty.pop() {
+            let Some(c) = self.conns.get_mut(id.0).and_then(Option::as_mut) else {
+                continue;
+            };
+            c.dirty = false;
+            let participant = c.participant;
+            let target = c.target;
+            let mut events = Vec::new();
+            let mut messages = Vec::new();
+            loop {
+                let mut progressed = false;
+                while let Some(event) = c.pc.poll_event() {
+                    events.push(event);
+                    progressed = true;
+                }
+                while let Some(msg) = c.pc.poll_read() {
+                    messages.push(msg.message);
+                    progressed = true;
+                }
+                while let Some(out) = c.pc.poll_write() {
+                    self.outputs.push_back(Output::Transmit(Transmit {
+                        destination: out.transport.peer_addr,
+                        contents: out.message,
+                    }));
+                    progressed = true;
+                }
+                if !progressed {
+                    break;
+                }
+            }
+            for event in events {
+                self.on_event(now, id, participant, target, event);
+            }
+            for message in messages {
+                self.on_message(now, id, participant, message);
+            }
+        }
+    }
+
+    fn on_event(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        participant: ParticipantId,
+        target: Target,
+        event: RTCPeerConnectionEvent,
+    ) {
+        match event {
+            RTCPeerConnectionEvent::OnIceCandidateEvent(e) => {
+                if let Ok(init) = e.candidate.to_json() {
+                    self.signal(
+                        participant,
+                        ServerMessage::Candidate {
+                            target,
+                            candidate: IceCandidate {
+                                candidate: init.candidate,
+                                sdp_mid: init.sdp_mid,
+                                sdp_m_line_index: init.sdp_mline_index,
+                                username_fragment: init.username_fragment,
+                            },
+                        },
+                    );
+                }
+            }
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init))
+                if target == Target::Publisher =>
+            {
+                self.on_track_open(now, conn, participant, init);
+            }
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track_id))
+                if target == Target::Publisher =>
+            {
+                let key = self
+                    .participants
+                    .get(&participant)
+                    .and_then(|p| p.published.get(&track_id).copied());
+                if let Some(key) = key {
+                    self.unpublish(now, key);
+                }
+            }
+            RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
+                tracing::debug!(?participant, ?target, %state, "connection state");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_track_open(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        participant: ParticipantId,
+        init: rtc::peer_connection::event::RTCTrackEventInit,
+    ) {
+        let existing = self
+            .participants
+            .get(&participant)
+            .and_then(|p| p.published.get(&init.track_id).copied());
+        if let Some(key) = existing {
+            if let Some(track) = self.tracks.get_mut(&key) {
+                if !track.layers.iter().any(|(_, s)| *s == init.ssrc) {
+                    track.layers.push((init.rid.clone(), init.ssrc));
+                }
+            }
+            return;
+        }
+        let Some(c) = self.conn_mut(conn) else {
+            return;
+        };
+        let Some(receiver) = c.pc.rtp_receiver(init.receiver_id) else {
+            return;
+        };
+        let (kind, codec) = match receiver.track().kind() {
+            RtpCodecKind::Audio => (TrackKind::Audio, opus_codec()),
+            RtpCodecKind::Video => (TrackKind::Video, vp8_codec()),
+            _ => return,
+        };
+        let key = TrackKey(self.next_track);
+        self.next_track += 1;
+        let sid = self.rng.sid("TR");
+        let track = PublishedTrack {
+            sid,
+            cid: init.track_id.clone(),
+            publisher: participant,
+            kind,
+            codec,
+            receiver: init.receiver_id,
+            layers: vec![(init.rid.clone(), init.ssrc)],
+            forwarded_ssrc: init.ssrc,
+            muted: false,
+            last_keyframe_request: None,
+            subscribers: Vec::new(),
+        };
+        let info = track.info();
+        self.tracks.insert(key, track);
+        let Some(p) = self.participants.get_mut(&participant) else {
+            return;
+        };
+        p.published.insert(init.track_id, key);
+        let participant_sid = p.sid.clone();
+        self.broadcast(
+            None,
+            ServerMessage::TrackPublished {
+                participant_sid,
+                track: info,
+            },
+        );
+        let subscribers: Vec<ParticipantId> = self
+            .participants
+            .iter()
+            .filter(|(id, p)| **id != participant && p.can_subscribe)
+            .map(|(id, _)| *id)
+            .collect();
+        for sub in subscribers {
+            self.subscribe(sub, key);
+            self.maybe_offer(now, sub);
+        }
+    }
+
+    fn on_message(
+        &mut self,
+        now: Instant,
+        _conn: ConnId,
+        participant: ParticipantId,
+        message: RTCMessage,
+    ) {
+        match message {
+            RTCMessage::RtpPacket(track_id, packet) => {
+                self.stats.rtp_in += 1;
+                let key = self
+                    .participants
+                    .get(&participant)
+                    .and_then(|p| p.published.get(&track_id).copied());
+                match key {
+                    Some(key) => self.forward(now, key, packet),
+                    None => self.stats.drop(DropReason::UnknownTrack),
+                }
+            }
+            RTCMessage::RtcpPacket(_, packets) => {
+                let mut wanted = Vec::new();
+                for packet in &packets {
+                    let any = packet.as_any();
+                    if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
+                        wanted.push(pli.media_ssrc);
+                    } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
+                        wanted.extend(fir.fir.iter().map(|e| e.ssrc));
+                        wanted.push(fir.media_ssrc);
+                    }
+                }
+                for ssrc in wanted {
+                    if let Some((sub, key)) = self.down_by_ssrc.get(&ssrc).copied() {
+                        if sub == participant {
+                            self.request_keyframe(now, key, false);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn forward(&mut self, now: Instant, key: TrackKey, packet: rtc::rtp::Packet) {
+        let Some(track) = self.tracks.get(&key) else {
+            self.stats.drop(DropReason::UnknownTrack);
+            return;
+        };
+        if packet.header.ssrc != track.forwarded_ssrc {
+            self.stats.drop(DropReason::LayerNotSelected);
+            return;
+        }
+        let subscribers = track.subscribers.clone();
+        for sub in subscribers {
+            let Some(p) = self.participants.get(&sub) else {
+                continue;
+            };
+            let Some(down) = p.down_tracks.get(&key) else {
+                continue;
+            };
+            let (Some(conn), true, Some(pt)) = (p.subscriber, down.negotiated, down.payload_type)
+            else {
+                self.stats.drop(DropReason::NotNegotiated);
+                continue;
+            };
+            let mut out = packet.clone();
+            out.header.ssrc = down.ssrc;
+            out.header.payload_type = pt;
+            // The subscriber negotiated its own extension ids; the
+            // publisher's (mid, rid, ...) must not leak through.
+            out.header.extension = false;
+            out.header.extensions.clear();
+            out.header.extension_profile = 0;
+            let sender = down.sender;
+            let bytes = out.payload.len() as u64;
+            let Some(c) = self.conn_mut(conn) else {
+                continue;
+            };
+            let Some(mut rtp_sender) = c.pc.rtp_sender(sender) else {
+                continue;
+            };
+            match rtp_sender.write_rtp(now, out) {
+                Ok(()) => {
+                    self.stats.rtp_forwarded += 1;
+                    self.stats.bytes_forwarded += bytes;
+                    self.mark_dirty(conn);
+                }
+                Err(e) => {
+                    tracing::trace!(error = %e, "write_rtp");
+                    self.stats.drop(DropReason::EngineRejected);
+                }
+            }
+        }
+    }
+
+    /// Asks the publisher of `key` for a keyframe, at most once per
+    /// [`KEYFRAME_REQUEST_INTERVAL`] unless `force`.
+    fn request_keyframe(&mut self, now: Instant, key: TrackKey, force: bool) {
+        let Some(track) = self.tracks.get_mut(&key) else {
+            return;
+        };
+        if track.kind != TrackKind::Video {
+            return;
+        }
+        if !force
+            && track
+                .last_keyframe_request
+                .is_some_and(|t| now.saturating_duration_since(t) < KEYFRAME_REQUEST_INTERVAL)
+        {
+            return;
+        }
+        track.last_keyframe_request = Some(now);
+        let (receiver, media_ssrc, publisher) =
+            (track.receiver, track.forwarded_ssrc, track.publisher);
+        let Some(conn) = self.participants.get(&publisher).and_then(|p| p.publisher) else {
+            return;
+        };
+        let Some(c) = self.conn_mut(conn) else {
+            return;
+        };
+        if let Some(mut r) = c.pc.rtp_receiver(receiver) {
+            let pli = PictureLossIndication {
+                sender_ssrc: 0,
+                media_ssrc,
+            };
+            if r.write_rtcp(now, vec![Box::new(pli)]).is_ok() {
+                self.stats.keyframe_requests_sent += 1;
+            }
+        }
+        self.mark_dirty(conn);
+    }
+}

@@ -1,0 +1,483 @@
+//! In-memory harness: client peers (webrtc-rs `rtc` peer connections, as a
+//! browser-like full-ICE client) connected to a `Room` by plain function
+//! calls on a virtual clock. No sockets, no sleeps.
+
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rtc::interceptor::Registry;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::message::RTCMessage;
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::transport::{
+    CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit,
+};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::RTCRtpSenderId;
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use sfu_core::engine::{media_engine, opus_codec, vp8_codec, OPUS_PAYLOAD_TYPE, VP8_PAYLOAD_TYPE};
+use sfu_core::signal::{ClientMessage, IceCandidate, ServerMessage, Target};
+use sfu_core::{JoinRequest, Output, ParticipantId, Room, RoomConfig, RoomEvent};
+
+pub const SERVER: &str = "127.0.0.1:7882";
+
+/// The virtual clock starts at one real instant and only moves by steps.
+#[allow(clippy::disallowed_methods)]
+pub fn epoch() -> Instant {
+    Instant::now()
+}
+
+fn client_pc(now: Instant, addr: SocketAddr) -> RTCPeerConnection {
+    let mut engine = media_engine().unwrap();
+    let registry = register_default_interceptors(Registry::new(), &mut engine).unwrap();
+    let mut pc = RTCPeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(engine)
+        .with_interceptor_registry(registry)
+        .build(now)
+        .unwrap();
+    let candidate = CandidateHostConfig {
+        base_config: CandidateConfig {
+            network: "udp".to_owned(),
+            address: addr.ip().to_string(),
+            port: addr.port(),
+            component: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .new_candidate_host()
+    .unwrap();
+    pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json().unwrap())
+        .unwrap();
+    pc
+}
+
+/// What a subscriber received from one publisher's track.
+#[derive(Default, Debug)]
+pub struct Received {
+    pub payloads: Vec<Bytes>,
+}
+
+pub struct Client {
+    pub name: String,
+    pub id: ParticipantId,
+    pub publisher: Option<RTCPeerConnection>,
+    pub subscriber: RTCPeerConnection,
+    pub pub_addr: SocketAddr,
+    pub sub_addr: SocketAddr,
+    pub senders: Vec<(RTCRtpSenderId, u32, u8)>,
+    pub signals: Vec<ServerMessage>,
+    /// Received RTP by the msid track id (= server track sid).
+    pub received: HashMap<String, Received>,
+    /// Track sid -> stream id (publisher participant sid).
+    pub track_streams: HashMap<String, String>,
+    pub seq: u16,
+}
+
+pub struct Harness {
+    pub now: Instant,
+    pub room: Room,
+    pub clients: Vec<Client>,
+    pub removed: Vec<ParticipantId>,
+    next_port: u16,
+    pending: VecDeque<(ParticipantId, ClientMessage)>,
+}
+
+impl Harness {
+    pub fn new() -> Harness {
+        let now = epoch();
+        let room = Room::new(
+            RoomConfig {
+                name: "test".into(),
+                sid: "RM_test".into(),
+                media_addr: SERVER.parse().unwrap(),
+                seed: 42,
+                ice_servers: vec![],
+                max_participants: 0,
+            },
+            now,
+        );
+        Harness {
+            now,
+            room,
+            clients: Vec::new(),
+            removed: Vec::new(),
+            next_port: 10_000,
+            pending: VecDeque::new(),
+        }
+    }
+
+    fn addr(&mut self) -> SocketAddr {
+        self.next_port += 1;
+        format!("127.0.0.1:{}", self.next_port).parse().unwrap()
+    }
+
+    /// Joins a client; if `publish`, it offers a VP8 and an Opus track.
+    pub fn join(&mut self, name: &str, publish: bool) -> usize {
+        let pub_addr = self.addr();
+        let sub_addr = self.addr();
+        let id = self
+            .room
+            .join(
+                self.now,
+                JoinRequest {
+                    identity: name.into(),
+                    name: name.into(),
+                    can_publish: true,
+                    can_subscribe: true,
+                    joined_at_unix: 0,
+                },
+            )
+            .unwrap();
+        let mut client = Client {
+            name: name.into(),
+            id,
+            publisher: None,
+            subscriber: client_pc(self.now, sub_addr),
+            pub_addr,
+            sub_addr,
+            senders: Vec::new(),
+            signals: Vec::new(),
+            received: HashMap::new(),
+            track_streams: HashMap::new(),
+            seq: 0,
+        };
+        if publish {
+            let mut pc = client_pc(self.now, pub_addr);
+            for (kind, codec, pt, ssrc) in [
+                (
+                    RtpCodecKind::Video,
+                    vp8_codec(),
+                    VP8_PAYLOAD_TYPE,
+                    0x1000 + id.0 as u32,
+                ),
+                (
+                    RtpCodecKind::Audio,
+                    opus_codec(),
+                    OPUS_PAYLOAD_TYPE,
+                    0x2000 + id.0 as u32,
+                ),
+            ] {
+                let track = MediaStreamTrack::new(
+                    format!("stream-{name}"),
+                    format!("{name}-{kind}"),
+                    format!("{name}-{kind}"),
+                    kind,
+                    vec![RTCRtpEncodingParameters {
+                        rtp_coding_parameters: RTCRtpCodingParameters {
+                            ssrc: Some(ssrc),
+                            ..Default::default()
+                        },
+                        codec,
+                        ..Default::default()
+                    }],
+                );
+                let sender = pc.add_track(track).unwrap();
+                client.senders.push((sender, ssrc, pt));
+            }
+            let offer = pc.create_offer(None).unwrap();
+            pc.set_local_description(self.now, offer).unwrap();
+            let sdp = pc.local_description().unwrap().sdp;
+            client.publisher = Some(pc);
+            self.pending.push_back((
+                id,
+                ClientMessage::Offer {
+                    target: Target::Publisher,
+                    sdp,
+                },
+            ));
+        }
+        self.clients.push(client);
+        self.settle();
+        self.clients.len() - 1
+    }
+
+    pub fn leave(&mut self, index: usize) {
+        let id = self.clients[index].id;
+        self.pending.push_back((id, ClientMessage::Leave));
+        self.settle();
+    }
+
+    fn client_by_addr(&mut self, addr: SocketAddr) -> Option<(&mut RTCPeerConnection, SocketAddr)> {
+        for c in &mut self.clients {
+            if c.sub_addr == addr {
+                return Some((&mut c.subscriber, addr));
+            }
+            if c.pub_addr == addr {
+                return c.publisher.as_mut().map(|p| (p, addr));
+            }
+        }
+        None
+    }
+
+    /// Delivers everything in flight until nothing moves at this instant.
+    pub fn settle(&mut self) {
+        for _ in 0..10_000 {
+            let mut moved = false;
+            while let Some((id, msg)) = self.pending.pop_front() {
+                self.room.handle_signal(self.now, id, msg);
+                moved = true;
+            }
+            loop {
+                match self.room.poll_output() {
+                    Output::Transmit(t) => {
+                        moved = true;
+                        let now = self.now;
+                        if let Some((pc, addr)) = self.client_by_addr(t.destination) {
+                            let _ = pc.handle_read(TaggedBytesMut {
+                                now,
+                                transport: TransportContext {
+                                    local_addr: addr,
+                                    peer_addr: SERVER.parse().unwrap(),
+                                    ecn: None,
+                                    transport_protocol: TransportProtocol::UDP,
+                                },
+                                message: t.contents,
+                            });
+                        }
+                    }
+                    Output::Signal {
+                        participant,
+                        message,
+                    } => {
+                        moved = true;
+                        self.on_signal(participant, message);
+                    }
+                    Output::Event(RoomEvent::ParticipantRemoved { participant, .. }) => {
+                        self.removed.push(participant);
+                    }
+                    Output::Event(_) => {}
+                    Output::Timeout(_) => break,
+                }
+            }
+            let server: SocketAddr = SERVER.parse().unwrap();
+            let mut datagrams = Vec::new();
+            for c in &mut self.clients {
+                let pcs = [(&mut c.subscriber, c.sub_addr)]
+                    .into_iter()
+                    .chain(c.publisher.as_mut().map(|p| (p, c.pub_addr)));
+                for (pc, addr) in pcs {
+                    while let Some(out) = pc.poll_write() {
+                        if out.transport.peer_addr == server {
+                            datagrams.push((addr, out.message));
+                        }
+                    }
+                    while let Some(event) = pc.poll_event() {
+                        if let RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) = event
+                        {
+                            if let Some(stream) = init.stream_ids.first() {
+                                c.track_streams
+                                    .insert(init.track_id.clone(), stream.clone());
+                            }
+                        }
+                    }
+                    while let Some(msg) = pc.poll_read() {
+                        if let RTCMessage::RtpPacket(track_id, packet) = msg.message {
+                            c.received
+                                .entry(track_id)
+                                .or_default()
+                                .payloads
+                                .push(packet.payload);
+                        }
+                    }
+                }
+            }
+            for (from, data) in datagrams {
+                moved = true;
+                self.room.handle_datagram(self.now, from, data);
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("harness did not settle");
+    }
+
+    fn on_signal(&mut self, participant: ParticipantId, message: ServerMessage) {
+        let now = self.now;
+        let Some(client) = self.clients.iter_mut().find(|c| c.id == participant) else {
+            return;
+        };
+        client.signals.push(message.clone());
+        match message {
+            ServerMessage::Answer { sdp, .. } => {
+                if let Some(pc) = client.publisher.as_mut() {
+                    pc.set_remote_description(now, RTCSessionDescription::answer(sdp).unwrap())
+                        .unwrap();
+                }
+            }
+            ServerMessage::Offer { sdp, .. } => {
+                let pc = &mut client.subscriber;
+                pc.set_remote_description(now, RTCSessionDescription::offer(sdp).unwrap())
+                    .unwrap();
+                let answer = pc.create_answer(None).unwrap();
+                pc.set_local_description(now, answer).unwrap();
+                let sdp = pc.local_description().unwrap().sdp;
+                self.pending.push_back((
+                    participant,
+                    ClientMessage::Answer {
+                        target: Target::Subscriber,
+                        sdp,
+                    },
+                ));
+            }
+            ServerMessage::Candidate { target, candidate } => {
+                let pc = match target {
+                    Target::Subscriber => Some(&mut client.subscriber),
+                    Target::Publisher => client.publisher.as_mut(),
+                };
+                if let Some(pc) = pc {
+                    let IceCandidate {
+                        candidate,
+                        sdp_mid,
+                        sdp_m_line_index,
+                        username_fragment,
+                    } = candidate;
+                    let _ = pc.add_remote_candidate(RTCIceCandidateInit {
+                        candidate,
+                        sdp_mid,
+                        sdp_mline_index: sdp_m_line_index,
+                        username_fragment,
+                        ..Default::default()
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Moves the clock to the next timer of anyone (at most `max`), fires it.
+    pub fn step(&mut self, max: Duration) {
+        let limit = self.now + max;
+        let mut next = limit;
+        if let Output::Timeout(t) = self.room.poll_output() {
+            next = next.min(t);
+        }
+        for c in &mut self.clients {
+            if let Some(t) = c.subscriber.poll_timeout() {
+                next = next.min(t);
+            }
+            if let Some(t) = c.publisher.as_mut().and_then(|p| p.poll_timeout()) {
+                next = next.min(t);
+            }
+        }
+        self.now = next.max(self.now);
+        let now = self.now;
+        self.room.handle_timeout(now);
+        for c in &mut self.clients {
+            if c.subscriber.poll_timeout().is_some_and(|t| t <= now) {
+                let _ = c.subscriber.handle_timeout(now);
+            }
+            if let Some(p) = c.publisher.as_mut() {
+                if p.poll_timeout().is_some_and(|t| t <= now) {
+                    let _ = p.handle_timeout(now);
+                }
+            }
+        }
+        self.settle();
+    }
+
+    /// Runs the clock forward by `duration`.
+    pub fn run_for(&mut self, duration: Duration) {
+        let end = self.now + duration;
+        while self.now < end {
+            self.step(end - self.now);
+        }
+    }
+
+    /// Runs until `cond` holds, failing after `limit` of virtual time.
+    pub fn run_until(
+        &mut self,
+        limit: Duration,
+        mut cond: impl FnMut(&Harness) -> bool,
+    ) -> Duration {
+        let start = self.now;
+        while !cond(self) {
+            assert!(
+                self.now - start < limit,
+                "condition not met within {limit:?}"
+            );
+            self.step(Duration::from_millis(20));
+        }
+        self.now - start
+    }
+
+    /// Sends one video and one audio packet from client `index`, payloads
+    /// tagged with the sender's index and sequence number.
+    pub fn send_media(&mut self, index: usize) {
+        let now = self.now;
+        let c = &mut self.clients[index];
+        c.seq = c.seq.wrapping_add(1);
+        let seq = c.seq;
+        let Some(pc) = c.publisher.as_mut() else {
+            return;
+        };
+        for (i, (sender, ssrc, pt)) in c.senders.iter().enumerate() {
+            // VP8 payload descriptor (start of partition) + tagged body.
+            let mut payload = vec![0x10, index as u8, i as u8];
+            payload.extend_from_slice(&seq.to_be_bytes());
+            payload.extend_from_slice(&[0xAB; 100]);
+            let packet = rtc::rtp::Packet {
+                header: rtc::rtp::Header {
+                    version: 2,
+                    marker: true,
+                    payload_type: *pt,
+                    sequence_number: seq,
+                    timestamp: seq as u32 * 3000,
+                    ssrc: *ssrc,
+                    ..Default::default()
+                },
+                payload: Bytes::from(payload),
+            };
+            pc.rtp_sender(*sender)
+                .unwrap()
+                .write_rtp(now, packet)
+                .unwrap();
+        }
+        self.settle();
+    }
+
+    pub fn client_sid(&self, index: usize) -> String {
+        self.room
+            .participant_sid(self.clients[index].id)
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Packets client `to` received from client `from`'s tracks: (video, audio).
+    pub fn received_from(&self, to: usize, from: usize) -> (usize, usize) {
+        let from_sid = self.client_sid(from);
+        let c = &self.clients[to];
+        let mut video = 0;
+        let mut audio = 0;
+        for (track, received) in &c.received {
+            if c.track_streams.get(track) != Some(&from_sid) {
+                continue;
+            }
+            for p in &received.payloads {
+                // Payload tag: [descriptor, sender index, track index, seq..]
+                assert_eq!(p[1] as usize, from, "payload from the wrong publisher");
+                match p[2] {
+                    0 => video += 1,
+                    _ => audio += 1,
+                }
+                assert_eq!(&p[5..], &[0xAB; 100][..], "payload corrupted");
+            }
+        }
+        (video, audio)
+    }
+}
+
+pub fn _unused(_: BytesMut) {}

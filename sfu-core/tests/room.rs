@@ -1,0 +1,123 @@
+//! A room with in-memory client peers on a virtual clock: media flows
+//! between publishers and subscribers, late joiners receive, leavers'
+//! tracks are removed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Harness;
+use sfu_core::signal::ServerMessage;
+
+/// Sends `n` packets per track from each publisher, 20 ms apart.
+fn pump(h: &mut Harness, publishers: &[usize], n: usize) {
+    for _ in 0..n {
+        for &p in publishers {
+            h.send_media(p);
+        }
+        h.run_for(Duration::from_millis(20));
+    }
+}
+
+fn connected(h: &Harness, to: usize, from: usize) -> bool {
+    let (v, a) = h.received_from(to, from);
+    v > 0 && a > 0
+}
+
+#[test]
+fn media_flows_between_two_peers() {
+    let mut h = Harness::new();
+    let a = h.join("alice", true);
+    let b = h.join("bob", true);
+    // Connect: send media until each side sees the other.
+    let mut waited = Duration::ZERO;
+    while !(connected(&h, a, b) && connected(&h, b, a)) {
+        assert!(waited < Duration::from_secs(10), "no media within 10 s");
+        pump(&mut h, &[a, b], 1);
+        waited += Duration::from_millis(20);
+    }
+    let before = (h.received_from(b, a), h.received_from(a, b));
+    pump(&mut h, &[a, b], 100);
+    let after = (h.received_from(b, a), h.received_from(a, b));
+    // Once connected, every packet arrives: no loss on an in-memory path.
+    assert_eq!(after.0 .0 - before.0 .0, 100, "bob video from alice");
+    assert_eq!(after.0 .1 - before.0 .1, 100, "bob audio from alice");
+    assert_eq!(after.1 .0 - before.1 .0, 100, "alice video from bob");
+    assert_eq!(after.1 .1 - before.1 .1, 100, "alice audio from bob");
+    let stats = h.room.stats();
+    assert!(stats.rtp_forwarded >= 400, "{stats:?}");
+    // Each publisher's own media never comes back to it.
+    assert_eq!(h.received_from(a, a), (0, 0));
+}
+
+#[test]
+fn late_joiner_receives_existing_tracks() {
+    let mut h = Harness::new();
+    let a = h.join("alice", true);
+    let b = h.join("bob", false);
+    let mut waited = Duration::ZERO;
+    while !connected(&h, b, a) {
+        assert!(waited < Duration::from_secs(10));
+        pump(&mut h, &[a], 1);
+        waited += Duration::from_millis(20);
+    }
+    let c = h.join("carol", false);
+    // Carol's joined message lists alice's tracks.
+    let joined = h.clients[c]
+        .signals
+        .iter()
+        .find_map(|s| match s {
+            ServerMessage::Joined { participants, .. } => Some(participants.clone()),
+            _ => None,
+        })
+        .expect("joined");
+    let alice = joined
+        .iter()
+        .find(|p| p.identity == "alice")
+        .expect("alice listed");
+    assert_eq!(alice.tracks.len(), 2);
+    let mut waited = Duration::ZERO;
+    while !connected(&h, c, a) {
+        assert!(waited < Duration::from_secs(10), "late joiner got no media");
+        pump(&mut h, &[a], 1);
+        waited += Duration::from_millis(20);
+    }
+}
+
+#[test]
+fn leaver_tracks_are_removed_from_others() {
+    let mut h = Harness::new();
+    let a = h.join("alice", true);
+    let b = h.join("bob", true);
+    let mut waited = Duration::ZERO;
+    while !(connected(&h, a, b) && connected(&h, b, a)) {
+        assert!(waited < Duration::from_secs(10));
+        pump(&mut h, &[a, b], 1);
+        waited += Duration::from_millis(20);
+    }
+    let alice_sid = h.client_sid(a);
+    let offers_before = count_offers(&h, b);
+    h.leave(a);
+    let signals = &h.clients[b].signals;
+    let unpublished = signals
+        .iter()
+        .filter(|s| matches!(s, ServerMessage::TrackUnpublished { participant_sid, .. } if *participant_sid == alice_sid))
+        .count();
+    assert_eq!(unpublished, 2, "both of alice's tracks unpublished");
+    assert!(signals
+        .iter()
+        .any(|s| matches!(s, ServerMessage::ParticipantLeft { sid, .. } if *sid == alice_sid)));
+    // Bob's subscriber connection is renegotiated without alice's tracks.
+    assert!(count_offers(&h, b) > offers_before);
+    assert_eq!(h.removed, vec![h.clients[a].id]);
+    assert_eq!(h.room.participant_count(), 1);
+    assert!(h.room.participants()[0].identity == "bob");
+}
+
+fn count_offers(h: &Harness, i: usize) -> usize {
+    h.clients[i]
+        .signals
+        .iter()
+        .filter(|s| matches!(s, ServerMessage::Offer { .. }))
+        .count()
+}
