@@ -1,1 +1,61 @@
-fn main() {}
+use clap::Parser;
+use sfu_server::auth::{join_claims, parse_ttl, Claims, VideoGrant};
+use sfu_server::config::{Cli, Command, TokenArgs};
+use tracing_subscriber::EnvFilter;
+
+fn print_token(cli: &Cli, args: &TokenArgs) -> anyhow::Result<()> {
+    let (keys, _) = cli.config.keys()?;
+    let ttl = parse_ttl(&args.ttl).map_err(anyhow::Error::msg)?;
+    let claims = if args.admin {
+        let now = sfu_server::auth::unix_now();
+        Claims {
+            iss: keys.api_key.clone(),
+            sub: args.identity.clone().unwrap_or_else(|| "admin".into()),
+            name: args.name.clone(),
+            exp: now + ttl,
+            nbf: now.saturating_sub(1),
+            video: VideoGrant {
+                room: args.room.clone().unwrap_or_default(),
+                room_create: true,
+                room_list: true,
+                room_admin: true,
+                ..Default::default()
+            },
+        }
+    } else {
+        let room = args
+            .room
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--room is required for a join token"))?;
+        let identity = args
+            .identity
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--identity is required for a join token"))?;
+        join_claims(&keys, room, identity, &args.name, ttl)
+    };
+    println!("{}", keys.sign(&claims));
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Token(args)) = &cli.command {
+        return print_token(&cli, args);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&cli.config.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let server = sfu_server::start(&cli.config).await?;
+    if server.dev_mode {
+        eprintln!(
+            "\n  !!! DEVELOPMENT MODE: API key \"{}\" / secret \"{}\" are public development credentials.\n  !!! Set SFU_API_KEY and SFU_API_SECRET before exposing this server.\n",
+            sfu_server::config::DEV_API_KEY,
+            sfu_server::config::DEV_API_SECRET
+        );
+    }
+    tracing::info!(http = %server.http_addr, media = %server.media_addr, "listening");
+    println!("Demo: {}/", server.base_url());
+    server.wait().await
+}

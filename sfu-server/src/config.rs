@@ -1,0 +1,93 @@
+//! Settings, from flags or `SFU_*` environment variables.
+
+use std::net::{IpAddr, SocketAddr};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::auth::Keys;
+
+pub const DEV_API_KEY: &str = "devkey";
+pub const DEV_API_SECRET: &str = "devsecret";
+
+#[derive(Parser, Debug)]
+#[command(name = "sfu-server", version, about = "Selective forwarding unit for group video calls")]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print an access token signed with the configured API key.
+    Token(TokenArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// Room the token joins (or administers, with --admin).
+    #[arg(long)]
+    pub room: Option<String>,
+    /// Participant identity.
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// Display name.
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Grant room administration (create, list, admin) instead of joining.
+    #[arg(long)]
+    pub admin: bool,
+    /// Lifetime: seconds, or with a unit: 30m, 6h, 7d.
+    #[arg(long, default_value = "6h")]
+    pub ttl: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Config {
+    /// HTTP/WebSocket listen address.
+    #[arg(long, env = "SFU_HTTP_ADDR", default_value = "127.0.0.1:7880")]
+    pub http_addr: SocketAddr,
+    /// Media UDP listen address (one port for all media).
+    #[arg(long, env = "SFU_MEDIA_ADDR", default_value = "127.0.0.1:7882")]
+    pub media_addr: SocketAddr,
+    /// IP address advertised to clients as the media candidate (defaults to
+    /// the media listen address).
+    #[arg(long, env = "SFU_PUBLIC_IP")]
+    pub public_ip: Option<IpAddr>,
+    /// API key (token issuer). Without key and secret the server runs in
+    /// development mode with well-known credentials.
+    #[arg(long, env = "SFU_API_KEY")]
+    pub api_key: Option<String>,
+    /// API secret that signs tokens. Prefer the environment variable: flags
+    /// show in process listings.
+    #[arg(long, env = "SFU_API_SECRET", hide_env_values = true)]
+    pub api_secret: Option<String>,
+    /// Seconds an empty room stays open.
+    #[arg(long, env = "SFU_EMPTY_ROOM_TIMEOUT", default_value_t = 300)]
+    pub empty_room_timeout: u64,
+    /// Default participant cap per room (0 = no cap).
+    #[arg(long, env = "SFU_MAX_PARTICIPANTS", default_value_t = 0)]
+    pub max_participants: usize,
+    /// Log filter (tracing env-filter syntax).
+    #[arg(long, env = "SFU_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// The signing keys, and whether they are the development defaults.
+    pub fn keys(&self) -> anyhow::Result<(Keys, bool)> {
+        match (&self.api_key, &self.api_secret) {
+            (Some(key), Some(secret)) => {
+                anyhow::ensure!(!key.is_empty(), "API key is empty");
+                anyhow::ensure!(
+                    secret.len() >= 16,
+                    "API secret must be at least 16 characters"
+                );
+                Ok((Keys::new(key.clone(), secret.clone()), false))
+            }
+            (None, None) => Ok((Keys::new(DEV_API_KEY, DEV_API_SECRET), true)),
+            _ => anyhow::bail!("set both SFU_API_KEY and SFU_API_SECRET, or neither for development mode"),
+        }
+    }
+}

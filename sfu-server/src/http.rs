@@ -1,0 +1,561 @@
+//! HTTP: the REST API under `/v1`, the signalling WebSocket, the embedded
+//! web assets and `/metrics`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use sfu_core::signal::{ClientMessage, ErrorCode, LeaveReason, ServerMessage};
+use sfu_core::JoinRequest;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::auth::{join_claims, unix_now, AuthError, Claims, Keys};
+use crate::metrics::Metrics;
+use crate::rooms::{CreateError, RoomCmd, RoomHandle, Rooms, ToClient, CLIENT_QUEUE};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub keys: Keys,
+    pub rooms: Rooms,
+    pub dev_mode: bool,
+    pub metrics: Arc<Metrics>,
+}
+
+/// An error in the documented shape `{"error":{"code","message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn unauthorized(e: AuthError) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+    }
+    fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "permission_denied", message)
+    }
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        tracing::info!(status = %self.status, code = self.code, message = %self.message, "request refused");
+        (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> ApiError {
+        ApiError::bad_request(e.body_text())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(state: AppState) -> Router {
+    let mut router = Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
+        .route("/v1/rooms", post(create_room).get(list_rooms))
+        .route("/v1/rooms/{name}", get(get_room).delete(delete_room))
+        .route("/v1/rooms/{name}/participants", get(list_participants))
+        .route(
+            "/v1/rooms/{name}/participants/{identity}",
+            delete(remove_participant),
+        )
+        .route("/v1/tokens", post(mint_token))
+        .route("/v1/rtc", get(rtc))
+        .route("/", get(|| asset("index.html")))
+        .route("/sdk/{file}", get(|Path(file): Path<String>| asset_owned(file)))
+        .route("/assets/{file}", get(|Path(file): Path<String>| asset_owned(file)));
+    if state.dev_mode {
+        router = router.route("/dev/token", get(dev_token));
+    }
+    router
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .with_state(state)
+}
+
+const ASSETS: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/web_assets.rs"));
+
+async fn asset_owned(name: String) -> Response {
+    asset(&name).await
+}
+
+async fn asset(name: &str) -> Response {
+    let Some((_, body)) = ASSETS.iter().find(|(n, _)| *n == name) else {
+        return ApiError::not_found(format!("no asset {name}")).into_response();
+    };
+    let mime = match name.rsplit('.').next() {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js") | Some("mjs") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("svg") => "image/svg+xml",
+        _ => "application/octet-stream",
+    };
+    ([(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, "no-cache")], *body).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+fn bearer(state: &AppState, headers: &HeaderMap) -> ApiResult<Claims> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or(ApiError::unauthorized(AuthError::Missing))?
+        .to_str()
+        .map_err(|_| ApiError::unauthorized(AuthError::Invalid("not text".into())))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| {
+            ApiError::unauthorized(AuthError::Invalid("expected \"Bearer <token>\"".into()))
+        })?;
+    state.keys.verify(token.trim()).map_err(ApiError::unauthorized)
+}
+
+fn room_json(h: &RoomHandle) -> serde_json::Value {
+    json!({
+        "name": h.name,
+        "sid": h.sid,
+        "createdAt": h.created_at,
+        "numParticipants": h.participants.load(Ordering::Relaxed),
+        "maxParticipants": h.max_participants,
+    })
+}
+
+fn valid_name(kind: &str, name: &str) -> ApiResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{kind} must be 1-128 characters of letters, digits, '-', '_', '.', '@'"
+        )))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateRoom {
+    name: String,
+    #[serde(default)]
+    max_participants: Option<usize>,
+}
+
+async fn create_room(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<CreateRoom>, JsonRejection>,
+) -> ApiResult<Response> {
+    let claims = bearer(&state, &headers)?;
+    if !claims.video.room_create {
+        return Err(ApiError::forbidden("token lacks the roomCreate grant"));
+    }
+    let Json(body) = body?;
+    valid_name("room name", &body.name)?;
+    match state.rooms.create(&body.name, body.max_participants) {
+        Ok(handle) => Ok((StatusCode::CREATED, Json(room_json(&handle))).into_response()),
+        Err(CreateError::Exists) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_exists",
+            format!("room {} already exists", body.name),
+        )),
+    }
+}
+
+async fn list_rooms(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    let claims = bearer(&state, &headers)?;
+    if !claims.video.room_list {
+        return Err(ApiError::forbidden("token lacks the roomList grant"));
+    }
+    let rooms: Vec<_> = state.rooms.list().iter().map(room_json).collect();
+    Ok(Json(json!({ "rooms": rooms })).into_response())
+}
+
+/// Admin rights over one room: `roomAdmin` for that room or for all rooms.
+fn admin_of(claims: &Claims, room: &str) -> ApiResult<()> {
+    if claims.video.room_admin && (claims.video.room.is_empty() || claims.video.room == room) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "token lacks the roomAdmin grant for room {room}"
+        )))
+    }
+}
+
+fn find_room(state: &AppState, name: &str) -> ApiResult<RoomHandle> {
+    state
+        .rooms
+        .get(name)
+        .ok_or_else(|| ApiError::not_found(format!("room {name} does not exist")))
+}
+
+async fn get_room(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let claims = bearer(&state, &headers)?;
+    if !claims.video.room_list {
+        admin_of(&claims, &name)?;
+    }
+    let handle = find_room(&state, &name)?;
+    Ok(Json(room_json(&handle)).into_response())
+}
+
+async fn delete_room(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let claims = bearer(&state, &headers)?;
+    if !claims.video.room_create {
+        return Err(ApiError::forbidden("token lacks the roomCreate grant"));
+    }
+    if state.rooms.delete(&name) {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::not_found(format!("room {name} does not exist")))
+    }
+}
+
+async fn list_participants(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let claims = bearer(&state, &headers)?;
+    admin_of(&claims, &name)?;
+    let handle = find_room(&state, &name)?;
+    let (reply, rx) = oneshot::channel();
+    handle
+        .tx
+        .send(RoomCmd::Participants { reply })
+        .await
+        .map_err(|_| ApiError::not_found(format!("room {name} has closed")))?;
+    let participants = rx
+        .await
+        .map_err(|_| ApiError::internal("room did not answer"))?;
+    Ok(Json(json!({ "participants": participants })).into_response())
+}
+
+async fn remove_participant(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((name, identity)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let claims = bearer(&state, &headers)?;
+    admin_of(&claims, &name)?;
+    let handle = find_room(&state, &name)?;
+    let (reply, rx) = oneshot::channel();
+    handle
+        .tx
+        .send(RoomCmd::RemoveIdentity {
+            identity: identity.clone(),
+            reply,
+        })
+        .await
+        .map_err(|_| ApiError::not_found(format!("room {name} has closed")))?;
+    match rx.await {
+        Ok(true) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Ok(false) => Err(ApiError::not_found(format!(
+            "no participant {identity} in room {name}"
+        ))),
+        Err(_) => Err(ApiError::internal("room did not answer")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MintToken {
+    room: String,
+    identity: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    can_publish: Option<bool>,
+    #[serde(default)]
+    can_subscribe: Option<bool>,
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+}
+
+/// Longest join-token lifetime the API mints.
+const MAX_TTL_SECS: u64 = 7 * 86_400;
+const DEFAULT_TTL_SECS: u64 = 6 * 3600;
+
+async fn mint_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<MintToken>, JsonRejection>,
+) -> ApiResult<Response> {
+    let claims = bearer(&state, &headers)?;
+    let Json(body) = body?;
+    if !(claims.video.room_create || claims.video.room_admin) {
+        return Err(ApiError::forbidden(
+            "token lacks the roomAdmin or roomCreate grant",
+        ));
+    }
+    if !claims.video.room_create {
+        admin_of(&claims, &body.room)?;
+    }
+    valid_name("room", &body.room)?;
+    valid_name("identity", &body.identity)?;
+    let ttl = body.ttl_secs.unwrap_or(DEFAULT_TTL_SECS);
+    if ttl == 0 || ttl > MAX_TTL_SECS {
+        return Err(ApiError::bad_request(format!(
+            "ttlSecs must be between 1 and {MAX_TTL_SECS}"
+        )));
+    }
+    let mut join = join_claims(&state.keys, &body.room, &body.identity, &body.name, ttl);
+    join.video.can_publish = Some(body.can_publish.unwrap_or(true));
+    join.video.can_subscribe = Some(body.can_subscribe.unwrap_or(true));
+    let token = state.keys.sign(&join);
+    Ok(Json(json!({"token": token, "expiresAt": join.exp})).into_response())
+}
+
+#[derive(Deserialize)]
+struct DevTokenQuery {
+    room: Option<String>,
+    identity: Option<String>,
+}
+
+/// Development only: a join token for anyone who asks.
+async fn dev_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<DevTokenQuery>,
+) -> ApiResult<Response> {
+    let room = q.room.unwrap_or_else(|| "demo".into());
+    let identity = q
+        .identity
+        .filter(|i| !i.is_empty())
+        .unwrap_or_else(|| format!("guest-{}", rand::random::<u32>() % 100_000));
+    valid_name("room", &room)?;
+    valid_name("identity", &identity)?;
+    let claims = join_claims(&state.keys, &room, &identity, &identity, DEFAULT_TTL_SECS);
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1:7880");
+    Ok(Json(json!({
+        "token": state.keys.sign(&claims),
+        "url": format!("ws://{host}/v1/rtc"),
+        "identity": identity,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct RtcQuery {
+    access_token: Option<String>,
+}
+
+/// Largest WebSocket frame accepted at all; frames over the protocol limit
+/// but under this get a clear `error` message instead of a dropped socket.
+const WS_FRAME_LIMIT: usize = 1024 * 1024;
+
+async fn rtc(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(q): Query<RtcQuery>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let token = q.access_token.unwrap_or_default();
+    let claims = state.keys.verify(&token).map_err(ApiError::unauthorized)?;
+    if !claims.video.room_join || claims.video.room.is_empty() {
+        return Err(ApiError::forbidden(
+            "token does not grant joining a room (roomJoin with room)",
+        ));
+    }
+    if claims.sub.is_empty() {
+        return Err(ApiError::unauthorized(AuthError::Invalid(
+            "token has no identity (sub)".into(),
+        )));
+    }
+    Ok(ws
+        .max_message_size(WS_FRAME_LIMIT)
+        .on_upgrade(move |socket| session(state, claims, peer, socket)))
+}
+
+async fn join_room(
+    state: &AppState,
+    claims: &Claims,
+    to_client: mpsc::Sender<ToClient>,
+) -> Result<(RoomHandle, sfu_core::ParticipantId), String> {
+    let request = JoinRequest {
+        identity: claims.sub.clone(),
+        name: claims.name.clone(),
+        can_publish: claims.video.can_publish.unwrap_or(true),
+        can_subscribe: claims.video.can_subscribe.unwrap_or(true),
+        joined_at_unix: unix_now(),
+    };
+    // A room closing at this moment rejects the join; the second attempt
+    // finds or creates a fresh one.
+    let mut last_error = String::new();
+    for _ in 0..2 {
+        let handle = state.rooms.get_or_create(&claims.video.room);
+        let (reply, rx) = oneshot::channel();
+        let cmd = RoomCmd::Join {
+            request: request.clone(),
+            to_client: to_client.clone(),
+            reply,
+        };
+        if handle.tx.send(cmd).await.is_err() {
+            last_error = "room closed".into();
+            continue;
+        }
+        match rx.await {
+            Ok(Ok(id)) => return Ok((handle, id)),
+            Ok(Err(e)) => last_error = e,
+            Err(_) => last_error = "room closed".into(),
+        }
+        if last_error != "room closed" {
+            break;
+        }
+    }
+    Err(last_error)
+}
+
+/// One participant's signalling session.
+async fn session(state: AppState, claims: Claims, peer: SocketAddr, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let (to_client, mut from_room) = mpsc::channel::<ToClient>(CLIENT_QUEUE);
+    let (room, participant) = match join_room(&state, &claims, to_client).await {
+        Ok(joined) => joined,
+        Err(e) => {
+            tracing::info!(%peer, room = %claims.video.room, error = %e, "join refused");
+            let msg = ServerMessage::error(ErrorCode::NotAllowed, format!("cannot join: {e}"));
+            let _ = sink.send(Message::Text(msg.to_json().into())).await;
+            let _ = sink.close().await;
+            return;
+        }
+    };
+    state.metrics.participants.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(%peer, room = %room.name, identity = %claims.sub, "joined");
+
+    // Writer: room -> socket.
+    let writer = tokio::spawn(async move {
+        while let Some(out) = from_room.recv().await {
+            match out {
+                ToClient::Message(msg) => {
+                    if sink.send(Message::Text(msg.to_json().into())).await.is_err() {
+                        break;
+                    }
+                }
+                ToClient::Close => break,
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    // Reader: socket -> room. Bad frames get an error on this socket only.
+    let mut left = false;
+    while let Some(frame) = stream.next().await {
+        let text = match frame {
+            Ok(Message::Text(text)) => text,
+            Ok(Message::Binary(_)) => {
+                report_bad(&room, participant, "binary frames are not part of the protocol").await;
+                continue;
+            }
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        match ClientMessage::parse(&text) {
+            Ok(message) => {
+                left = matches!(message, ClientMessage::Leave);
+                if room
+                    .tx
+                    .send(RoomCmd::Signal {
+                        participant,
+                        message,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                if left {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::info!(%peer, error = %e, "bad signalling message");
+                send_error(&room, participant, e.to_message()).await;
+            }
+        }
+    }
+    if !left {
+        let _ = room
+            .tx
+            .send(RoomCmd::Leave {
+                participant,
+                reason: LeaveReason::ClientLeave,
+            })
+            .await;
+    }
+    let _ = writer.await;
+    state.metrics.participants.fetch_sub(1, Ordering::Relaxed);
+    tracing::info!(%peer, identity = %claims.sub, "left");
+}
+
+async fn report_bad(room: &RoomHandle, participant: sfu_core::ParticipantId, text: &str) {
+    send_error(
+        room,
+        participant,
+        ServerMessage::error(ErrorCode::BadMessage, text),
+    )
+    .await;
+}
+
+/// Errors found before the room sees a message go out through the room's
+/// queue so they keep their order with everything else sent to the client.
+async fn send_error(room: &RoomHandle, participant: sfu_core::ParticipantId, msg: ServerMessage) {
+    let _ = room
+        .tx
+        .send(RoomCmd::Reply {
+            participant,
+            message: msg,
+        })
+        .await;
+}

@@ -1,0 +1,108 @@
+//! The SFU server: configuration, the REST API and signalling over HTTP,
+//! the shared media UDP port, and the room workers that drive
+//! `sfu_core::Room`.
+
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod media;
+pub mod metrics;
+pub mod rooms;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+
+pub use config::Config;
+
+/// A running server, as tests and `main` see it.
+pub struct RunningServer {
+    pub http_addr: SocketAddr,
+    /// The media address clients are told to send to.
+    pub media_addr: SocketAddr,
+    pub keys: auth::Keys,
+    pub dev_mode: bool,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningServer {
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// Serves until the process ends.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        (&mut self.task).await.context("server task")
+    }
+
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binds the sockets and starts serving in the background.
+pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
+    let (keys, dev_mode) = config.keys()?;
+    let socket = UdpSocket::bind(config.media_addr)
+        .await
+        .with_context(|| format!("binding media UDP socket {}", config.media_addr))?;
+    let bound = socket.local_addr()?;
+    let advertised_ip = match (config.public_ip, bound.ip()) {
+        (Some(ip), _) => ip,
+        (None, ip) if ip.is_unspecified() => {
+            tracing::warn!("media socket bound to an unspecified address and no --public-ip set; advertising 127.0.0.1");
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        }
+        (None, ip) => ip,
+    };
+    let media_addr = SocketAddr::new(advertised_ip, bound.port());
+    let socket = Arc::new(socket);
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (routes_tx, routes_rx) = mpsc::unbounded_channel();
+    let rooms = rooms::Rooms::new(
+        socket.clone(),
+        routes_tx,
+        rooms::RoomDefaults {
+            media_addr,
+            ice_servers: Vec::new(),
+            empty_timeout: Duration::from_secs(config.empty_room_timeout),
+            max_participants: config.max_participants,
+        },
+        metrics.clone(),
+    );
+    tokio::spawn(media::run(socket, routes_rx, metrics.clone()));
+
+    let listener = TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding HTTP listener {}", config.http_addr))?;
+    let http_addr = listener.local_addr()?;
+    let app = http::router(http::AppState {
+        keys: keys.clone(),
+        rooms,
+        dev_mode,
+        metrics,
+    });
+    let task = tokio::spawn(async move {
+        let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(listener, service).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    Ok(RunningServer {
+        http_addr,
+        media_addr,
+        keys,
+        dev_mode,
+        task,
+    })
+}

@@ -1,0 +1,410 @@
+//! Room workers and the registry of rooms.
+//!
+//! Each room runs as one task that owns its `sfu_core::Room`: commands
+//! (joins, signals, datagrams) arrive over a bounded channel, so nothing on
+//! the packet path takes a lock. Tokio's multi-threaded runtime spreads the
+//! room tasks over a worker per core.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use dashmap::DashMap;
+use sfu_core::signal::{ClientMessage, IceServer, LeaveReason, ParticipantInfo, ServerMessage};
+use sfu_core::{JoinRequest, Output, ParticipantId, Room, RoomConfig, RoomEvent};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::media::RouteUpdate;
+use crate::metrics::Metrics;
+
+/// Messages queued for one participant's WebSocket.
+#[derive(Debug)]
+pub enum ToClient {
+    Message(ServerMessage),
+    /// Send nothing more; close the socket.
+    Close,
+}
+
+/// Signals waiting for a participant beyond this are a client that cannot
+/// keep up; it is disconnected rather than allowed to stall the room.
+pub const CLIENT_QUEUE: usize = 512;
+const ROOM_QUEUE: usize = 4096;
+
+pub enum RoomCmd {
+    Join {
+        request: JoinRequest,
+        to_client: mpsc::Sender<ToClient>,
+        reply: oneshot::Sender<Result<ParticipantId, String>>,
+    },
+    Signal {
+        participant: ParticipantId,
+        message: ClientMessage,
+    },
+    Leave {
+        participant: ParticipantId,
+        reason: LeaveReason,
+    },
+    Datagram {
+        source: SocketAddr,
+        contents: BytesMut,
+        at: Instant,
+    },
+    /// A message for one client that did not come from the room itself
+    /// (an error about a frame that could not be parsed).
+    Reply {
+        participant: ParticipantId,
+        message: ServerMessage,
+    },
+    Participants {
+        reply: oneshot::Sender<Vec<ParticipantInfo>>,
+    },
+    RemoveIdentity {
+        identity: String,
+        reply: oneshot::Sender<bool>,
+    },
+    Close,
+}
+
+/// What the registry keeps of a running room.
+#[derive(Clone)]
+pub struct RoomHandle {
+    pub name: String,
+    pub sid: String,
+    pub created_at: u64,
+    pub max_participants: usize,
+    pub participants: Arc<AtomicUsize>,
+    pub tx: mpsc::Sender<RoomCmd>,
+}
+
+/// Settings shared by every room.
+#[derive(Clone)]
+pub struct RoomDefaults {
+    pub media_addr: SocketAddr,
+    pub ice_servers: Vec<IceServer>,
+    pub empty_timeout: Duration,
+    pub max_participants: usize,
+}
+
+#[derive(Clone)]
+pub struct Rooms {
+    inner: Arc<DashMap<String, RoomHandle>>,
+    socket: Arc<UdpSocket>,
+    routes: mpsc::UnboundedSender<RouteUpdate>,
+    defaults: RoomDefaults,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum CreateError {
+    Exists,
+}
+
+impl Rooms {
+    pub fn new(
+        socket: Arc<UdpSocket>,
+        routes: mpsc::UnboundedSender<RouteUpdate>,
+        defaults: RoomDefaults,
+        metrics: Arc<Metrics>,
+    ) -> Rooms {
+        Rooms {
+            inner: Arc::new(DashMap::new()),
+            socket,
+            routes,
+            defaults,
+            metrics,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<RoomHandle> {
+        self.inner.get(name).map(|h| h.clone())
+    }
+
+    pub fn list(&self) -> Vec<RoomHandle> {
+        let mut rooms: Vec<RoomHandle> = self.inner.iter().map(|e| e.value().clone()).collect();
+        rooms.sort_by(|a, b| a.name.cmp(&b.name));
+        rooms
+    }
+
+    /// Creates a room; fails if one of that name exists.
+    pub fn create(&self, name: &str, max_participants: Option<usize>) -> Result<RoomHandle, CreateError> {
+        match self.inner.entry(name.to_owned()) {
+            dashmap::mapref::entry::Entry::Occupied(_) => Err(CreateError::Exists),
+            dashmap::mapref::entry::Entry::Vacant(slot) => {
+                let handle = self.spawn(name, max_participants);
+                slot.insert(handle.clone());
+                Ok(handle)
+            }
+        }
+    }
+
+    /// The named room, created if it does not exist.
+    pub fn get_or_create(&self, name: &str) -> RoomHandle {
+        self.inner
+            .entry(name.to_owned())
+            .or_insert_with(|| self.spawn(name, None))
+            .clone()
+    }
+
+    /// Closes a room: everyone in it is told and disconnected.
+    pub fn delete(&self, name: &str) -> bool {
+        match self.inner.remove(name) {
+            Some((_, handle)) => {
+                let _ = handle.tx.try_send(RoomCmd::Close);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn spawn(&self, name: &str, max_participants: Option<usize>) -> RoomHandle {
+        let seed = rand::random::<u64>();
+        let sid = format!("RM_{}", sfu_core::SeededRng::new(seed ^ 0x5EED).string(12));
+        let max_participants = max_participants.unwrap_or(self.defaults.max_participants);
+        let (tx, rx) = mpsc::channel(ROOM_QUEUE);
+        let handle = RoomHandle {
+            name: name.to_owned(),
+            sid: sid.clone(),
+            created_at: crate::auth::unix_now(),
+            max_participants,
+            participants: Arc::new(AtomicUsize::new(0)),
+            tx: tx.clone(),
+        };
+        let room = Room::new(
+            RoomConfig {
+                name: name.to_owned(),
+                sid,
+                media_addr: self.defaults.media_addr,
+                seed,
+                ice_servers: self.defaults.ice_servers.clone(),
+                max_participants,
+            },
+            Instant::now(),
+        );
+        let worker = Worker {
+            room,
+            rx,
+            tx,
+            clients: HashMap::new(),
+            socket: self.socket.clone(),
+            routes: self.routes.clone(),
+            registry: self.inner.clone(),
+            handle: handle.clone(),
+            empty_timeout: self.defaults.empty_timeout,
+            empty_since: Some(Instant::now()),
+            metrics: self.metrics.clone(),
+            reported: Default::default(),
+        };
+        self.metrics.rooms.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(worker.run());
+        handle
+    }
+}
+
+struct Worker {
+    room: Room,
+    rx: mpsc::Receiver<RoomCmd>,
+    tx: mpsc::Sender<RoomCmd>,
+    clients: HashMap<ParticipantId, mpsc::Sender<ToClient>>,
+    socket: Arc<UdpSocket>,
+    routes: mpsc::UnboundedSender<RouteUpdate>,
+    registry: Arc<DashMap<String, RoomHandle>>,
+    handle: RoomHandle,
+    empty_timeout: Duration,
+    empty_since: Option<Instant>,
+    metrics: Arc<Metrics>,
+    reported: sfu_core::RoomStats,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        loop {
+            let deadline = self.flush().await;
+            let wake = match self.empty_since {
+                Some(since) => deadline.min(since + self.empty_timeout),
+                None => deadline,
+            };
+            let cmd = tokio::select! {
+                cmd = self.rx.recv() => cmd,
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    let now = Instant::now();
+                    if self.empty_since.is_some_and(|s| now >= s + self.empty_timeout) {
+                        tracing::info!(room = %self.handle.name, "closing empty room");
+                        self.close(LeaveReason::RoomDeleted).await;
+                        return;
+                    }
+                    self.room.handle_timeout(now);
+                    continue;
+                }
+            };
+            match cmd {
+                None | Some(RoomCmd::Close) => {
+                    self.close(LeaveReason::RoomDeleted).await;
+                    return;
+                }
+                Some(cmd) => self.handle(cmd),
+            }
+            // Take whatever else is already queued before flushing.
+            for _ in 0..64 {
+                match self.rx.try_recv() {
+                    Ok(RoomCmd::Close) => {
+                        let _ = self.flush().await;
+                        self.close(LeaveReason::RoomDeleted).await;
+                        return;
+                    }
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: RoomCmd) {
+        let now = Instant::now();
+        match cmd {
+            RoomCmd::Join {
+                request,
+                to_client,
+                reply,
+            } => match self.room.join(now, request) {
+                Ok(id) => {
+                    self.clients.insert(id, to_client);
+                    self.empty_since = None;
+                    let _ = reply.send(Ok(id));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            },
+            RoomCmd::Signal {
+                participant,
+                message,
+            } => self.room.handle_signal(now, participant, message),
+            RoomCmd::Leave {
+                participant,
+                reason,
+            } => self.room.leave(now, participant, reason),
+            RoomCmd::Datagram {
+                source,
+                contents,
+                at,
+            } => self.room.handle_datagram(at, source, contents),
+            RoomCmd::Reply {
+                participant,
+                message,
+            } => {
+                if let Some(tx) = self.clients.get(&participant) {
+                    let _ = tx.try_send(ToClient::Message(message));
+                }
+            }
+            RoomCmd::Participants { reply } => {
+                let _ = reply.send(self.room.participants());
+            }
+            RoomCmd::RemoveIdentity { identity, reply } => {
+                let found = self.room.find_identity(&identity);
+                if let Some(id) = found {
+                    self.room.leave(now, id, LeaveReason::Removed);
+                }
+                let _ = reply.send(found.is_some());
+            }
+            RoomCmd::Close => {}
+        }
+    }
+
+    /// Carries out everything the room produced; returns its next deadline.
+    async fn flush(&mut self) -> Instant {
+        let deadline;
+        loop {
+            match self.room.poll_output() {
+                Output::Transmit(t) => {
+                    if let Err(e) = self.socket.send_to(&t.contents, t.destination).await {
+                        tracing::debug!(error = %e, to = %t.destination, "media send failed");
+                    }
+                }
+                Output::Signal {
+                    participant,
+                    message,
+                } => {
+                    let overflow = match self.clients.get(&participant) {
+                        Some(tx) => tx.try_send(ToClient::Message(message)).is_err(),
+                        None => false,
+                    };
+                    if overflow {
+                        tracing::warn!(?participant, "signalling queue full; disconnecting");
+                        // Handled after this flush so the room is not re-entered here.
+                        let _ = self.tx.try_send(RoomCmd::Leave {
+                            participant,
+                            reason: LeaveReason::Removed,
+                        });
+                        if let Some(tx) = self.clients.remove(&participant) {
+                            drop(tx);
+                        }
+                    }
+                }
+                Output::Event(RoomEvent::UfragAdded(ufrag)) => {
+                    let _ = self.routes.send(RouteUpdate::AddUfrag(ufrag, self.tx.clone()));
+                }
+                Output::Event(RoomEvent::Unrouted { ufrags, addrs }) => {
+                    let _ = self.routes.send(RouteUpdate::Remove { ufrags, addrs });
+                }
+                Output::Event(RoomEvent::ParticipantRemoved { participant, .. }) => {
+                    if let Some(tx) = self.clients.remove(&participant) {
+                        let _ = tx.try_send(ToClient::Close);
+                    }
+                }
+                Output::Timeout(t) => {
+                    deadline = t;
+                    break;
+                }
+            }
+        }
+        let count = self.room.participant_count();
+        self.handle.participants.store(count, Ordering::Relaxed);
+        if count == 0 && self.empty_since.is_none() {
+            self.empty_since = Some(Instant::now());
+        }
+        self.report_stats();
+        deadline
+    }
+
+    fn report_stats(&mut self) {
+        let stats = self.room.stats();
+        let m = &self.metrics;
+        m.rtp_in
+            .fetch_add((stats.rtp_in - self.reported.rtp_in) as usize, Ordering::Relaxed);
+        m.rtp_forwarded.fetch_add(
+            (stats.rtp_forwarded - self.reported.rtp_forwarded) as usize,
+            Ordering::Relaxed,
+        );
+        m.bytes_forwarded.fetch_add(
+            (stats.bytes_forwarded - self.reported.bytes_forwarded) as usize,
+            Ordering::Relaxed,
+        );
+        self.reported.rtp_in = stats.rtp_in;
+        self.reported.rtp_forwarded = stats.rtp_forwarded;
+        self.reported.bytes_forwarded = stats.bytes_forwarded;
+    }
+
+    async fn close(&mut self, reason: LeaveReason) {
+        // Only remove our own entry: a new room of the same name may exist.
+        self.registry
+            .remove_if(&self.handle.name, |_, h| h.sid == self.handle.sid);
+        let now = Instant::now();
+        let ids: Vec<ParticipantId> = self.clients.keys().copied().collect();
+        for id in ids {
+            self.room.leave(now, id, reason);
+        }
+        let _ = self.flush().await;
+        // Joins that raced with closing learn the room is gone.
+        self.rx.close();
+        while let Ok(cmd) = self.rx.try_recv() {
+            if let RoomCmd::Join { reply, .. } = cmd {
+                let _ = reply.send(Err("room closed".into()));
+            }
+        }
+        self.metrics.rooms.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,120 @@
+//! The real server on loopback with `webrtc`-crate clients publishing
+//! synthetic VP8 + Opus and subscribing to each other.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{start_server, wait_for, Client, View};
+
+const KINDS: [&str; 2] = ["video", "audio"];
+
+/// Sends media from every publisher until every subscriber receives every
+/// other publisher's audio and video.
+async fn warm_up(publishers: &mut [&mut Client], subscribers: &[View]) {
+    let sids: Vec<String> = publishers.iter().map(|p| p.sid.clone()).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        for p in publishers.iter_mut() {
+            p.send_media().await;
+        }
+        let all = subscribers.iter().all(|s| {
+            sids.iter()
+                .filter(|p| **p != s.sid)
+                .all(|p| KINDS.iter().all(|k| !s.received(p, k).is_empty()))
+        });
+        if all {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "media did not start flowing within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends `n` packets per track from each publisher, 10 ms apart, and
+/// asserts every subscriber got at least 95% of each with payloads intact.
+async fn measure(publishers: &mut [&mut Client], subscribers: &[View], n: u32) {
+    let starts: Vec<(String, String, u32)> = publishers
+        .iter()
+        .map(|p| (p.sid.clone(), p.identity.clone(), p.seq_now()))
+        .collect();
+    for _ in 0..n {
+        for p in publishers.iter_mut() {
+            p.send_media().await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let got = |s: &View, sid: &str, kind: &str, start: u32| {
+        s.received(sid, kind).iter().filter(|q| **q > start).count() as u32
+    };
+    let enough = |s: &View| {
+        starts
+            .iter()
+            .filter(|(sid, _, _)| *sid != s.sid)
+            .all(|(sid, _, start)| KINDS.iter().all(|k| got(s, sid, k, *start) >= n * 95 / 100))
+    };
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        wait_for(Duration::from_secs(10), "95% of packets", || {
+            subscribers.iter().all(enough)
+        }),
+    )
+    .await;
+    for s in subscribers {
+        for (sid, who, start) in &starts {
+            if *sid != s.sid {
+                for k in KINDS {
+                    eprintln!("{} <- {who} {k}: {}/{n}", s.identity, got(s, sid, k, *start));
+                }
+            }
+        }
+        assert_eq!(s.inbox.lock().unwrap().corrupted, 0, "corrupted payloads at {}", s.identity);
+    }
+    result.expect("every subscriber received at least 95% of every publisher's packets");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_clients_exchange_media_late_joiner_receives_and_leave_is_seen() {
+    let server = start_server().await;
+    let room = "media-test";
+    let mut a = Client::join(&server, room, "alice", 1, true).await;
+    let mut b = Client::join(&server, room, "bob", 2, true).await;
+    let mut c = Client::join(&server, room, "carol", 3, true).await;
+    let views = [a.view(), b.view(), c.view()];
+
+    warm_up(&mut [&mut a, &mut b, &mut c], &views).await;
+    measure(&mut [&mut a, &mut b, &mut c], &views, 200).await;
+
+    // A late joiner is told about everyone and receives everyone.
+    let d = Client::join(&server, room, "dave", 4, false).await;
+    let joined = d.view().messages_of("joined");
+    assert_eq!(joined[0]["participants"].as_array().unwrap().len(), 3);
+    for p in joined[0]["participants"].as_array().unwrap() {
+        assert_eq!(p["tracks"].as_array().unwrap().len(), 2, "{p}");
+    }
+    warm_up(&mut [&mut a, &mut b, &mut c], &[d.view()]).await;
+    measure(&mut [&mut a, &mut b, &mut c], &[d.view()], 100).await;
+
+    // Carol leaves: the others see her two tracks unpublished and her leave.
+    let carol = c.sid.clone();
+    c.send(serde_json::json!({"type": "leave"}));
+    for other in [a.view(), b.view(), d.view()] {
+        wait_for(Duration::from_secs(5), "participantLeft", || {
+            other.has_message(|m| m["type"] == "participantLeft" && m["sid"] == carol.as_str())
+        })
+        .await;
+        let unpublished = other
+            .messages_of("trackUnpublished")
+            .iter()
+            .filter(|m| m["participantSid"] == carol.as_str())
+            .count();
+        assert_eq!(unpublished, 2, "{} saw carol's tracks go", other.identity);
+    }
+    // Those who stayed keep receiving each other.
+    let stayed = [a.view(), b.view(), d.view()];
+    measure(&mut [&mut a, &mut b], &stayed, 50).await;
+    c.close().await;
+}
