@@ -19,7 +19,11 @@ fn main() {
         println!("cargo:rerun-if-changed={}", path.display());
         let name = path.file_name().unwrap().to_string_lossy().to_string();
         let abs = path.canonicalize().unwrap();
-        let _ = writeln!(table, "    ({name:?}, include_bytes!({:?}) as &[u8]),", abs.display().to_string());
+        let _ = writeln!(
+            table,
+            "    ({name:?}, include_bytes!({:?}) as &[u8]),",
+            abs.display().to_string()
+        );
     }
     table.push(']');
     let out = Path::new(&std::env::var("OUT_DIR").unwrap()).join("web_assets.rs");

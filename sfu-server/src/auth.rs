@@ -159,7 +159,11 @@ pub fn parse_ttl(text: &str) -> Result<u64, String> {
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => return Err(format!("invalid duration unit in {text:?} (use s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {text:?} (use s, m, h or d)"
+            ))
+        }
     };
     Ok(n * mult)
 }

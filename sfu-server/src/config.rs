@@ -10,7 +10,11 @@ pub const DEV_API_KEY: &str = "devkey";
 pub const DEV_API_SECRET: &str = "devsecret";
 
 #[derive(Parser, Debug)]
-#[command(name = "sfu-server", version, about = "Selective forwarding unit for group video calls")]
+#[command(
+    name = "sfu-server",
+    version,
+    about = "Selective forwarding unit for group video calls"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub config: Config,
@@ -87,7 +91,9 @@ impl Config {
                 Ok((Keys::new(key.clone(), secret.clone()), false))
             }
             (None, None) => Ok((Keys::new(DEV_API_KEY, DEV_API_SECRET), true)),
-            _ => anyhow::bail!("set both SFU_API_KEY and SFU_API_SECRET, or neither for development mode"),
+            _ => anyhow::bail!(
+                "set both SFU_API_KEY and SFU_API_SECRET, or neither for development mode"
+            ),
         }
     }
 }

@@ -97,8 +97,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tokens", post(mint_token))
         .route("/v1/rtc", get(rtc))
         .route("/", get(|| asset("index.html")))
-        .route("/sdk/{file}", get(|Path(file): Path<String>| asset_owned(file)))
-        .route("/assets/{file}", get(|Path(file): Path<String>| asset_owned(file)));
+        .route(
+            "/sdk/{file}",
+            get(|Path(file): Path<String>| asset_owned(file)),
+        )
+        .route(
+            "/assets/{file}",
+            get(|Path(file): Path<String>| asset_owned(file)),
+        );
     if state.dev_mode {
         router = router.route("/dev/token", get(dev_token));
     }
@@ -124,7 +130,14 @@ async fn asset(name: &str) -> Response {
         Some("svg") => "image/svg+xml",
         _ => "application/octet-stream",
     };
-    ([(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, "no-cache")], *body).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, mime),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        *body,
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -141,12 +154,13 @@ fn bearer(state: &AppState, headers: &HeaderMap) -> ApiResult<Claims> {
         .ok_or(ApiError::unauthorized(AuthError::Missing))?
         .to_str()
         .map_err(|_| ApiError::unauthorized(AuthError::Invalid("not text".into())))?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .ok_or_else(|| {
-            ApiError::unauthorized(AuthError::Invalid("expected \"Bearer <token>\"".into()))
-        })?;
-    state.keys.verify(token.trim()).map_err(ApiError::unauthorized)
+    let token = value.strip_prefix("Bearer ").ok_or_else(|| {
+        ApiError::unauthorized(AuthError::Invalid("expected \"Bearer <token>\"".into()))
+    })?;
+    state
+        .keys
+        .verify(token.trim())
+        .map_err(ApiError::unauthorized)
 }
 
 fn room_json(h: &RoomHandle) -> serde_json::Value {
@@ -479,7 +493,11 @@ async fn session(state: AppState, claims: Claims, peer: SocketAddr, socket: WebS
         while let Some(out) = from_room.recv().await {
             match out {
                 ToClient::Message(msg) => {
-                    if sink.send(Message::Text(msg.to_json().into())).await.is_err() {
+                    if sink
+                        .send(Message::Text(msg.to_json().into()))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -495,7 +513,12 @@ async fn session(state: AppState, claims: Claims, peer: SocketAddr, socket: WebS
         let text = match frame {
             Ok(Message::Text(text)) => text,
             Ok(Message::Binary(_)) => {
-                report_bad(&room, participant, "binary frames are not part of the protocol").await;
+                report_bad(
+                    &room,
+                    participant,
+                    "binary frames are not part of the protocol",
+                )
+                .await;
                 continue;
             }
             Ok(Message::Close(_)) | Err(_) => break,

@@ -44,7 +44,9 @@ async fn main() -> anyhow::Result<()> {
         return print_token(&cli, args);
     }
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&cli.config.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_new(&cli.config.log).unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let server = sfu_server::start(&cli.config).await?;

@@ -20,16 +20,55 @@ impl Metrics {
         let mut out = String::new();
         let rows: [(&str, &str, &str, &AtomicUsize); 8] = [
             ("sfu_rooms", "gauge", "Rooms open", &self.rooms),
-            ("sfu_participants", "gauge", "Participants connected", &self.participants),
-            ("sfu_datagrams_received_total", "counter", "Datagrams read from the media port", &self.datagrams_in),
-            ("sfu_datagrams_unrouted_total", "counter", "Datagrams from unknown sources, dropped", &self.datagrams_unrouted),
-            ("sfu_datagrams_room_busy_total", "counter", "Datagrams dropped because the room queue was full", &self.datagrams_room_busy),
-            ("sfu_rtp_packets_received_total", "counter", "RTP packets received from publishers", &self.rtp_in),
-            ("sfu_rtp_packets_forwarded_total", "counter", "RTP packets forwarded to subscribers", &self.rtp_forwarded),
-            ("sfu_rtp_payload_bytes_forwarded_total", "counter", "RTP payload bytes forwarded", &self.bytes_forwarded),
+            (
+                "sfu_participants",
+                "gauge",
+                "Participants connected",
+                &self.participants,
+            ),
+            (
+                "sfu_datagrams_received_total",
+                "counter",
+                "Datagrams read from the media port",
+                &self.datagrams_in,
+            ),
+            (
+                "sfu_datagrams_unrouted_total",
+                "counter",
+                "Datagrams from unknown sources, dropped",
+                &self.datagrams_unrouted,
+            ),
+            (
+                "sfu_datagrams_room_busy_total",
+                "counter",
+                "Datagrams dropped because the room queue was full",
+                &self.datagrams_room_busy,
+            ),
+            (
+                "sfu_rtp_packets_received_total",
+                "counter",
+                "RTP packets received from publishers",
+                &self.rtp_in,
+            ),
+            (
+                "sfu_rtp_packets_forwarded_total",
+                "counter",
+                "RTP packets forwarded to subscribers",
+                &self.rtp_forwarded,
+            ),
+            (
+                "sfu_rtp_payload_bytes_forwarded_total",
+                "counter",
+                "RTP payload bytes forwarded",
+                &self.bytes_forwarded,
+            ),
         ];
         for (name, kind, help, value) in rows {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
         }
         out
     }

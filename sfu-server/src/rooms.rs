@@ -130,7 +130,11 @@ impl Rooms {
     }
 
     /// Creates a room; fails if one of that name exists.
-    pub fn create(&self, name: &str, max_participants: Option<usize>) -> Result<RoomHandle, CreateError> {
+    pub fn create(
+        &self,
+        name: &str,
+        max_participants: Option<usize>,
+    ) -> Result<RoomHandle, CreateError> {
         match self.inner.entry(name.to_owned()) {
             dashmap::mapref::entry::Entry::Occupied(_) => Err(CreateError::Exists),
             dashmap::mapref::entry::Entry::Vacant(slot) => {
@@ -345,7 +349,9 @@ impl Worker {
                     }
                 }
                 Output::Event(RoomEvent::UfragAdded(ufrag)) => {
-                    let _ = self.routes.send(RouteUpdate::AddUfrag(ufrag, self.tx.clone()));
+                    let _ = self
+                        .routes
+                        .send(RouteUpdate::AddUfrag(ufrag, self.tx.clone()));
                 }
                 Output::Event(RoomEvent::Unrouted { ufrags, addrs }) => {
                     let _ = self.routes.send(RouteUpdate::Remove { ufrags, addrs });
@@ -373,8 +379,10 @@ impl Worker {
     fn report_stats(&mut self) {
         let stats = self.room.stats();
         let m = &self.metrics;
-        m.rtp_in
-            .fetch_add((stats.rtp_in - self.reported.rtp_in) as usize, Ordering::Relaxed);
+        m.rtp_in.fetch_add(
+            (stats.rtp_in - self.reported.rtp_in) as usize,
+            Ordering::Relaxed,
+        );
         m.rtp_forwarded.fetch_add(
             (stats.rtp_forwarded - self.reported.rtp_forwarded) as usize,
             Ordering::Relaxed,

@@ -67,11 +67,20 @@ async fn measure(publishers: &mut [&mut Client], subscribers: &[View], n: u32) {
         for (sid, who, start) in &starts {
             if *sid != s.sid {
                 for k in KINDS {
-                    eprintln!("{} <- {who} {k}: {}/{n}", s.identity, got(s, sid, k, *start));
+                    eprintln!(
+                        "{} <- {who} {k}: {}/{n}",
+                        s.identity,
+                        got(s, sid, k, *start)
+                    );
                 }
             }
         }
-        assert_eq!(s.inbox.lock().unwrap().corrupted, 0, "corrupted payloads at {}", s.identity);
+        assert_eq!(
+            s.inbox.lock().unwrap().corrupted,
+            0,
+            "corrupted payloads at {}",
+            s.identity
+        );
     }
     result.expect("every subscriber received at least 95% of every publisher's packets");
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use rtc::media_stream::MediaStreamTrack;
-use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
 use sfu_server::config::Config;
 use sfu_server::RunningServer;
 use tokio::sync::mpsc;
@@ -44,7 +46,9 @@ pub async fn start_server() -> RunningServer {
         .with_env_filter("warn")
         .with_test_writer()
         .try_init();
-    sfu_server::start(&test_config()).await.expect("server starts")
+    sfu_server::start(&test_config())
+        .await
+        .expect("server starts")
 }
 
 pub fn join_token(server: &RunningServer, room: &str, identity: &str) -> String {
@@ -116,7 +120,11 @@ impl PeerConnectionEventHandler for Trickle {
             let stream = track.stream_id().await;
             let kind = track.kind().await.to_string();
             let track_id = track.track_id().await;
-            inbox.lock().unwrap().open_tracks.insert(track_id, stream.clone());
+            inbox
+                .lock()
+                .unwrap()
+                .open_tracks
+                .insert(track_id, stream.clone());
             while let Some(event) = track.poll().await {
                 if let TrackRemoteEvent::OnRtpPacket(packet) = event {
                     let p = &packet.payload;
@@ -243,13 +251,21 @@ impl Client {
 
     /// Connects, waits for `joined`, and if `publish` offers a VP8 and an
     /// Opus track.
-    pub async fn join(server: &RunningServer, room: &str, identity: &str, index: u8, publish: bool) -> Client {
+    pub async fn join(
+        server: &RunningServer,
+        room: &str,
+        identity: &str,
+        index: u8,
+        publish: bool,
+    ) -> Client {
         let url = format!(
             "ws://{}/v1/rtc?access_token={}",
             server.http_addr,
             join_token(server, room, identity)
         );
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws connect");
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("ws connect");
         let (mut sink, mut stream) = ws.split();
         let (ws_tx, mut ws_rx) = mpsc::unbounded_channel::<String>();
         let inbox = Arc::new(Mutex::new(Inbox::default()));
@@ -291,7 +307,12 @@ impl Client {
                     let sdp = v["sdp"].as_str().unwrap_or_default().to_owned();
                     match (v["type"].as_str(), v["target"].as_str()) {
                         (Some("joined"), _) => {
-                            let _ = joined_tx.send(v["participant"]["sid"].as_str().unwrap_or_default().to_owned());
+                            let _ = joined_tx.send(
+                                v["participant"]["sid"]
+                                    .as_str()
+                                    .unwrap_or_default()
+                                    .to_owned(),
+                            );
                         }
                         (Some("answer"), Some("publisher")) => {
                             publisher
@@ -318,7 +339,11 @@ impl Client {
                                 sdp_mline_index: c["sdpMLineIndex"].as_u64().map(|i| i as u16),
                                 ..Default::default()
                             };
-                            let pc = if target == "publisher" { &publisher } else { &subscriber };
+                            let pc = if target == "publisher" {
+                                &publisher
+                            } else {
+                                &subscriber
+                            };
                             let _ = pc.add_ice_candidate(init).await;
                         }
                         _ => {}
@@ -347,8 +372,16 @@ impl Client {
         if publish {
             let video = local_track(RtpCodecKind::Video, identity, 0x1000 + index as u32);
             let audio = local_track(RtpCodecKind::Audio, identity, 0x2000 + index as u32);
-            client.publisher.add_track(video.clone() as Arc<dyn TrackLocal>).await.unwrap();
-            client.publisher.add_track(audio.clone() as Arc<dyn TrackLocal>).await.unwrap();
+            client
+                .publisher
+                .add_track(video.clone() as Arc<dyn TrackLocal>)
+                .await
+                .unwrap();
+            client
+                .publisher
+                .add_track(audio.clone() as Arc<dyn TrackLocal>)
+                .await
+                .unwrap();
             let offer = client.publisher.create_offer(None).await.unwrap();
             client.publisher.set_local_description(offer).await.unwrap();
             let sdp = client.publisher.local_description().await.unwrap().sdp;

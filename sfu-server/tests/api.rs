@@ -1,0 +1,588 @@
+//! REST API and signalling auth against the real server on port 0: every
+//! endpoint's success path and its 400/401/403/404 paths.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{start_server, wait_for, Client};
+use futures::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sfu_server::auth::{join_claims, unix_now, Claims, Keys, VideoGrant};
+use sfu_server::RunningServer;
+use tokio_tungstenite::tungstenite::Message;
+
+fn admin_token(
+    server: &RunningServer,
+    room: &str,
+    create: bool,
+    list: bool,
+    admin: bool,
+) -> String {
+    let now = unix_now();
+    server.keys.sign(&Claims {
+        iss: server.keys.api_key.clone(),
+        sub: "backend".into(),
+        name: String::new(),
+        exp: now + 600,
+        nbf: now - 1,
+        video: VideoGrant {
+            room: room.into(),
+            room_create: create,
+            room_list: list,
+            room_admin: admin,
+            ..Default::default()
+        },
+    })
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(server: &RunningServer) -> Api {
+        Api {
+            base: server.base_url(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+}
+
+fn assert_error(got: (StatusCode, Value), status: StatusCode, code: &str) {
+    assert_eq!(got.0, status, "{}", got.1);
+    assert_eq!(got.1["error"]["code"], code, "{}", got.1);
+    assert!(got.1["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
+}
+
+#[tokio::test]
+async fn rooms_crud_and_auth() {
+    use reqwest::Method;
+    let server = start_server().await;
+    let api = Api::new(&server);
+    let all = admin_token(&server, "", true, true, true);
+
+    assert_eq!(
+        api.call(Method::GET, "/healthz", None, None).await.0,
+        StatusCode::OK
+    );
+
+    // 401: no token, garbage, wrong secret, expired.
+    assert_error(
+        api.call(Method::GET, "/v1/rooms", None, None).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    assert_error(
+        api.call(Method::GET, "/v1/rooms", Some("garbage"), None)
+            .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    let forged = Keys::new(server.keys.api_key.clone(), "some-other-secret-entirely");
+    let mut claims = join_claims(&forged, "r", "x", "", 60);
+    claims.video.room_list = true;
+    assert_error(
+        api.call(Method::GET, "/v1/rooms", Some(&forged.sign(&claims)), None)
+            .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    let mut expired = join_claims(&server.keys, "r", "x", "", 60);
+    expired.video.room_list = true;
+    expired.exp = unix_now() - 3600;
+    assert_error(
+        api.call(
+            Method::GET,
+            "/v1/rooms",
+            Some(&server.keys.sign(&expired)),
+            None,
+        )
+        .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+
+    // 403: a join token has no admin grants.
+    let join = common::join_token(&server, "r", "x");
+    assert_error(
+        api.call(Method::GET, "/v1/rooms", Some(&join), None).await,
+        StatusCode::FORBIDDEN,
+        "permission_denied",
+    );
+    assert_error(
+        api.call(
+            Method::POST,
+            "/v1/rooms",
+            Some(&join),
+            Some(json!({"name":"a"})),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "permission_denied",
+    );
+
+    // Create: 201, then 409, then 400 for bad bodies.
+    let (status, room) = api
+        .call(
+            Method::POST,
+            "/v1/rooms",
+            Some(&all),
+            Some(json!({"name":"standup","maxParticipants":5})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{room}");
+    assert_eq!(room["name"], "standup");
+    assert_eq!(room["maxParticipants"], 5);
+    assert!(room["sid"].as_str().unwrap().starts_with("RM_"));
+    assert_error(
+        api.call(
+            Method::POST,
+            "/v1/rooms",
+            Some(&all),
+            Some(json!({"name":"standup"})),
+        )
+        .await,
+        StatusCode::CONFLICT,
+        "already_exists",
+    );
+    assert_error(
+        api.call(
+            Method::POST,
+            "/v1/rooms",
+            Some(&all),
+            Some(json!({"name":""})),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    assert_error(
+        api.call(
+            Method::POST,
+            "/v1/rooms",
+            Some(&all),
+            Some(json!({"nom":"x"})),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    let raw = api
+        .http
+        .post(format!("{}/v1/rooms", api.base))
+        .bearer_auth(&all)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), StatusCode::BAD_REQUEST);
+    let body: Value = raw.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "bad_request");
+
+    // List and get.
+    let (status, list) = api.call(Method::GET, "/v1/rooms", Some(&all), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["rooms"].as_array().unwrap().len(), 1);
+    let (status, got) = api
+        .call(Method::GET, "/v1/rooms/standup", Some(&all), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got["numParticipants"], 0);
+    assert_error(
+        api.call(Method::GET, "/v1/rooms/nope", Some(&all), None)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    let other_admin = admin_token(&server, "elsewhere", false, false, true);
+    assert_error(
+        api.call(Method::GET, "/v1/rooms/standup", Some(&other_admin), None)
+            .await,
+        StatusCode::FORBIDDEN,
+        "permission_denied",
+    );
+
+    // Participants: a real client joins, is listed, and is removed.
+    let client = Client::join(&server, "standup", "alice", 1, false).await;
+    let (status, parts) = api
+        .call(
+            Method::GET,
+            "/v1/rooms/standup/participants",
+            Some(&all),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(parts["participants"][0]["identity"], "alice");
+    assert!(parts["participants"][0]["sid"]
+        .as_str()
+        .unwrap()
+        .starts_with("PA_"));
+    let room_admin = admin_token(&server, "standup", false, false, true);
+    assert_eq!(
+        api.call(
+            Method::GET,
+            "/v1/rooms/standup/participants",
+            Some(&room_admin),
+            None
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    assert_error(
+        api.call(
+            Method::GET,
+            "/v1/rooms/standup/participants",
+            Some(&other_admin),
+            None,
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "permission_denied",
+    );
+    assert_error(
+        api.call(Method::GET, "/v1/rooms/nope/participants", Some(&all), None)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        api.call(
+            Method::DELETE,
+            "/v1/rooms/standup/participants/bob",
+            Some(&all),
+            None,
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        api.call(
+            Method::DELETE,
+            "/v1/rooms/standup/participants/alice",
+            Some(&join),
+            None,
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "permission_denied",
+    );
+    let (status, _) = api
+        .call(
+            Method::DELETE,
+            "/v1/rooms/standup/participants/alice",
+            Some(&all),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let view = client.view();
+    wait_for(Duration::from_secs(5), "leave(removed)", || {
+        view.has_message(|m| m["type"] == "leave" && m["reason"] == "removed")
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, got) = api
+            .call(Method::GET, "/v1/rooms/standup", Some(&all), None)
+            .await;
+        if got["numParticipants"] == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "participant not removed: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Delete.
+    assert_error(
+        api.call(Method::DELETE, "/v1/rooms/standup", Some(&room_admin), None)
+            .await,
+        StatusCode::FORBIDDEN,
+        "permission_denied",
+    );
+    assert_eq!(
+        api.call(Method::DELETE, "/v1/rooms/standup", Some(&all), None)
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_error(
+        api.call(Method::DELETE, "/v1/rooms/standup", Some(&all), None)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        api.call(Method::GET, "/v1/nothing-here", Some(&all), None)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    client.close().await;
+}
+
+#[tokio::test]
+async fn tokens_are_minted_and_checked() {
+    use reqwest::Method;
+    let server = start_server().await;
+    let api = Api::new(&server);
+    let all = admin_token(&server, "", true, true, true);
+    let (status, minted) = api
+        .call(
+            Method::POST,
+            "/v1/tokens",
+            Some(&all),
+            Some(json!({"room":"r1","identity":"zoe","canPublish":false,"ttlSecs":120})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{minted}");
+    let claims = server
+        .keys
+        .verify(minted["token"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(claims.sub, "zoe");
+    assert_eq!(claims.video.room, "r1");
+    assert!(claims.video.room_join);
+    assert_eq!(claims.video.can_publish, Some(false));
+    assert_eq!(claims.video.can_subscribe, Some(true));
+    assert!(claims.exp <= unix_now() + 121 && claims.exp >= unix_now() + 100);
+    assert_eq!(minted["expiresAt"], claims.exp);
+
+    assert_error(
+        api.call(
+            Method::POST,
+            "/v1/tokens",
+            None,
+            Some(json!({"room":"r1","identity":"z"})),
+        )
+        .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    let join = common::join_token(&server, "r1", "x");
+    assert_error(
+        api.call(
+            Method::POST,
+            "/v1/tokens",
+            Some(&join),
+            Some(json!({"room":"r1","identity":"z"})),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "permission_denied",
+    );
+    let other_admin = admin_token(&server, "r2", false, false, true);
+    assert_error(
+        api.call(
+            Method::POST,
+            "/v1/tokens",
+            Some(&other_admin),
+            Some(json!({"room":"r1","identity":"z"})),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "permission_denied",
+    );
+    assert_error(
+        api.call(
+            Method::POST,
+            "/v1/tokens",
+            Some(&all),
+            Some(json!({"room":"r1"})),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    assert_error(
+        api.call(
+            Method::POST,
+            "/v1/tokens",
+            Some(&all),
+            Some(json!({"room":"r1","identity":"z","ttlSecs":0})),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    assert_error(
+        api.call(
+            Method::POST,
+            "/v1/tokens",
+            Some(&all),
+            Some(json!({"room":"bad room!","identity":"z"})),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+
+    // The dev-only token endpoint exists in dev mode.
+    let (status, dev) = api
+        .call(Method::GET, "/dev/token?room=r1&identity=dev", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        server
+            .keys
+            .verify(dev["token"].as_str().unwrap())
+            .unwrap()
+            .sub,
+        "dev"
+    );
+}
+
+#[tokio::test]
+async fn dev_token_endpoint_is_absent_outside_dev_mode() {
+    let mut config = common::test_config();
+    config.api_key = Some("prodkey".into());
+    config.api_secret = Some("a-production-secret-of-length".into());
+    let server = sfu_server::start(&config).await.unwrap();
+    assert!(!server.dev_mode);
+    let resp = reqwest::get(format!("{}/dev/token?room=r", server.base_url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}
+
+async fn ws_connect(
+    server: &RunningServer,
+    token: &str,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    u16,
+> {
+    let url = format!("ws://{}/v1/rtc?access_token={token}", server.http_addr);
+    match tokio_tungstenite::connect_async(url).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("unexpected ws error {e}"),
+    }
+}
+
+async fn next_json<S>(ws: &mut S) -> Value
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("message within 5 s")
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(t) = msg {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn signalling_rejects_bad_tokens_and_bad_messages_without_harm() {
+    let server = start_server().await;
+    // Bad, expired and admin-only tokens are refused before the upgrade.
+    assert_eq!(ws_connect(&server, "nonsense").await.err(), Some(401));
+    let mut expired = join_claims(&server.keys, "r", "x", "", 60);
+    expired.exp = unix_now() - 3600;
+    assert_eq!(
+        ws_connect(&server, &server.keys.sign(&expired)).await.err(),
+        Some(401)
+    );
+    let admin = admin_token(&server, "r", true, true, true);
+    assert_eq!(ws_connect(&server, &admin).await.err(), Some(403));
+
+    // A watcher in the same room must be unaffected by a misbehaving peer.
+    let watcher = Client::join(&server, "r", "watcher", 1, false).await;
+    let token = common::join_token(&server, "r", "mallory");
+    let mut ws = ws_connect(&server, &token).await.expect("connect");
+    let joined = next_json(&mut ws).await;
+    assert_eq!(joined["type"], "joined");
+    assert_eq!(joined["protocol"], 1);
+    let cases = [
+        ("{not json", "bad_message"),
+        (r#"{"no":"type"}"#, "bad_message"),
+        (r#"{"type":"teleport"}"#, "unknown_type"),
+        (r#"{"type":"offer","target":"publisher"}"#, "bad_message"),
+        (
+            r#"{"type":"offer","target":"publisher","sdp":"this is not sdp"}"#,
+            "bad_sdp",
+        ),
+        (
+            r#"{"type":"answer","target":"subscriber","sdp":"v=0"}"#,
+            "bad_state",
+        ),
+        (
+            r#"{"type":"answer","target":"publisher","sdp":"v=0"}"#,
+            "bad_state",
+        ),
+        (
+            r#"{"type":"candidate","target":"publisher","candidate":{"candidate":"candidate:1 1 udp 1 1.2.3.4 5 typ host"}}"#,
+            "bad_state",
+        ),
+        (
+            r#"{"type":"mute","trackSid":"TR_nope","muted":true}"#,
+            "not_allowed",
+        ),
+    ];
+    for (text, code) in cases {
+        ws.send(Message::Text(text.into())).await.unwrap();
+        let reply = next_json(&mut ws).await;
+        assert_eq!(reply["type"], "error", "for {text}: {reply}");
+        assert_eq!(reply["code"], code, "for {text}: {reply}");
+    }
+    let huge = format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(70_000));
+    ws.send(Message::Text(huge.into())).await.unwrap();
+    let reply = next_json(&mut ws).await;
+    assert_eq!(reply["code"], "bad_message", "{reply}");
+    // Still connected and served.
+    ws.send(Message::Text(r#"{"type":"ping","ts":7}"#.into()))
+        .await
+        .unwrap();
+    let pong = next_json(&mut ws).await;
+    assert_eq!(pong, json!({"type":"pong","ts":7.0}));
+    // The watcher saw mallory join and nothing else went wrong for it.
+    let view = watcher.view();
+    assert!(view.has_message(
+        |m| m["type"] == "participantJoined" && m["participant"]["identity"] == "mallory"
+    ));
+    assert!(view.messages_of("error").is_empty());
+    // Closing the socket is a leave.
+    drop(ws);
+    wait_for(
+        Duration::from_secs(5),
+        "participantLeft for mallory",
+        || view.has_message(|m| m["type"] == "participantLeft" && m["identity"] == "mallory"),
+    )
+    .await;
+    watcher.close().await;
+}
