@@ -1,1 +1,2 @@
-
+//! Criterion benchmarks of the media plane live in `benches/`; run them
+//! with `cargo bench -p benches`.

@@ -75,7 +75,6 @@ pub fn media_engine() -> Result<MediaEngine, RtcError> {
         RTCRtpCodecParameters {
             rtp_codec: vp8_codec(),
             payload_type: VP8_PAYLOAD_TYPE,
-            ..Default::default()
         },
         RtpCodecKind::Video,
     )?;
@@ -83,7 +82,6 @@ pub fn media_engine() -> Result<MediaEngine, RtcError> {
         RTCRtpCodecParameters {
             rtp_codec: opus_codec(),
             payload_type: OPUS_PAYLOAD_TYPE,
-            ..Default::default()
         },
         RtpCodecKind::Audio,
     )?;

@@ -81,7 +81,8 @@ pub struct Config {
 impl Config {
     /// The signing keys, and whether they are the development defaults.
     pub fn keys(&self) -> anyhow::Result<(Keys, bool)> {
-        match (&self.api_key, &self.api_secret) {
+        let nonempty = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
+        match (&nonempty(&self.api_key), &nonempty(&self.api_secret)) {
             (Some(key), Some(secret)) => {
                 anyhow::ensure!(!key.is_empty(), "API key is empty");
                 anyhow::ensure!(

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 
 /// Messages queued for one participant's WebSocket.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // nearly every value is a Message; boxing would only add an allocation
 pub enum ToClient {
     Message(ServerMessage),
     /// Send nothing more; close the socket.

@@ -152,7 +152,6 @@ async fn peer(handler: Arc<Trickle>) -> Arc<dyn PeerConnection> {
             rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters {
                 rtp_codec: sfu_core::engine::vp8_codec(),
                 payload_type: 96,
-                ..Default::default()
             },
             RtpCodecKind::Video,
         )
@@ -162,7 +161,6 @@ async fn peer(handler: Arc<Trickle>) -> Arc<dyn PeerConnection> {
             rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters {
                 rtp_codec: sfu_core::engine::opus_codec(),
                 payload_type: 111,
-                ..Default::default()
             },
             RtpCodecKind::Audio,
         )
