@@ -74,7 +74,7 @@ pub struct Config {
     #[arg(long, env = "SFU_MAX_PARTICIPANTS", default_value_t = 0)]
     pub max_participants: usize,
     /// Log filter (tracing env-filter syntax).
-    #[arg(long, env = "SFU_LOG", default_value = "info")]
+    #[arg(long, env = "SFU_LOG", default_value = "info,rtc_dtls=error")]
     pub log: String,
 }
 

@@ -1,0 +1,150 @@
+// Browser end to end: three headless Chromium pages (fake camera) join one
+// room through the demo page; each must show two remote videos that decode
+// frames; when one leaves, the others drop its video.
+//
+// SFU_URL=http://host:port uses a running server; otherwise SFU_BIN names
+// the server binary, started here on free ports and stopped at the end.
+import { spawn } from 'node:child_process';
+import { mkdirSync } from 'node:fs';
+import { chromium } from 'playwright-core';
+
+const OVERALL_TIMEOUT_MS = 120_000;
+const results = [];
+let server = null;
+let browser = null;
+
+const timer = setTimeout(() => {
+  console.error('FAIL: overall timeout');
+  finish(1);
+}, OVERALL_TIMEOUT_MS);
+
+function check(name, ok, detail = '') {
+  results.push({ name, ok });
+  console.log(`${ok ? 'ok  ' : 'FAIL'} ${name}${detail ? ` — ${detail}` : ''}`);
+}
+
+async function finish(code) {
+  clearTimeout(timer);
+  try { await browser?.close(); } catch {}
+  server?.kill('SIGTERM');
+  const passed = results.filter((r) => r.ok).length;
+  const failed = results.length - passed;
+  console.log(`${passed} passed, ${failed} failed`);
+  process.exit(code || (failed > 0 ? 1 : 0));
+}
+
+async function startServer() {
+  if (process.env.SFU_URL) return process.env.SFU_URL.replace(/\/$/, '');
+  const bin = process.env.SFU_BIN;
+  if (!bin) throw new Error('set SFU_URL or SFU_BIN');
+  server = spawn(bin, ['--http-addr', '127.0.0.1:0', '--media-addr', '127.0.0.1:0'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, SFU_API_KEY: '', SFU_API_SECRET: '', SFU_LOG: process.env.SFU_LOG || 'warn' },
+  });
+  server.stderr.on('data', (d) => process.stderr.write(`[server] ${d}`));
+  return new Promise((resolve, reject) => {
+    let buf = '';
+    server.stdout.on('data', (d) => {
+      buf += d;
+      const m = buf.match(/Demo: (http:\/\/\S+?)\/?\s/);
+      if (m) resolve(m[1]);
+    });
+    server.on('exit', (code) => reject(new Error(`server exited with ${code}`)));
+  });
+}
+
+/** Polls `fn` in the page until it returns truthy or `ms` pass. */
+async function waitIn(page, fn, arg, ms) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await page.evaluate(fn, arg).catch(() => false);
+    if (v) return v;
+    if (Date.now() > deadline) return false;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+function remoteVideoCount(min) {
+  const vids = [...document.querySelectorAll('video.remote-video')].filter((v) => v.isConnected);
+  return vids.filter((v) => v.videoWidth > 0).length >= min ? vids.length : 0;
+}
+
+async function framesDecoded(page) {
+  return page.evaluate(async () => {
+    const stats = await window.sfuRoom.subscriberPc.getStats();
+    const out = {};
+    stats.forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'video') out[s.trackIdentifier || s.id] = s.framesDecoded || 0;
+    });
+    return out;
+  });
+}
+
+function median(xs) {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length ? s[Math.floor((s.length - 1) / 2)] : NaN;
+}
+
+async function main() {
+  const base = await startServer();
+  console.log(`server: ${base}`);
+  try {
+    browser = await chromium.launch({
+      executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
+      headless: true,
+      args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+        '--disable-background-networking', '--disable-component-update', '--disable-sync',
+        '--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream'],
+    });
+  } catch (e) {
+    check('chromium starts', false, e.message);
+    return finish(1);
+  }
+  check('chromium starts', true);
+  const roomName = `e2e-${Date.now()}`;
+  const pages = [];
+  for (let i = 1; i <= 3; i++) {
+    const ctx = await browser.newContext();
+    const page = await ctx.newPage();
+    page.on('pageerror', (e) => console.error(`[p${i}] ${e.message}`));
+    await page.goto(`${base}/?room=${roomName}&name=p${i}&autojoin=1`);
+    pages.push(page);
+  }
+  const joinTimes = [];
+  for (const [i, page] of pages.entries()) {
+    const n = await waitIn(page, remoteVideoCount, 2, 20_000);
+    check(`page ${i + 1} shows two remote videos with videoWidth > 0`, n === 2, `count=${n}`);
+    const t = await page.evaluate(() => window.sfuFirstRemoteFrameAt - window.sfuJoinStartedAt);
+    if (Number.isFinite(t)) joinTimes.push(t);
+  }
+  for (const [i, page] of pages.entries()) {
+    const a = await framesDecoded(page);
+    await new Promise((r) => setTimeout(r, 1000));
+    const b = await framesDecoded(page);
+    const keys = Object.keys(b);
+    const growing = keys.filter((k) => b[k] > (a[k] || 0));
+    check(`page ${i + 1}: framesDecoded grows for both remote videos`, keys.length >= 2 && growing.length >= 2,
+      JSON.stringify({ before: a, after: b }));
+  }
+  try {
+    mkdirSync(new URL('./out/', import.meta.url), { recursive: true });
+    await pages[0].screenshot({ path: new URL('./out/page1.png', import.meta.url).pathname });
+  } catch {}
+  // Page 3 leaves; the others drop its video.
+  const leaverSid = await pages[2].evaluate(() => window.sfuRoom.localParticipant.sid);
+  await pages[2].click('#leave');
+  for (const [i, page] of pages.slice(0, 2).entries()) {
+    const gone = await waitIn(page, (sid) => {
+      const vids = [...document.querySelectorAll('video.remote-video')];
+      return vids.length === 1 && !vids.some((v) => v.dataset.participantSid === sid);
+    }, leaverSid, 10_000);
+    check(`page ${i + 1} removes the leaver's video`, !!gone);
+  }
+  console.log(`join_to_first_frame_ms=${Math.round(median(joinTimes))} (per page: ${joinTimes.map(Math.round).join(', ')})`);
+  return finish(0);
+}
+
+main().catch((e) => {
+  check('browser test ran', false, e.stack || String(e));
+  finish(1);
+});
