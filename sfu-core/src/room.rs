@@ -27,6 +27,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use sfu_signal::negotiation::{Negotiator, State as NegotiationState};
 use sfu_signal::{
     ClientMessage, ErrorCode, IceCandidate, IceServer, LeaveReason, ParticipantInfo, RoomRef,
     ServerMessage, Target, TrackInfo, TrackKind, PROTOCOL_VERSION,
@@ -165,14 +166,6 @@ struct DownTrack {
     negotiated: bool,
 }
 
-#[derive(Default)]
-struct SubscriberNegotiation {
-    /// Generation of the offer awaiting an answer.
-    outstanding: Option<u64>,
-    needs_offer: bool,
-    generation: u64,
-}
-
 struct Participant {
     sid: String,
     identity: String,
@@ -185,7 +178,7 @@ struct Participant {
     /// Engine track id on the publisher connection -> published track.
     published: HashMap<String, TrackKey>,
     down_tracks: BTreeMap<TrackKey, DownTrack>,
-    negotiation: SubscriberNegotiation,
+    negotiation: Negotiator,
 }
 
 struct PublishedTrack {
@@ -362,7 +355,7 @@ impl Room {
                 subscriber: None,
                 published: HashMap::new(),
                 down_tracks: BTreeMap::new(),
-                negotiation: SubscriberNegotiation::default(),
+                negotiation: Negotiator::default(),
             },
         );
 
@@ -693,12 +686,15 @@ impl Room {
         sdp: String,
     ) -> Result<(), (ErrorCode, String)> {
         let p = &self.participants[&id];
-        let (Some(conn), Some(generation)) = (p.subscriber, p.negotiation.outstanding) else {
+        let Some(conn) = p.subscriber else {
+            return Err((ErrorCode::NotAllowed, "this token does not allow subscribing".into()));
+        };
+        if !matches!(p.negotiation.state(), NegotiationState::HaveLocalOffer(_)) {
             return Err((
                 ErrorCode::BadState,
                 "no subscriber offer is awaiting an answer".into(),
             ));
-        };
+        }
         let answer = RTCSessionDescription::answer(sdp)
             .map_err(|e| (ErrorCode::BadSdp, format!("cannot parse answer: {e}")))?;
         let c = self
@@ -714,7 +710,10 @@ impl Room {
             .participants
             .get_mut(&id)
             .ok_or((ErrorCode::Internal, "participant vanished".to_owned()))?;
-        p.negotiation.outstanding = None;
+        let generation = p
+            .negotiation
+            .on_answer()
+            .map_err(|e| (ErrorCode::BadState, e.to_string()))?;
         let conn_slot = self.conns.get_mut(conn.0).and_then(Option::as_mut);
         if let Some(c) = conn_slot {
             for (key, down) in p.down_tracks.iter_mut() {
@@ -817,7 +816,7 @@ impl Room {
                     negotiated: false,
                 },
             );
-            p.negotiation.needs_offer = true;
+            p.negotiation.request();
         }
     }
 
@@ -828,7 +827,7 @@ impl Room {
         let Some(down) = p.down_tracks.remove(&key) else {
             return;
         };
-        p.negotiation.needs_offer = true;
+        p.negotiation.request();
         let conn = p.subscriber;
         self.down_by_ssrc.remove(&down.ssrc);
         if let Some(c) = conn.and_then(|c| self.conn_mut(c)) {
@@ -846,20 +845,16 @@ impl Room {
         let Some(p) = self.participants.get_mut(&id) else {
             return;
         };
-        if p.negotiation.outstanding.is_some() || !p.negotiation.needs_offer {
-            return;
-        }
         let Some(conn) = p.subscriber else {
             return;
         };
         // An empty first offer would open a connection with nothing on it.
-        if p.negotiation.generation == 0 && p.down_tracks.is_empty() {
+        if p.negotiation.generation() == 0 && p.down_tracks.is_empty() {
             return;
         }
-        p.negotiation.generation += 1;
-        let generation = p.negotiation.generation;
-        p.negotiation.outstanding = Some(generation);
-        p.negotiation.needs_offer = false;
+        let Some(generation) = p.negotiation.begin_offer() else {
+            return;
+        };
         for down in p.down_tracks.values_mut() {
             down.offer_gen.get_or_insert(generation);
         }
@@ -884,7 +879,7 @@ impl Room {
             other => {
                 tracing::warn!(?other, "cannot create subscriber offer");
                 if let Some(p) = self.participants.get_mut(&id) {
-                    p.negotiation.outstanding = None;
+                    p.negotiation.abandon_offer();
                 }
             }
         }

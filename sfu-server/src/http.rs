@@ -109,8 +109,18 @@ pub fn router(state: AppState) -> Router {
         router = router.route("/dev/token", get(dev_token));
     }
     router
-        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .fallback(fallback)
         .with_state(state)
+}
+
+/// Top-level paths name web assets (`/demo.js`); anything else is a 404
+/// in the API's error shape.
+async fn fallback(uri: axum::http::Uri) -> Response {
+    let name = uri.path().trim_start_matches('/');
+    if ASSETS.iter().any(|(n, _)| *n == name) {
+        return asset(name).await;
+    }
+    ApiError::not_found("no such endpoint").into_response()
 }
 
 const ASSETS: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/web_assets.rs"));

@@ -333,8 +333,13 @@ impl Worker {
                     participant,
                     message,
                 } => {
+                    // A closed queue means the session already ended and
+                    // sent its own leave; only a full one is a slow client.
                     let overflow = match self.clients.get(&participant) {
-                        Some(tx) => tx.try_send(ToClient::Message(message)).is_err(),
+                        Some(tx) => matches!(
+                            tx.try_send(ToClient::Message(message)),
+                            Err(mpsc::error::TrySendError::Full(_))
+                        ),
                         None => false,
                     };
                     if overflow {

@@ -6,6 +6,8 @@
 //! frames with [`ClientMessage::parse`], which turns every malformed input into
 //! a [`SignalError`] that maps to an `error` message for that client alone.
 
+pub mod negotiation;
+
 use serde::{Deserialize, Serialize};
 
 /// Protocol version announced in the `joined` message.

@@ -39,7 +39,7 @@ async function startServer() {
   if (!bin) throw new Error('set SFU_URL or SFU_BIN');
   server = spawn(bin, ['--http-addr', '127.0.0.1:0', '--media-addr', '127.0.0.1:0'], {
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, SFU_API_KEY: '', SFU_API_SECRET: '', SFU_LOG: process.env.SFU_LOG || 'warn' },
+    env: { ...process.env, SFU_API_KEY: '', SFU_API_SECRET: '', SFU_LOG: process.env.SFU_LOG || 'warn,rtc_dtls=error' },
   });
   server.stderr.on('data', (d) => process.stderr.write(`[server] ${d}`));
   return new Promise((resolve, reject) => {
