@@ -687,7 +687,10 @@ impl Room {
     ) -> Result<(), (ErrorCode, String)> {
         let p = &self.participants[&id];
         let Some(conn) = p.subscriber else {
-            return Err((ErrorCode::NotAllowed, "this token does not allow subscribing".into()));
+            return Err((
+                ErrorCode::NotAllowed,
+                "this token does not allow subscribing".into(),
+            ));
         };
         if !matches!(p.negotiation.state(), NegotiationState::HaveLocalOffer(_)) {
             return Err((

@@ -121,3 +121,52 @@ fn count_offers(h: &Harness, i: usize) -> usize {
         .filter(|s| matches!(s, ServerMessage::Offer { .. }))
         .count()
 }
+
+#[test]
+fn simulcast_publisher_is_forwarded_as_one_consistent_layer() {
+    let mut h = Harness::new();
+    let a = h.join_with("alice", true, true);
+    let b = h.join("bob", false);
+    let mut waited = Duration::ZERO;
+    while !connected(&h, b, a) {
+        assert!(waited < Duration::from_secs(10), "no media within 10 s");
+        pump(&mut h, &[a], 1);
+        waited += Duration::from_millis(20);
+    }
+    let c = h.join("carol", false);
+    let mut waited = Duration::ZERO;
+    while !connected(&h, c, a) {
+        assert!(waited < Duration::from_secs(10), "late joiner got no media");
+        pump(&mut h, &[a], 1);
+        waited += Duration::from_millis(20);
+    }
+    let before = h.received_from(b, a);
+    pump(&mut h, &[a], 100);
+    let after = h.received_from(b, a);
+    // One layer's 100 packets, not three layers' 300.
+    assert_eq!(after.0 - before.0, 100);
+    assert_eq!(after.1 - before.1, 100);
+    let layers_b = h.video_layers_from(b, a);
+    assert_eq!(layers_b.len(), 1, "bob got layers {layers_b:?}");
+    assert_eq!(
+        h.video_layers_from(c, a),
+        layers_b,
+        "both subscribers get the same layer"
+    );
+    let drops = &h.room.stats().drops;
+    let not_selected = drops
+        .get(&sfu_core::DropReason::LayerNotSelected)
+        .copied()
+        .unwrap_or(0);
+    assert!(not_selected >= 200, "{drops:?}");
+    // The announced track says it is simulcast.
+    let published = h.clients[b].signals.iter().find_map(|s| match s {
+        ServerMessage::TrackPublished { track, .. }
+            if track.kind == sfu_core::signal::TrackKind::Video =>
+        {
+            Some(track.clone())
+        }
+        _ => None,
+    });
+    assert!(published.expect("video announced").simulcast);
+}

@@ -108,9 +108,7 @@ pub fn router(state: AppState) -> Router {
     if state.dev_mode {
         router = router.route("/dev/token", get(dev_token));
     }
-    router
-        .fallback(fallback)
-        .with_state(state)
+    router.fallback(fallback).with_state(state)
 }
 
 /// Top-level paths name web assets (`/demo.js`); anything else is a 404

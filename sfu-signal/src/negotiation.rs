@@ -122,15 +122,45 @@ mod tests {
     fn one_offer_at_a_time_and_changes_fold_into_the_next() {
         let table: &[&[Step]] = &[
             // Nothing to offer until something changes.
-            &[Begin(None), Request, Begin(Some(1)), Answer(Ok(1)), Begin(None)],
+            &[
+                Begin(None),
+                Request,
+                Begin(Some(1)),
+                Answer(Ok(1)),
+                Begin(None),
+            ],
             // Changes during an outstanding offer wait for its answer.
-            &[Request, Begin(Some(1)), Request, Request, Begin(None), Answer(Ok(1)), Begin(Some(2)), Answer(Ok(2))],
+            &[
+                Request,
+                Begin(Some(1)),
+                Request,
+                Request,
+                Begin(None),
+                Answer(Ok(1)),
+                Begin(Some(2)),
+                Answer(Ok(2)),
+            ],
             // An answer with no offer is refused and changes nothing.
-            &[Answer(Err(NegotiationError::NoOfferOutstanding)), Request, Begin(Some(1))],
+            &[
+                Answer(Err(NegotiationError::NoOfferOutstanding)),
+                Request,
+                Begin(Some(1)),
+            ],
             // A second answer for the same offer is refused.
-            &[Request, Begin(Some(1)), Answer(Ok(1)), Answer(Err(NegotiationError::NoOfferOutstanding))],
+            &[
+                Request,
+                Begin(Some(1)),
+                Answer(Ok(1)),
+                Answer(Err(NegotiationError::NoOfferOutstanding)),
+            ],
             // An abandoned offer is retried with a new generation.
-            &[Request, Begin(Some(1)), Abandon, Begin(Some(2)), Answer(Ok(2))],
+            &[
+                Request,
+                Begin(Some(1)),
+                Abandon,
+                Begin(Some(2)),
+                Answer(Ok(2)),
+            ],
         ];
         for steps in table {
             run(steps);

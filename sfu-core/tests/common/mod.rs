@@ -126,6 +126,12 @@ impl Harness {
 
     /// Joins a client; if `publish`, it offers a VP8 and an Opus track.
     pub fn join(&mut self, name: &str, publish: bool) -> usize {
+        self.join_with(name, publish, false)
+    }
+
+    /// Like [`Harness::join`], with the video sent as three simulcast
+    /// layers (rids q, h, f) when `simulcast`.
+    pub fn join_with(&mut self, name: &str, publish: bool, simulcast: bool) -> usize {
         let pub_addr = self.addr();
         let sub_addr = self.addr();
         let id = self
@@ -156,36 +162,50 @@ impl Harness {
         };
         if publish {
             let mut pc = client_pc(self.now, pub_addr);
-            for (kind, codec, pt, ssrc) in [
+            let video_rids: &[&str] = if simulcast { &["q", "h", "f"] } else { &[""] };
+            for (kind, codec, pt, base, rids) in [
                 (
                     RtpCodecKind::Video,
                     vp8_codec(),
                     VP8_PAYLOAD_TYPE,
-                    0x1000 + id.0 as u32,
+                    0x1000,
+                    video_rids,
                 ),
                 (
                     RtpCodecKind::Audio,
                     opus_codec(),
                     OPUS_PAYLOAD_TYPE,
-                    0x2000 + id.0 as u32,
+                    0x2000,
+                    &[""][..],
                 ),
             ] {
+                let ssrcs: Vec<u32> = (0..rids.len() as u32)
+                    .map(|layer| base + 0x100 * layer + id.0 as u32)
+                    .collect();
+                let codings = rids
+                    .iter()
+                    .zip(&ssrcs)
+                    .map(|(rid, ssrc)| RTCRtpEncodingParameters {
+                        rtp_coding_parameters: RTCRtpCodingParameters {
+                            rid: rid.to_string(),
+                            ssrc: Some(*ssrc),
+                            ..Default::default()
+                        },
+                        codec: codec.clone(),
+                        ..Default::default()
+                    })
+                    .collect();
                 let track = MediaStreamTrack::new(
                     format!("stream-{name}"),
                     format!("{name}-{kind}"),
                     format!("{name}-{kind}"),
                     kind,
-                    vec![RTCRtpEncodingParameters {
-                        rtp_coding_parameters: RTCRtpCodingParameters {
-                            ssrc: Some(ssrc),
-                            ..Default::default()
-                        },
-                        codec,
-                        ..Default::default()
-                    }],
+                    codings,
                 );
                 let sender = pc.add_track(track).unwrap();
-                client.senders.push((sender, ssrc, pt));
+                for ssrc in ssrcs {
+                    client.senders.push((sender, ssrc, pt));
+                }
             }
             let offer = pc.create_offer(None).unwrap();
             pc.set_local_description(self.now, offer).unwrap();
@@ -425,26 +445,58 @@ impl Harness {
             return;
         };
         for (i, (sender, ssrc, pt)) in c.senders.iter().enumerate() {
-            // VP8 payload descriptor (start of partition) + tagged body.
-            let mut payload = vec![0x10, index as u8, i as u8];
+            // VP8 payload descriptor (start of partition) + tagged body:
+            // sender index, stream slot (video layers 0.., audio 0xA0).
+            let slot = if *pt == OPUS_PAYLOAD_TYPE {
+                0xA0
+            } else {
+                i as u8
+            };
+            let mut payload = vec![0x10, index as u8, slot];
             payload.extend_from_slice(&seq.to_be_bytes());
             payload.extend_from_slice(&[0xAB; 100]);
+            let mut header = rtc::rtp::Header {
+                version: 2,
+                marker: true,
+                payload_type: *pt,
+                sequence_number: seq,
+                timestamp: seq as u32 * 3000,
+                ssrc: *ssrc,
+                ..Default::default()
+            };
+            let mut rtp_sender = pc.rtp_sender(*sender).unwrap();
+            let rid = rtp_sender
+                .get_parameters()
+                .encodings
+                .iter()
+                .find(|e| e.rtp_coding_parameters.ssrc == Some(*ssrc))
+                .map(|e| e.rtp_coding_parameters.rid.clone())
+                .unwrap_or_default();
+            if !rid.is_empty() {
+                // Simulcast layers are told apart by the mid and rid header
+                // extensions, as a browser sends them.
+                let ids: Vec<(String, u8)> = rtp_sender
+                    .get_parameters()
+                    .rtp_parameters
+                    .header_extensions
+                    .iter()
+                    .map(|e| (e.uri.clone(), e.id as u8))
+                    .collect();
+                header.extension = true;
+                header.extension_profile = 0xBEDE;
+                for (uri, id) in ids {
+                    if uri == "urn:ietf:params:rtp-hdrext:sdes:mid" {
+                        header.set_extension(id, Bytes::from_static(b"0")).unwrap();
+                    } else if uri == "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id" {
+                        header.set_extension(id, Bytes::from(rid.clone())).unwrap();
+                    }
+                }
+            }
             let packet = rtc::rtp::Packet {
-                header: rtc::rtp::Header {
-                    version: 2,
-                    marker: true,
-                    payload_type: *pt,
-                    sequence_number: seq,
-                    timestamp: seq as u32 * 3000,
-                    ssrc: *ssrc,
-                    ..Default::default()
-                },
+                header,
                 payload: Bytes::from(payload),
             };
-            pc.rtp_sender(*sender)
-                .unwrap()
-                .write_rtp(now, packet)
-                .unwrap();
+            rtp_sender.write_rtp(now, packet).unwrap();
         }
         self.settle();
     }
@@ -457,6 +509,22 @@ impl Harness {
     }
 
     /// Packets client `to` received from client `from`'s tracks: (video, audio).
+    /// The video stream slots (simulcast layers) client `to` received from `from`.
+    pub fn video_layers_from(&self, to: usize, from: usize) -> Vec<u8> {
+        let from_sid = self.client_sid(from);
+        let c = &self.clients[to];
+        let mut layers: Vec<u8> = c
+            .received
+            .iter()
+            .filter(|(track, _)| c.track_streams.get(*track) == Some(&from_sid))
+            .flat_map(|(_, r)| r.payloads.iter().map(|p| p[2]))
+            .filter(|slot| *slot != 0xA0)
+            .collect();
+        layers.sort_unstable();
+        layers.dedup();
+        layers
+    }
+
     pub fn received_from(&self, to: usize, from: usize) -> (usize, usize) {
         let from_sid = self.client_sid(from);
         let c = &self.clients[to];
@@ -470,8 +538,8 @@ impl Harness {
                 // Payload tag: [descriptor, sender index, track index, seq..]
                 assert_eq!(p[1] as usize, from, "payload from the wrong publisher");
                 match p[2] {
-                    0 => video += 1,
-                    _ => audio += 1,
+                    0xA0 => audio += 1,
+                    _ => video += 1,
                 }
                 assert_eq!(&p[5..], &[0xAB; 100][..], "payload corrupted");
             }
