@@ -26,6 +26,7 @@ pub struct RunningServer {
     pub media_addr: SocketAddr,
     pub keys: auth::Keys,
     pub dev_mode: bool,
+    rooms: rooms::Rooms,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -40,6 +41,13 @@ impl RunningServer {
     }
 
     pub fn abort(&self) {
+        self.task.abort();
+    }
+
+    /// Tells every participant the server is going away, closes the rooms
+    /// (waiting at most `limit`), then stops serving.
+    pub async fn shutdown(self, limit: Duration) {
+        self.rooms.shutdown(limit).await;
         self.task.abort();
     }
 }
@@ -88,7 +96,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let http_addr = listener.local_addr()?;
     let app = http::router(http::AppState {
         keys: keys.clone(),
-        rooms,
+        rooms: rooms.clone(),
         dev_mode,
         metrics,
     });
@@ -103,6 +111,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         media_addr,
         keys,
         dev_mode,
+        rooms,
         task,
     })
 }

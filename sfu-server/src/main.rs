@@ -59,5 +59,24 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!(http = %server.http_addr, media = %server.media_addr, "listening");
     println!("Demo: {}/", server.base_url());
-    server.wait().await
+    shutdown_signal().await;
+    tracing::info!("shutting down: closing rooms");
+    server.shutdown(std::time::Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

@@ -67,7 +67,8 @@ pub enum RoomCmd {
         identity: String,
         reply: oneshot::Sender<bool>,
     },
-    Close,
+    /// Close the room, telling everyone why.
+    Close(LeaveReason),
 }
 
 /// What the registry keeps of a running room.
@@ -158,10 +159,25 @@ impl Rooms {
     pub fn delete(&self, name: &str) -> bool {
         match self.inner.remove(name) {
             Some((_, handle)) => {
-                let _ = handle.tx.try_send(RoomCmd::Close);
+                let _ = handle.tx.try_send(RoomCmd::Close(LeaveReason::RoomDeleted));
                 true
             }
             None => false,
+        }
+    }
+
+    /// Closes every room, telling participants the server is shutting
+    /// down, and waits (at most `limit`) for the rooms to finish.
+    pub async fn shutdown(&self, limit: Duration) {
+        for room in self.list() {
+            let _ = room
+                .tx
+                .send(RoomCmd::Close(LeaveReason::ServerShutdown))
+                .await;
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.inner.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -246,8 +262,12 @@ impl Worker {
                 }
             };
             match cmd {
-                None | Some(RoomCmd::Close) => {
+                None => {
                     self.close(LeaveReason::RoomDeleted).await;
+                    return;
+                }
+                Some(RoomCmd::Close(reason)) => {
+                    self.close(reason).await;
                     return;
                 }
                 Some(cmd) => self.handle(cmd),
@@ -255,9 +275,9 @@ impl Worker {
             // Take whatever else is already queued before flushing.
             for _ in 0..64 {
                 match self.rx.try_recv() {
-                    Ok(RoomCmd::Close) => {
+                    Ok(RoomCmd::Close(reason)) => {
                         let _ = self.flush().await;
-                        self.close(LeaveReason::RoomDeleted).await;
+                        self.close(reason).await;
                         return;
                     }
                     Ok(cmd) => self.handle(cmd),
@@ -315,7 +335,7 @@ impl Worker {
                 }
                 let _ = reply.send(found.is_some());
             }
-            RoomCmd::Close => {}
+            RoomCmd::Close(_) => {}
         }
     }
 

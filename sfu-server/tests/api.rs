@@ -597,27 +597,48 @@ async fn room_lifecycle_full_duplicate_delete_and_empty_timeout() {
     let all = admin_token(&server, "", true, true, true);
 
     // A room capped at one participant refuses the second.
-    let (status, _) = api.call(Method::POST, "/v1/rooms", Some(&all), Some(json!({"name":"solo","maxParticipants":1}))).await;
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/rooms",
+            Some(&all),
+            Some(json!({"name":"solo","maxParticipants":1})),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED);
     let first = Client::join(&server, "solo", "one", 1, false).await;
-    let mut ws = ws_connect(&server, &common::join_token(&server, "solo", "two")).await.expect("upgrade");
+    let mut ws = ws_connect(&server, &common::join_token(&server, "solo", "two"))
+        .await
+        .expect("upgrade");
     let refused = next_json(&mut ws).await;
     assert_eq!(refused["type"], "error", "{refused}");
-    assert!(refused["message"].as_str().unwrap().contains("full"), "{refused}");
+    assert!(
+        refused["message"].as_str().unwrap().contains("full"),
+        "{refused}"
+    );
 
     // Joining again with the same identity replaces the old session.
     let again = Client::join(&server, "solo", "one", 2, false).await;
     let old = first.view();
-    wait_for(Duration::from_secs(5), "old session told duplicate_identity", || {
-        old.has_message(|m| m["type"] == "leave" && m["reason"] == "duplicate_identity")
-    })
+    wait_for(
+        Duration::from_secs(5),
+        "old session told duplicate_identity",
+        || old.has_message(|m| m["type"] == "leave" && m["reason"] == "duplicate_identity"),
+    )
     .await;
-    let (_, parts) = api.call(Method::GET, "/v1/rooms/solo/participants", Some(&all), None).await;
+    let (_, parts) = api
+        .call(Method::GET, "/v1/rooms/solo/participants", Some(&all), None)
+        .await;
     assert_eq!(parts["participants"].as_array().unwrap().len(), 1);
     assert_eq!(parts["participants"][0]["sid"], again.sid.as_str());
 
     // Deleting the room tells its participant and the room is gone.
-    assert_eq!(api.call(Method::DELETE, "/v1/rooms/solo", Some(&all), None).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(
+        api.call(Method::DELETE, "/v1/rooms/solo", Some(&all), None)
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
     let view = again.view();
     wait_for(Duration::from_secs(5), "leave(room_deleted)", || {
         view.has_message(|m| m["type"] == "leave" && m["reason"] == "room_deleted")
@@ -625,17 +646,42 @@ async fn room_lifecycle_full_duplicate_delete_and_empty_timeout() {
     .await;
 
     // An empty room closes after the empty timeout (1 s here).
-    let (status, _) = api.call(Method::POST, "/v1/rooms", Some(&all), Some(json!({"name":"brief"}))).await;
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/rooms",
+            Some(&all),
+            Some(json!({"name":"brief"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let (status, _) = api.call(Method::GET, "/v1/rooms/brief", Some(&all), None).await;
+        let (status, _) = api
+            .call(Method::GET, "/v1/rooms/brief", Some(&all), None)
+            .await;
         if status == StatusCode::NOT_FOUND {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "empty room still open after 5 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "empty room still open after 5 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     first.close().await;
     again.close().await;
+}
+
+#[tokio::test]
+async fn shutdown_tells_participants() {
+    let server = start_server().await;
+    let client = Client::join(&server, "r", "alice", 1, false).await;
+    let view = client.view();
+    server.shutdown(Duration::from_secs(2)).await;
+    wait_for(Duration::from_secs(5), "leave(server_shutdown)", || {
+        view.has_message(|m| m["type"] == "leave" && m["reason"] == "server_shutdown")
+    })
+    .await;
+    client.close().await;
 }
