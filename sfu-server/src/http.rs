@@ -413,6 +413,9 @@ struct RtcQuery {
     access_token: Option<String>,
 }
 
+/// A signalling connection with no frame for this long is closed.
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
+
 /// Largest WebSocket frame accepted at all; frames over the protocol limit
 /// but under this get a clear `error` message instead of a dropped socket.
 const WS_FRAME_LIMIT: usize = 1024 * 1024;
@@ -517,7 +520,17 @@ async fn session(state: AppState, claims: Claims, peer: SocketAddr, socket: WebS
 
     // Reader: socket -> room. Bad frames get an error on this socket only.
     let mut left = false;
-    while let Some(frame) = stream.next().await {
+    loop {
+        // A client sends at least a ping every 10 s; silence this long
+        // means the connection is dead even if TCP has not noticed.
+        let frame = match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => {
+                tracing::info!(%peer, "signalling idle timeout");
+                break;
+            }
+        };
         let text = match frame {
             Ok(Message::Text(text)) => text,
             Ok(Message::Binary(_)) => {
