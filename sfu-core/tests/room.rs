@@ -170,3 +170,32 @@ fn simulcast_publisher_is_forwarded_as_one_consistent_layer() {
     });
     assert!(published.expect("video announced").simulcast);
 }
+
+#[test]
+fn subscriber_keyframe_request_reaches_publisher_throttled() {
+    let mut h = Harness::new();
+    let a = h.join("alice", true);
+    let b = h.join("bob", false);
+    let mut waited = Duration::ZERO;
+    while !connected(&h, b, a) {
+        assert!(waited < Duration::from_secs(10));
+        pump(&mut h, &[a], 1);
+        waited += Duration::from_millis(20);
+    }
+    // Let the request made when bob's track was negotiated age out.
+    h.run_for(Duration::from_secs(1));
+    let video_ssrc = h.clients[a].senders[0].1;
+    let before = h.clients[a].keyframe_requests.len();
+    h.send_pli(b, a);
+    let got = &h.clients[a].keyframe_requests[before..];
+    assert_eq!(got, &[video_ssrc], "PLI names alice's video SSRC");
+    // A burst of requests within the throttle window reaches alice once.
+    for _ in 0..5 {
+        h.send_pli(b, a);
+    }
+    assert_eq!(h.clients[a].keyframe_requests.len(), before + 1);
+    // After the window another request goes through.
+    h.run_for(Duration::from_millis(600));
+    h.send_pli(b, a);
+    assert_eq!(h.clients[a].keyframe_requests.len(), before + 2);
+}

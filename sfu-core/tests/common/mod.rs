@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use rtc::interceptor::Registry;
+use rtc::interceptor::{Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
@@ -20,13 +20,16 @@ use rtc::peer_connection::transport::{
     CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit,
 };
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
-use rtc::rtp_transceiver::RTCRtpSenderId;
+use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
-use sfu_core::engine::{media_engine, opus_codec, vp8_codec, OPUS_PAYLOAD_TYPE, VP8_PAYLOAD_TYPE};
+use sfu_core::engine::{
+    media_engine, opus_codec, vp8_codec, KeyframeRequestTap, OPUS_PAYLOAD_TYPE, VP8_PAYLOAD_TYPE,
+};
 use sfu_core::signal::{ClientMessage, IceCandidate, ServerMessage, Target};
 use sfu_core::{JoinRequest, Output, ParticipantId, Room, RoomConfig, RoomEvent};
 
@@ -40,7 +43,9 @@ pub fn epoch() -> Instant {
 
 fn client_pc(now: Instant, addr: SocketAddr) -> RTCPeerConnection {
     let mut engine = media_engine().unwrap();
-    let registry = register_default_interceptors(Registry::new(), &mut engine).unwrap();
+    let registry = register_default_interceptors(Registry::new(), &mut engine)
+        .unwrap()
+        .with(Slot::Custom(14_000), KeyframeRequestTap::default());
     let mut pc = RTCPeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(engine)
@@ -83,6 +88,10 @@ pub struct Client {
     pub received: HashMap<String, Received>,
     /// Track sid -> stream id (publisher participant sid).
     pub track_streams: HashMap<String, String>,
+    /// Receiver and SSRC of each received track, by track id.
+    pub track_receivers: HashMap<String, (RTCRtpReceiverId, u32)>,
+    /// Media SSRCs named by keyframe requests this client received.
+    pub keyframe_requests: Vec<u32>,
     pub seq: u16,
 }
 
@@ -158,6 +167,8 @@ impl Harness {
             signals: Vec::new(),
             received: HashMap::new(),
             track_streams: HashMap::new(),
+            track_receivers: HashMap::new(),
+            keyframe_requests: Vec::new(),
             seq: 0,
         };
         if publish {
@@ -301,15 +312,29 @@ impl Harness {
                                 c.track_streams
                                     .insert(init.track_id.clone(), stream.clone());
                             }
+                            c.track_receivers
+                                .insert(init.track_id.clone(), (init.receiver_id, init.ssrc));
                         }
                     }
                     while let Some(msg) = pc.poll_read() {
-                        if let RTCMessage::RtpPacket(track_id, packet) = msg.message {
-                            c.received
-                                .entry(track_id)
-                                .or_default()
-                                .payloads
-                                .push(packet.payload);
+                        match msg.message {
+                            RTCMessage::RtpPacket(track_id, packet) => {
+                                c.received
+                                    .entry(track_id)
+                                    .or_default()
+                                    .payloads
+                                    .push(packet.payload);
+                            }
+                            RTCMessage::RtcpPacket(_, packets) => {
+                                for p in packets {
+                                    if let Some(pli) =
+                                        p.as_any().downcast_ref::<PictureLossIndication>()
+                                    {
+                                        c.keyframe_requests.push(pli.media_ssrc);
+                                    }
+                                }
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -405,6 +430,32 @@ impl Harness {
                     let _ = p.handle_timeout(now);
                 }
             }
+        }
+        self.settle();
+    }
+
+    /// Client `index` asks for a keyframe of every video track it receives
+    /// from client `from`, as a decoder that lost a frame would.
+    pub fn send_pli(&mut self, index: usize, from: usize) {
+        let from_sid = self.client_sid(from);
+        let now = self.now;
+        let c = &mut self.clients[index];
+        let targets: Vec<(RTCRtpReceiverId, u32)> = c
+            .track_receivers
+            .iter()
+            .filter(|(track, _)| c.track_streams.get(*track) == Some(&from_sid))
+            .map(|(_, r)| *r)
+            .collect();
+        for (receiver, ssrc) in targets {
+            let pli = PictureLossIndication {
+                sender_ssrc: 0,
+                media_ssrc: ssrc,
+            };
+            c.subscriber
+                .rtp_receiver(receiver)
+                .unwrap()
+                .write_rtcp(now, vec![Box::new(pli)])
+                .unwrap();
         }
         self.settle();
     }
