@@ -42,6 +42,12 @@ export class Room {
     this._renegotiate = false;
     this._pingTimer = null;
     this._closed = false;
+    /** performance.now() marks of the join sequence, for diagnostics. */
+    this.timings = {};
+  }
+
+  _mark(name) {
+    if (this.timings[name] === undefined) this.timings[name] = performance.now();
   }
 
   /** Subscribes `fn` to an event. */
@@ -73,6 +79,7 @@ export class Room {
    * @param {string} token  a join token
    */
   connect(url, token) {
+    this._mark('connect');
     return new Promise((resolve, reject) => {
       const ws = new WebSocket(`${url}?access_token=${encodeURIComponent(token)}`);
       this.ws = ws;
@@ -81,6 +88,7 @@ export class Room {
         let msg;
         try { msg = JSON.parse(ev.data); } catch { return; }
         if (msg.type === 'joined') {
+          this._mark('joined');
           joined = true;
           this._onJoined(msg);
           resolve(this);
@@ -112,6 +120,9 @@ export class Room {
       if (e.candidate) this._send({ type: 'candidate', target: 'subscriber', candidate: e.candidate.toJSON() });
     };
     this.subscriberPc.ontrack = (e) => this._onRemoteTrack(e);
+    this.subscriberPc.onconnectionstatechange = () => {
+      if (this.subscriberPc.connectionState === 'connected') this._mark('subscriberConnected');
+    };
     this._pingTimer = setInterval(() => this._send({ type: 'ping', ts: Date.now() }), PING_INTERVAL_MS);
     for (const p of this.participants.values()) this._emit('participantJoined', p);
   }
@@ -128,6 +139,7 @@ export class Room {
       participant.tracks.set(trackSid, pub);
     }
     pub.mediaStreamTrack = e.track;
+    this._mark('firstRemoteTrack');
     this._emit('trackSubscribed', { participant, track: pub, mediaStreamTrack: e.track, stream });
   }
 
@@ -146,6 +158,7 @@ export class Room {
       }
       case 'offer': {
         if (msg.target !== 'subscriber') return;
+        this._mark('subscriberOffer');
         const pc = this.subscriberPc;
         await pc.setRemoteDescription({ type: 'offer', sdp: msg.sdp });
         await this._flushCandidates('subscriber');

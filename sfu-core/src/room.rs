@@ -15,6 +15,7 @@ use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::RTCMessage;
 use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::transport::{
     CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit,
 };
@@ -38,6 +39,8 @@ use crate::ids::{ConnId, ParticipantId, SeededRng, TrackKey};
 
 /// Keyframe requests to one publisher track are sent at most this often.
 const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+/// Requests for a newly connected subscriber wait at most this long.
+const URGENT_KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Errors from misusing the room's API (not from bad client input, which
 /// gets an `error` message on the wire instead).
@@ -155,6 +158,8 @@ struct Conn {
     ufrag: String,
     addrs: Vec<SocketAddr>,
     dirty: bool,
+    /// ICE and DTLS are up: media written now reaches the client.
+    connected: bool,
 }
 
 struct DownTrack {
@@ -448,6 +453,7 @@ impl Room {
             ufrag: ufrag.clone(),
             addrs: Vec::new(),
             dirty: false,
+            connected: false,
         }));
         self.by_ufrag.insert(ufrag.clone(), id);
         self.outputs
@@ -737,12 +743,15 @@ impl Room {
                 fresh.push(*key);
             }
         }
-        for key in fresh {
-            if self
-                .tracks
-                .get(&key)
-                .is_some_and(|t| t.kind == TrackKind::Video)
-            {
+        // A keyframe is useful only once media can reach the subscriber;
+        // on a connection still coming up, it is asked for when connected.
+        if self
+            .conns
+            .get(conn.0)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| c.connected)
+        {
+            for key in fresh {
                 self.request_keyframe(now, key, true);
             }
         }
@@ -1086,6 +1095,26 @@ impl Room {
             }
             RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
                 tracing::debug!(?participant, ?target, %state, "connection state");
+                let connected = state == RTCPeerConnectionState::Connected;
+                if let Some(c) = self.conn_mut(conn) {
+                    c.connected = connected;
+                }
+                if connected && target == Target::Subscriber {
+                    let keys: Vec<TrackKey> = self
+                        .participants
+                        .get(&participant)
+                        .map(|p| {
+                            p.down_tracks
+                                .iter()
+                                .filter(|(_, d)| d.negotiated)
+                                .map(|(k, _)| *k)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    for key in keys {
+                        self.request_keyframe(now, key, true);
+                    }
+                }
             }
             _ => {}
         }
@@ -1258,18 +1287,24 @@ impl Room {
     }
 
     /// Asks the publisher of `key` for a keyframe, at most once per
-    /// [`KEYFRAME_REQUEST_INTERVAL`] unless `force`.
-    fn request_keyframe(&mut self, now: Instant, key: TrackKey, force: bool) {
+    /// [`KEYFRAME_REQUEST_INTERVAL`] (or the shorter urgent interval).
+    fn request_keyframe(&mut self, now: Instant, key: TrackKey, urgent: bool) {
         let Some(track) = self.tracks.get_mut(&key) else {
             return;
         };
         if track.kind != TrackKind::Video {
             return;
         }
-        if !force
-            && track
-                .last_keyframe_request
-                .is_some_and(|t| now.saturating_duration_since(t) < KEYFRAME_REQUEST_INTERVAL)
+        // A subscriber that just connected needs a keyframe now; one that
+        // reports loss can share the next one with others.
+        let interval = if urgent {
+            URGENT_KEYFRAME_REQUEST_INTERVAL
+        } else {
+            KEYFRAME_REQUEST_INTERVAL
+        };
+        if track
+            .last_keyframe_request
+            .is_some_and(|t| now.saturating_duration_since(t) < interval)
         {
             return;
         }
