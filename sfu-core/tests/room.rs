@@ -24,18 +24,24 @@ fn connected(h: &Harness, to: usize, from: usize) -> bool {
     v > 0 && a > 0
 }
 
+/// Pumps media from `publishers` until every (to, from) pair receives
+/// both audio and video, failing after 10 s of virtual time.
+fn connect_all(h: &mut Harness, publishers: &[usize], pairs: &[(usize, usize)]) {
+    let mut waited = Duration::ZERO;
+    while !pairs.iter().all(|(to, from)| connected(h, *to, *from)) {
+        assert!(waited < Duration::from_secs(10), "no media within 10 s");
+        pump(h, publishers, 1);
+        waited += Duration::from_millis(20);
+    }
+}
+
 #[test]
 fn media_flows_between_two_peers() {
     let mut h = Harness::new();
     let a = h.join("alice", true);
     let b = h.join("bob", true);
     // Connect: send media until each side sees the other.
-    let mut waited = Duration::ZERO;
-    while !(connected(&h, a, b) && connected(&h, b, a)) {
-        assert!(waited < Duration::from_secs(10), "no media within 10 s");
-        pump(&mut h, &[a, b], 1);
-        waited += Duration::from_millis(20);
-    }
+    connect_all(&mut h, &[a, b], &[(a, b), (b, a)]);
     let before = (h.received_from(b, a), h.received_from(a, b));
     pump(&mut h, &[a, b], 100);
     let after = (h.received_from(b, a), h.received_from(a, b));
@@ -55,12 +61,7 @@ fn late_joiner_receives_existing_tracks() {
     let mut h = Harness::new();
     let a = h.join("alice", true);
     let b = h.join("bob", false);
-    let mut waited = Duration::ZERO;
-    while !connected(&h, b, a) {
-        assert!(waited < Duration::from_secs(10));
-        pump(&mut h, &[a], 1);
-        waited += Duration::from_millis(20);
-    }
+    connect_all(&mut h, &[a], &[(b, a)]);
     let c = h.join("carol", false);
     // Carol's joined message lists alice's tracks.
     let joined = h.clients[c]
@@ -76,12 +77,7 @@ fn late_joiner_receives_existing_tracks() {
         .find(|p| p.identity == "alice")
         .expect("alice listed");
     assert_eq!(alice.tracks.len(), 2);
-    let mut waited = Duration::ZERO;
-    while !connected(&h, c, a) {
-        assert!(waited < Duration::from_secs(10), "late joiner got no media");
-        pump(&mut h, &[a], 1);
-        waited += Duration::from_millis(20);
-    }
+    connect_all(&mut h, &[a], &[(c, a)]);
 }
 
 #[test]
@@ -89,12 +85,7 @@ fn leaver_tracks_are_removed_from_others() {
     let mut h = Harness::new();
     let a = h.join("alice", true);
     let b = h.join("bob", true);
-    let mut waited = Duration::ZERO;
-    while !(connected(&h, a, b) && connected(&h, b, a)) {
-        assert!(waited < Duration::from_secs(10));
-        pump(&mut h, &[a, b], 1);
-        waited += Duration::from_millis(20);
-    }
+    connect_all(&mut h, &[a, b], &[(a, b), (b, a)]);
     let alice_sid = h.client_sid(a);
     let offers_before = count_offers(&h, b);
     h.leave(a);
@@ -127,19 +118,9 @@ fn simulcast_publisher_is_forwarded_as_one_consistent_layer() {
     let mut h = Harness::new();
     let a = h.join_with("alice", true, true);
     let b = h.join("bob", false);
-    let mut waited = Duration::ZERO;
-    while !connected(&h, b, a) {
-        assert!(waited < Duration::from_secs(10), "no media within 10 s");
-        pump(&mut h, &[a], 1);
-        waited += Duration::from_millis(20);
-    }
+    connect_all(&mut h, &[a], &[(b, a)]);
     let c = h.join("carol", false);
-    let mut waited = Duration::ZERO;
-    while !connected(&h, c, a) {
-        assert!(waited < Duration::from_secs(10), "late joiner got no media");
-        pump(&mut h, &[a], 1);
-        waited += Duration::from_millis(20);
-    }
+    connect_all(&mut h, &[a], &[(c, a)]);
     let before = h.received_from(b, a);
     pump(&mut h, &[a], 100);
     let after = h.received_from(b, a);
@@ -176,12 +157,7 @@ fn subscriber_keyframe_request_reaches_publisher_throttled() {
     let mut h = Harness::new();
     let a = h.join("alice", true);
     let b = h.join("bob", false);
-    let mut waited = Duration::ZERO;
-    while !connected(&h, b, a) {
-        assert!(waited < Duration::from_secs(10));
-        pump(&mut h, &[a], 1);
-        waited += Duration::from_millis(20);
-    }
+    connect_all(&mut h, &[a], &[(b, a)]);
     // Let the request made when bob's track was negotiated age out.
     h.run_for(Duration::from_secs(1));
     let video_ssrc = h.clients[a].senders[0].1;

@@ -252,6 +252,23 @@ fn find_room(state: &AppState, name: &str) -> ApiResult<RoomHandle> {
         .ok_or_else(|| ApiError::not_found(format!("room {name} does not exist")))
 }
 
+/// Sends the named room a command carrying a reply channel; awaits the reply.
+async fn ask_room<T>(
+    state: &AppState,
+    name: &str,
+    command: impl FnOnce(oneshot::Sender<T>) -> RoomCmd,
+) -> ApiResult<T> {
+    let handle = find_room(state, name)?;
+    let (reply, rx) = oneshot::channel();
+    handle
+        .tx
+        .send(command(reply))
+        .await
+        .map_err(|_| ApiError::not_found(format!("room {name} has closed")))?;
+    rx.await
+        .map_err(|_| ApiError::internal("room did not answer"))
+}
+
 async fn get_room(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -288,16 +305,7 @@ async fn list_participants(
 ) -> ApiResult<Response> {
     let claims = bearer(&state, &headers)?;
     admin_of(&claims, &name)?;
-    let handle = find_room(&state, &name)?;
-    let (reply, rx) = oneshot::channel();
-    handle
-        .tx
-        .send(RoomCmd::Participants { reply })
-        .await
-        .map_err(|_| ApiError::not_found(format!("room {name} has closed")))?;
-    let participants = rx
-        .await
-        .map_err(|_| ApiError::internal("room did not answer"))?;
+    let participants = ask_room(&state, &name, |reply| RoomCmd::Participants { reply }).await?;
     Ok(Json(json!({ "participants": participants })).into_response())
 }
 
@@ -308,22 +316,17 @@ async fn remove_participant(
 ) -> ApiResult<Response> {
     let claims = bearer(&state, &headers)?;
     admin_of(&claims, &name)?;
-    let handle = find_room(&state, &name)?;
-    let (reply, rx) = oneshot::channel();
-    handle
-        .tx
-        .send(RoomCmd::RemoveIdentity {
-            identity: identity.clone(),
-            reply,
-        })
-        .await
-        .map_err(|_| ApiError::not_found(format!("room {name} has closed")))?;
-    match rx.await {
-        Ok(true) => Ok(StatusCode::NO_CONTENT.into_response()),
-        Ok(false) => Err(ApiError::not_found(format!(
+    let found = ask_room(&state, &name, |reply| RoomCmd::RemoveIdentity {
+        identity: identity.clone(),
+        reply,
+    })
+    .await?;
+    if found {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::not_found(format!(
             "no participant {identity} in room {name}"
-        ))),
-        Err(_) => Err(ApiError::internal("room did not answer")),
+        )))
     }
 }
 
