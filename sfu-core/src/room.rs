@@ -538,6 +538,7 @@ impl Room {
             return;
         }
         if let Err((code, text)) = self.apply_signal(now, id, message) {
+            tracing::info!(room = %self.config.name, participant = ?id, ?code, "signal refused: {text}");
             self.signal(id, ServerMessage::error(code, text));
         }
         self.drain(now);
