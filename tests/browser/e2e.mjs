@@ -159,6 +159,18 @@ async function main() {
     await page.click('#leave');
     await ctx.close();
   }
+  // After all that renegotiation, the two who stayed still decode each other,
+  // and the subscriber connection retired the leavers' transceivers.
+  for (const [i, page] of pages.slice(0, 2).entries()) {
+    const a = await framesDecoded(page);
+    await new Promise((r) => setTimeout(r, 1000));
+    const b = await framesDecoded(page);
+    const growing = Object.keys(b).filter((k) => b[k] > (a[k] || 0));
+    check(`page ${i + 1} still decodes the other remaining publisher after renegotiations`, growing.length >= 1, JSON.stringify(b));
+    const dirs = await page.evaluate(() => window.sfuRoom.subscriberPc.getTransceivers().map((t) => t.currentDirection));
+    const inactive = dirs.filter((d) => d === 'inactive' || d === 'stopped').length;
+    check(`page ${i + 1} subscriber connection retired departed tracks`, inactive >= 2, JSON.stringify(dirs));
+  }
   console.log(`join_to_first_frame_ms=${Math.round(median(lateTimes))} (median of late joiners: ${lateTimes.map(Math.round).join(', ')})`);
   return finish(0);
 }
