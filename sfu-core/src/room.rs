@@ -1235,7 +1235,7 @@ impl Room {
         }
     }
 
-    fn forward(&mut self, now: Instant, key: TrackKey, packet: rtc::rtp::Packet) {
+    fn forward(&mut self, now: Instant, key: TrackKey, mut packet: rtc::rtp::Packet) {
         let Some(track) = self.tracks.get(&key) else {
             self.stats.drop(DropReason::UnknownTrack);
             return;
@@ -1244,9 +1244,26 @@ impl Room {
             self.stats.drop(DropReason::LayerNotSelected);
             return;
         }
-        let subscribers = track.subscribers.clone();
-        for sub in subscribers {
-            let Some(p) = self.participants.get(&sub) else {
+        // The subscriber negotiated its own extension ids; the publisher's
+        // (mid, rid, ...) must not leak through. Stripped once, so the
+        // per-subscriber copies below allocate nothing for the header.
+        packet.header.extension = false;
+        packet.header.extensions.clear();
+        packet.header.extension_profile = 0;
+        let bytes = packet.payload.len() as u64;
+        let Room {
+            tracks,
+            participants,
+            conns,
+            dirty,
+            stats,
+            ..
+        } = self;
+        let Some(track) = tracks.get(&key) else {
+            return;
+        };
+        for sub in &track.subscribers {
+            let Some(p) = participants.get(sub) else {
                 continue;
             };
             let Some(down) = p.down_tracks.get(&key) else {
@@ -1254,34 +1271,30 @@ impl Room {
             };
             let (Some(conn), true, Some(pt)) = (p.subscriber, down.negotiated, down.payload_type)
             else {
-                self.stats.drop(DropReason::NotNegotiated);
+                stats.drop(DropReason::NotNegotiated);
+                continue;
+            };
+            let Some(c) = conns.get_mut(conn.0).and_then(Option::as_mut) else {
+                continue;
+            };
+            let Some(mut rtp_sender) = c.pc.rtp_sender(down.sender) else {
                 continue;
             };
             let mut out = packet.clone();
             out.header.ssrc = down.ssrc;
             out.header.payload_type = pt;
-            // The subscriber negotiated its own extension ids; the
-            // publisher's (mid, rid, ...) must not leak through.
-            out.header.extension = false;
-            out.header.extensions.clear();
-            out.header.extension_profile = 0;
-            let sender = down.sender;
-            let bytes = out.payload.len() as u64;
-            let Some(c) = self.conn_mut(conn) else {
-                continue;
-            };
-            let Some(mut rtp_sender) = c.pc.rtp_sender(sender) else {
-                continue;
-            };
             match rtp_sender.write_rtp(now, out) {
                 Ok(()) => {
-                    self.stats.rtp_forwarded += 1;
-                    self.stats.bytes_forwarded += bytes;
-                    self.mark_dirty(conn);
+                    stats.rtp_forwarded += 1;
+                    stats.bytes_forwarded += bytes;
+                    if !c.dirty {
+                        c.dirty = true;
+                        dirty.push(conn);
+                    }
                 }
                 Err(e) => {
                     tracing::trace!(error = %e, "write_rtp");
-                    self.stats.drop(DropReason::EngineRejected);
+                    stats.drop(DropReason::EngineRejected);
                 }
             }
         }
