@@ -71,6 +71,29 @@ pub enum DropReason {
     EngineRejected,
 }
 
+impl DropReason {
+    pub const ALL: [DropReason; 6] = [
+        DropReason::UnknownSource,
+        DropReason::UnknownUfrag,
+        DropReason::UnknownTrack,
+        DropReason::LayerNotSelected,
+        DropReason::NotNegotiated,
+        DropReason::EngineRejected,
+    ];
+
+    /// Stable name for metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::UnknownSource => "unknown_source",
+            DropReason::UnknownUfrag => "unknown_ufrag",
+            DropReason::UnknownTrack => "unknown_track",
+            DropReason::LayerNotSelected => "layer_not_selected",
+            DropReason::NotNegotiated => "not_negotiated",
+            DropReason::EngineRejected => "engine_rejected",
+        }
+    }
+}
+
 /// Static settings of one room.
 #[derive(Debug, Clone)]
 pub struct RoomConfig {

@@ -3,6 +3,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use sfu_core::DropReason;
+
 #[derive(Default)]
 pub struct Metrics {
     pub rooms: AtomicUsize,
@@ -13,6 +15,8 @@ pub struct Metrics {
     pub rtp_in: AtomicUsize,
     pub rtp_forwarded: AtomicUsize,
     pub bytes_forwarded: AtomicUsize,
+    /// Packets the rooms did not forward, indexed like `DropReason::ALL`.
+    pub drops: [AtomicUsize; DropReason::ALL.len()],
 }
 
 impl Metrics {
@@ -67,6 +71,15 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP sfu_rtp_packets_dropped_total Packets not forwarded, by reason\n# TYPE sfu_rtp_packets_dropped_total counter\n");
+        for (reason, value) in DropReason::ALL.iter().zip(&self.drops) {
+            let _ = writeln!(
+                out,
+                "sfu_rtp_packets_dropped_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
                 value.load(Ordering::Relaxed)
             );
         }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use dashmap::DashMap;
 use sfu_core::signal::{ClientMessage, IceServer, LeaveReason, ParticipantInfo, ServerMessage};
-use sfu_core::{JoinRequest, Output, ParticipantId, Room, RoomConfig, RoomEvent};
+use sfu_core::{DropReason, JoinRequest, Output, ParticipantId, Room, RoomConfig, RoomEvent};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
@@ -34,6 +34,8 @@ pub enum ToClient {
 /// keep up; it is disconnected rather than allowed to stall the room.
 pub const CLIENT_QUEUE: usize = 512;
 const ROOM_QUEUE: usize = 4096;
+/// How often a room adds its counters to the server's metrics.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
 pub enum RoomCmd {
     Join {
@@ -218,6 +220,7 @@ impl Rooms {
             empty_since: Some(Instant::now()),
             metrics: self.metrics.clone(),
             reported: Default::default(),
+            last_report: Instant::now(),
         };
         self.metrics.rooms.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(worker.run());
@@ -238,6 +241,7 @@ struct Worker {
     empty_since: Option<Instant>,
     metrics: Arc<Metrics>,
     reported: sfu_core::RoomStats,
+    last_report: Instant,
 }
 
 impl Worker {
@@ -402,7 +406,14 @@ impl Worker {
         deadline
     }
 
+    /// Adds the room's counters to the server's, at most once a second so
+    /// the packet path does not pay for it.
     fn report_stats(&mut self) {
+        let now = Instant::now();
+        if now < self.last_report + STATS_INTERVAL {
+            return;
+        }
+        self.last_report = now;
         let stats = self.room.stats();
         let m = &self.metrics;
         m.rtp_in.fetch_add(
@@ -417,6 +428,12 @@ impl Worker {
             (stats.bytes_forwarded - self.reported.bytes_forwarded) as usize,
             Ordering::Relaxed,
         );
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            let now = stats.drops.get(reason).copied().unwrap_or(0);
+            let before = self.reported.drops.get(reason).copied().unwrap_or(0);
+            m.drops[i].fetch_add((now - before) as usize, Ordering::Relaxed);
+        }
+        self.reported.drops = stats.drops.clone();
         self.reported.rtp_in = stats.rtp_in;
         self.reported.rtp_forwarded = stats.rtp_forwarded;
         self.reported.bytes_forwarded = stats.bytes_forwarded;
@@ -439,6 +456,8 @@ impl Worker {
                 let _ = reply.send(Err("room closed".into()));
             }
         }
+        self.last_report = now - STATS_INTERVAL;
+        self.report_stats();
         self.metrics.rooms.fetch_sub(1, Ordering::Relaxed);
     }
 }

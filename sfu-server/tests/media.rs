@@ -125,5 +125,39 @@ async fn three_clients_exchange_media_late_joiner_receives_and_leave_is_seen() {
     // Those who stayed keep receiving each other.
     let stayed = [a.view(), b.view(), d.view()];
     measure(&mut [&mut a, &mut b], &stayed, 50).await;
+    let carol_view = c.view();
     c.close().await;
+
+    // The server's counters account for at least what the clients received.
+    let received: usize = [a.view(), b.view(), carol_view, d.view()]
+        .iter()
+        .map(|v| {
+            v.inbox
+                .lock()
+                .unwrap()
+                .media
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+        })
+        .sum();
+    let url = format!("{}/metrics", server.base_url());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        let forwarded: usize = text
+            .lines()
+            .find_map(|l| l.strip_prefix("sfu_rtp_packets_forwarded_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if forwarded >= received {
+            assert!(text.contains("sfu_rtp_packets_dropped_total{reason=\"not_negotiated\"}"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics report {forwarded} forwarded, clients received {received}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
