@@ -1,6 +1,7 @@
 // The demo page: join a room, publish camera and microphone, show everyone.
 //
-// Query parameters: room, name, autojoin=1, and for servers outside
+// Query parameters: room, name, autojoin=0 (show the form instead of joining
+// at once), and for servers outside
 // development mode token + url (a join token minted by your backend).
 import { Room } from '/sdk/sfu-sdk.js';
 
@@ -96,7 +97,14 @@ async function join() {
     status('connected');
     $('join').hidden = true;
     $('controls').hidden = false;
-    const stream = await room.publishCamera();
+    let stream;
+    try {
+      stream = await room.publishCamera();
+    } catch (e) {
+      // No camera (or permission refused): still receive everyone else.
+      status(`connected, receiving only (${e.name || e.message})`);
+      return;
+    }
     const t = tile('local', `${identity} (you)`);
     const video = document.createElement('video');
     video.className = 'local-video';
@@ -129,4 +137,6 @@ $('leave').addEventListener('click', async () => {
   status('left');
 });
 
-if (params.get('autojoin') === '1') join();
+// Opening the page is joining: a newcomer opens it in two tabs and is in a call.
+// ?autojoin=0 shows the form first.
+if (params.get('autojoin') !== '0') join();

@@ -42,6 +42,7 @@ export class Room {
     this._renegotiate = false;
     this._pingTimer = null;
     this._closed = false;
+    this._inbox = Promise.resolve();
     /** performance.now() marks of the join sequence, for diagnostics. */
     this.timings = {};
   }
@@ -98,7 +99,11 @@ export class Room {
           reject(new Error(msg.message));
           return;
         }
-        this._onMessage(msg).catch((e) => this._emit('error', e));
+        // Handle messages strictly in order: an offer's answer must be sent
+        // before the next message touches the same connection.
+        this._inbox = this._inbox
+          .then(() => this._onMessage(msg))
+          .catch((e) => this._emit('error', e));
       };
       ws.onclose = (ev) => {
         this._teardown();

@@ -245,7 +245,8 @@ pub struct Room {
     rng: SeededRng,
     participants: BTreeMap<ParticipantId, Participant>,
     next_participant: u64,
-    conns: Vec<Option<Conn>>,
+    /// Connections by `ConnId`; a closed connection's slot is reused.
+    conns: Vec<Option<Box<Conn>>>,
     by_ufrag: HashMap<String, ConnId>,
     by_addr: HashMap<SocketAddr, ConnId>,
     tracks: BTreeMap<TrackKey, PublishedTrack>,
@@ -287,6 +288,16 @@ impl Room {
 
     pub fn stats(&self) -> &RoomStats {
         &self.stats
+    }
+
+    /// Peer connections currently open.
+    pub fn connection_count(&self) -> usize {
+        self.conns.iter().flatten().count()
+    }
+
+    /// Connection slots held, open or free for reuse.
+    pub fn connection_slots(&self) -> usize {
+        self.conns.len()
     }
 
     pub fn participant_count(&self) -> usize {
@@ -468,8 +479,7 @@ impl Room {
         }
         .new_candidate_host()?;
         pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
-        let id = ConnId(self.conns.len());
-        self.conns.push(Some(Conn {
+        let conn = Box::new(Conn {
             pc,
             participant,
             target,
@@ -477,7 +487,17 @@ impl Room {
             addrs: Vec::new(),
             dirty: false,
             connected: false,
-        }));
+        });
+        let id = match self.conns.iter().position(Option::is_none) {
+            Some(free) => {
+                self.conns[free] = Some(conn);
+                ConnId(free)
+            }
+            None => {
+                self.conns.push(Some(conn));
+                ConnId(self.conns.len() - 1)
+            }
+        };
         self.by_ufrag.insert(ufrag.clone(), id);
         self.outputs
             .push_back(Output::Event(RoomEvent::UfragAdded(ufrag)));
@@ -485,7 +505,7 @@ impl Room {
     }
 
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
-        self.conns.get_mut(id.0).and_then(Option::as_mut)
+        self.conns.get_mut(id.0).and_then(Option::as_deref_mut)
     }
 
     fn mark_dirty(&mut self, id: ConnId) {
@@ -747,7 +767,7 @@ impl Room {
             .negotiation
             .on_answer()
             .map_err(|e| (ErrorCode::BadState, e.to_string()))?;
-        let conn_slot = self.conns.get_mut(conn.0).and_then(Option::as_mut);
+        let conn_slot = self.conns.get_mut(conn.0).and_then(Option::as_deref_mut);
         if let Some(c) = conn_slot {
             for (key, down) in p.down_tracks.iter_mut() {
                 if down.negotiated || down.offer_gen.is_none_or(|g| g > generation) {
@@ -772,7 +792,7 @@ impl Room {
         if self
             .conns
             .get(conn.0)
-            .and_then(Option::as_ref)
+            .and_then(Option::as_deref)
             .is_some_and(|c| c.connected)
         {
             for key in fresh {
@@ -894,7 +914,7 @@ impl Room {
         for down in p.down_tracks.values_mut() {
             down.offer_gen.get_or_insert(generation);
         }
-        let Some(c) = self.conns.get_mut(conn.0).and_then(Option::as_mut) else {
+        let Some(c) = self.conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
             return;
         };
         let sdp =
@@ -1007,7 +1027,7 @@ impl Room {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
         for index in 0..self.conns.len() {
-            let Some(c) = self.conns[index].as_mut() else {
+            let Some(c) = self.conns[index].as_deref_mut() else {
                 continue;
             };
             if c.pc.poll_timeout().is_some_and(|t| t <= now) {
@@ -1038,7 +1058,7 @@ impl Room {
     /// queue, acting on their events and application messages.
     fn drain(&mut self, now: Instant) {
         while let Some(id) = self.dirty.pop() {
-            let Some(c) = self.conns.get_mut(id.0).and_then(Option::as_mut) else {
+            let Some(c) = self.conns.get_mut(id.0).and_then(Option::as_deref_mut) else {
                 continue;
             };
             c.dirty = false;
@@ -1297,7 +1317,7 @@ impl Room {
                 stats.drop(DropReason::NotNegotiated);
                 continue;
             };
-            let Some(c) = conns.get_mut(conn.0).and_then(Option::as_mut) else {
+            let Some(c) = conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
                 continue;
             };
             let Some(mut rtp_sender) = c.pc.rtp_sender(down.sender) else {

@@ -175,3 +175,25 @@ fn subscriber_keyframe_request_reaches_publisher_throttled() {
     h.send_pli(b, a);
     assert_eq!(h.clients[a].keyframe_requests.len(), before + 2);
 }
+
+#[test]
+fn joins_and_leaves_release_connections() {
+    let mut h = Harness::new();
+    let a = h.join("alice", true);
+    for round in 0..10 {
+        let b = h.join(&format!("guest{round}"), true);
+        connect_all(&mut h, &[a, b], &[(a, b), (b, a)]);
+        assert_eq!(h.room.connection_count(), 4);
+        h.leave(b);
+        assert_eq!(h.room.connection_count(), 2);
+    }
+    // Slots of closed connections are reused, not accumulated.
+    assert!(
+        h.room.connection_slots() <= 4,
+        "{} slots",
+        h.room.connection_slots()
+    );
+    h.leave(a);
+    assert_eq!(h.room.connection_count(), 0);
+    assert!(h.room.is_empty());
+}

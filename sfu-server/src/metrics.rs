@@ -9,6 +9,7 @@ use sfu_core::DropReason;
 pub struct Metrics {
     pub rooms: AtomicUsize,
     pub participants: AtomicUsize,
+    pub peer_connections: AtomicUsize,
     pub datagrams_in: AtomicUsize,
     pub datagrams_unrouted: AtomicUsize,
     pub datagrams_room_busy: AtomicUsize,
@@ -22,13 +23,19 @@ pub struct Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicUsize); 8] = [
+        let rows: [(&str, &str, &str, &AtomicUsize); 9] = [
             ("sfu_rooms", "gauge", "Rooms open", &self.rooms),
             (
                 "sfu_participants",
                 "gauge",
                 "Participants connected",
                 &self.participants,
+            ),
+            (
+                "sfu_peer_connections",
+                "gauge",
+                "Peer connections open",
+                &self.peer_connections,
             ),
             (
                 "sfu_datagrams_received_total",

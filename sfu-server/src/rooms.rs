@@ -221,6 +221,7 @@ impl Rooms {
             metrics: self.metrics.clone(),
             reported: Default::default(),
             last_report: Instant::now(),
+            reported_conns: 0,
         };
         self.metrics.rooms.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(worker.run());
@@ -242,6 +243,7 @@ struct Worker {
     metrics: Arc<Metrics>,
     reported: sfu_core::RoomStats,
     last_report: Instant,
+    reported_conns: usize,
 }
 
 impl Worker {
@@ -434,6 +436,15 @@ impl Worker {
             m.drops[i].fetch_add((now - before) as usize, Ordering::Relaxed);
         }
         self.reported.drops = stats.drops.clone();
+        let conns = self.room.connection_count();
+        if conns >= self.reported_conns {
+            m.peer_connections
+                .fetch_add(conns - self.reported_conns, Ordering::Relaxed);
+        } else {
+            m.peer_connections
+                .fetch_sub(self.reported_conns - conns, Ordering::Relaxed);
+        }
+        self.reported_conns = conns;
         self.reported.rtp_in = stats.rtp_in;
         self.reported.rtp_forwarded = stats.rtp_forwarded;
         self.reported.bytes_forwarded = stats.bytes_forwarded;
