@@ -23,8 +23,12 @@
 
 pub mod demux;
 pub mod engine;
+pub mod forwarder;
 mod ids;
+pub mod munger;
 mod room;
+pub mod seq;
+pub mod vp8;
 
 pub use ids::{ConnId, ParticipantId, SeededRng, TrackKey};
 pub use room::{

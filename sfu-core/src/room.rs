@@ -63,8 +63,20 @@ pub enum DropReason {
     UnknownUfrag,
     /// RTP for a track the room does not know.
     UnknownTrack,
-    /// A simulcast layer other than the one being forwarded.
+    /// The subscriber paused the track.
+    Paused,
+    /// The publisher sends no layer the subscriber could take.
+    NoLayerAvailable,
+    /// A layer other than the one being forwarded (or switched to).
     LayerNotSelected,
+    /// The target layer has not sent a keyframe since it was chosen.
+    WaitingForKeyframe,
+    /// A packet with no media (padding).
+    Padding,
+    /// From before the last layer switch or too late to place.
+    TooOld,
+    /// Already dropped once and not to be forwarded now.
+    Duplicate,
     /// The subscriber's connection has not yet negotiated this track.
     NotNegotiated,
     /// The engine refused the packet.
@@ -72,11 +84,17 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::UnknownSource,
         DropReason::UnknownUfrag,
         DropReason::UnknownTrack,
+        DropReason::Paused,
+        DropReason::NoLayerAvailable,
         DropReason::LayerNotSelected,
+        DropReason::WaitingForKeyframe,
+        DropReason::Padding,
+        DropReason::TooOld,
+        DropReason::Duplicate,
         DropReason::NotNegotiated,
         DropReason::EngineRejected,
     ];
@@ -87,7 +105,13 @@ impl DropReason {
             DropReason::UnknownSource => "unknown_source",
             DropReason::UnknownUfrag => "unknown_ufrag",
             DropReason::UnknownTrack => "unknown_track",
+            DropReason::Paused => "paused",
+            DropReason::NoLayerAvailable => "no_layer_available",
             DropReason::LayerNotSelected => "layer_not_selected",
+            DropReason::WaitingForKeyframe => "waiting_for_keyframe",
+            DropReason::Padding => "padding",
+            DropReason::TooOld => "too_old",
+            DropReason::Duplicate => "duplicate",
             DropReason::NotNegotiated => "not_negotiated",
             DropReason::EngineRejected => "engine_rejected",
         }

@@ -1,0 +1,384 @@
+//! Per down track: which spatial layer to forward, and how to rewrite each
+//! packet of it. Deciding is separate from sending: [`Forwarder::decide`]
+//! returns a [`Verdict`] value that the room applies and tests compare.
+//!
+//! Three layer levels, as in the best SFUs: **max** (the subscriber's
+//! preference), **target** (what fits: the max, limited to what the
+//! publisher sends and, later, to the bandwidth allocation) and **current**
+//! (what is forwarded now). Current moves to target only at a keyframe of
+//! the target layer; until then the old layer keeps flowing.
+
+use std::time::Instant;
+
+use crate::munger::{MungeInput, MungeOutput, MungeRefusal, Munger};
+use crate::room::DropReason;
+
+/// A spatial layer index: 0 is the lowest resolution.
+pub type Layer = u8;
+
+/// The facts of one packet the forwarder decides on.
+#[derive(Debug, Clone, Copy)]
+pub struct PacketInfo {
+    pub layer: Layer,
+    pub ext_seq: u64,
+    pub timestamp: u32,
+    /// First packet of a keyframe.
+    pub keyframe: bool,
+    /// No media payload (padding only).
+    pub padding_only: bool,
+    pub picture_id: Option<u16>,
+    pub tl0_pic_idx: Option<u8>,
+}
+
+/// How to rewrite a forwarded packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewrite {
+    pub seq: u16,
+    pub timestamp: u32,
+    pub picture_id: Option<u16>,
+    pub tl0_pic_idx: Option<u8>,
+    /// This packet starts a new layer.
+    pub switched: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Forward(Rewrite),
+    Drop(DropReason),
+}
+
+/// What the subscriber wants of this track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preference {
+    /// At most this layer.
+    MaxLayer(Layer),
+    /// Nothing (the subscriber paused the track).
+    Paused,
+}
+
+#[derive(Debug, Clone)]
+pub struct Forwarder {
+    clock_rate: u32,
+    preference: Preference,
+    /// Layers the publisher is sending, ascending.
+    available: Vec<Layer>,
+    target: Option<Layer>,
+    current: Option<Layer>,
+    munger: Munger,
+}
+
+impl Forwarder {
+    pub fn new(clock_rate: u32) -> Forwarder {
+        Forwarder {
+            clock_rate,
+            preference: Preference::MaxLayer(Layer::MAX),
+            available: Vec::new(),
+            target: None,
+            current: None,
+            munger: Munger::new(),
+        }
+    }
+
+    pub fn preference(&self) -> Preference {
+        self.preference
+    }
+
+    pub fn target(&self) -> Option<Layer> {
+        self.target
+    }
+
+    pub fn current(&self) -> Option<Layer> {
+        self.current
+    }
+
+    pub fn set_preference(&mut self, preference: Preference) {
+        self.preference = preference;
+        if preference == Preference::Paused {
+            // The decoder misses everything from here on: resuming must
+            // start at a keyframe, as a switch does.
+            self.current = None;
+        }
+        self.retarget();
+    }
+
+    /// The publisher's layers changed (a layer started or stopped).
+    pub fn set_available(&mut self, layers: &[Layer]) {
+        self.available = layers.to_vec();
+        self.available.sort_unstable();
+        self.available.dedup();
+        if self.current.is_some_and(|c| !self.available.contains(&c)) {
+            self.current = None;
+        }
+        self.retarget();
+    }
+
+    /// Target: the highest available layer within the preference, else the
+    /// lowest available one.
+    fn retarget(&mut self) {
+        self.target = match self.preference {
+            Preference::Paused => None,
+            Preference::MaxLayer(max) => self
+                .available
+                .iter()
+                .rev()
+                .find(|l| **l <= max)
+                .or(self.available.first())
+                .copied(),
+        };
+    }
+
+    /// The layer whose keyframe this forwarder waits for, if any: the room
+    /// asks the publisher for one.
+    pub fn awaiting_keyframe(&self) -> Option<Layer> {
+        match (self.target, self.current) {
+            (Some(t), c) if c != Some(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Decides one packet, in a fixed order: paused, no target, padding,
+    /// not a selected layer, waiting for a keyframe, too old.
+    pub fn decide(&mut self, p: &PacketInfo, now: Instant) -> Verdict {
+        let Some(target) = self.target else {
+            return Verdict::Drop(if self.preference == Preference::Paused {
+                DropReason::Paused
+            } else {
+                DropReason::NoLayerAvailable
+            });
+        };
+        let input = MungeInput {
+            ext_seq: p.ext_seq,
+            timestamp: p.timestamp,
+            picture_id: p.picture_id,
+            tl0_pic_idx: p.tl0_pic_idx,
+        };
+        let mut switched = false;
+        if p.layer == target && self.current != Some(target) {
+            if !p.keyframe {
+                if self.current.is_none() {
+                    return Verdict::Drop(DropReason::WaitingForKeyframe);
+                }
+                return Verdict::Drop(DropReason::LayerNotSelected);
+            }
+            self.munger.switch(&input, now, self.clock_rate);
+            self.current = Some(target);
+            switched = true;
+        } else if Some(p.layer) != self.current {
+            return Verdict::Drop(DropReason::LayerNotSelected);
+        }
+        if p.padding_only {
+            self.munger.drop_packet(p.ext_seq);
+            return Verdict::Drop(DropReason::Padding);
+        }
+        match self.munger.rewrite(&input, now) {
+            Ok(MungeOutput {
+                seq,
+                timestamp,
+                picture_id,
+                tl0_pic_idx,
+            }) => Verdict::Forward(Rewrite {
+                seq,
+                timestamp,
+                picture_id,
+                tl0_pic_idx,
+                switched,
+            }),
+            Err(MungeRefusal::TooOld | MungeRefusal::NotStarted) => {
+                Verdict::Drop(DropReason::TooOld)
+            }
+            Err(MungeRefusal::AlreadyDropped) => Verdict::Drop(DropReason::Duplicate),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(clippy::disallowed_methods)]
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    /// Per-layer packet source: each layer numbers its own packets.
+    struct Source {
+        seq: [u64; 3],
+    }
+
+    impl Source {
+        fn new() -> Source {
+            Source {
+                seq: [65_536 + 100, 65_536 + 20_000, 65_536 + 40_000],
+            }
+        }
+        fn packet(&mut self, layer: Layer, keyframe: bool) -> PacketInfo {
+            let l = layer as usize;
+            self.seq[l] += 1;
+            PacketInfo {
+                layer,
+                ext_seq: self.seq[l],
+                timestamp: (self.seq[l] as u32).wrapping_mul(3000),
+                keyframe,
+                padding_only: false,
+                picture_id: Some((self.seq[l] % 32_768) as u16),
+                tl0_pic_idx: Some(self.seq[l] as u8),
+            }
+        }
+    }
+
+    fn fwd(v: Verdict) -> Rewrite {
+        match v {
+            Verdict::Forward(r) => r,
+            other => panic!("expected forward, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn starts_on_a_keyframe_of_the_target_layer() {
+        let mut f = Forwarder::new(90_000);
+        let now = t0();
+        f.set_available(&[0, 1, 2]);
+        assert_eq!(f.target(), Some(2));
+        assert_eq!(f.awaiting_keyframe(), Some(2));
+        let mut s = Source::new();
+        assert_eq!(
+            f.decide(&s.packet(2, false), now),
+            Verdict::Drop(DropReason::WaitingForKeyframe)
+        );
+        assert_eq!(
+            f.decide(&s.packet(0, true), now),
+            Verdict::Drop(DropReason::LayerNotSelected)
+        );
+        let r = fwd(f.decide(&s.packet(2, true), now));
+        assert!(r.switched);
+        assert_eq!(f.current(), Some(2));
+        assert_eq!(f.awaiting_keyframe(), None);
+        let r2 = fwd(f.decide(&s.packet(2, false), now));
+        assert_eq!(r2.seq, r.seq.wrapping_add(1));
+        assert!(!r2.switched);
+    }
+
+    #[test]
+    fn switches_down_and_up_only_at_keyframes_without_gaps() {
+        let mut f = Forwarder::new(90_000);
+        let now = t0();
+        f.set_available(&[0, 1, 2]);
+        let mut s = Source::new();
+        let mut last = fwd(f.decide(&s.packet(2, true), now)).seq;
+        // Subscriber asks for low: high keeps flowing until low's keyframe.
+        f.set_preference(Preference::MaxLayer(0));
+        assert_eq!(f.awaiting_keyframe(), Some(0));
+        for _ in 0..3 {
+            assert_eq!(
+                f.decide(&s.packet(0, false), now),
+                Verdict::Drop(DropReason::LayerNotSelected)
+            );
+            let r = fwd(f.decide(&s.packet(2, false), now));
+            assert_eq!(r.seq, last.wrapping_add(1));
+            last = r.seq;
+        }
+        let r = fwd(f.decide(&s.packet(0, true), now));
+        assert!(r.switched);
+        assert_eq!(r.seq, last.wrapping_add(1), "no hole at the switch");
+        last = r.seq;
+        assert_eq!(
+            f.decide(&s.packet(2, false), now),
+            Verdict::Drop(DropReason::LayerNotSelected)
+        );
+        // Back up to medium.
+        f.set_preference(Preference::MaxLayer(1));
+        assert_eq!(
+            f.decide(&s.packet(1, false), now),
+            Verdict::Drop(DropReason::LayerNotSelected)
+        );
+        last = fwd(f.decide(&s.packet(0, false), now)).seq.max(last);
+        let r = fwd(f.decide(&s.packet(1, true), now));
+        assert!(r.switched && r.seq == last.wrapping_add(1));
+        assert_eq!(f.current(), Some(1));
+    }
+
+    #[test]
+    fn preference_clamps_to_what_is_sent_and_pause_drops_everything() {
+        let mut f = Forwarder::new(90_000);
+        let now = t0();
+        f.set_available(&[0, 1]);
+        assert_eq!(f.target(), Some(1), "high falls back to the best sent");
+        f.set_available(&[2]);
+        f.set_preference(Preference::MaxLayer(0));
+        assert_eq!(
+            f.target(),
+            Some(2),
+            "nothing at or below low: the lowest sent"
+        );
+        f.set_preference(Preference::Paused);
+        assert_eq!(f.target(), None);
+        let mut s = Source::new();
+        assert_eq!(
+            f.decide(&s.packet(2, true), now),
+            Verdict::Drop(DropReason::Paused)
+        );
+        assert_eq!(f.awaiting_keyframe(), None);
+        let mut g = Forwarder::new(90_000);
+        assert_eq!(
+            g.decide(&s.packet(0, true), now),
+            Verdict::Drop(DropReason::NoLayerAvailable)
+        );
+    }
+
+    #[test]
+    fn padding_is_dropped_without_a_hole() {
+        let mut f = Forwarder::new(90_000);
+        let now = t0();
+        f.set_available(&[0]);
+        let mut s = Source::new();
+        let a = fwd(f.decide(&s.packet(0, true), now)).seq;
+        let mut pad = s.packet(0, false);
+        pad.padding_only = true;
+        assert_eq!(f.decide(&pad, now), Verdict::Drop(DropReason::Padding));
+        let b = fwd(f.decide(&s.packet(0, false), now)).seq;
+        assert_eq!(b, a.wrapping_add(1));
+        // The padding packet retransmitted later is not forwarded.
+        assert_eq!(f.decide(&pad, now), Verdict::Drop(DropReason::Padding));
+    }
+
+    #[test]
+    fn a_vanished_current_layer_is_replaced() {
+        let mut f = Forwarder::new(90_000);
+        let now = t0();
+        f.set_available(&[0, 1, 2]);
+        let mut s = Source::new();
+        fwd(f.decide(&s.packet(2, true), now));
+        f.set_available(&[0, 1]);
+        assert_eq!(f.current(), None);
+        assert_eq!(f.target(), Some(1));
+        assert_eq!(
+            f.decide(&s.packet(1, false), now),
+            Verdict::Drop(DropReason::WaitingForKeyframe)
+        );
+        assert!(fwd(f.decide(&s.packet(1, true), now)).switched);
+    }
+
+    #[test]
+    fn resume_after_pause_waits_for_a_keyframe_and_continues_the_sequence() {
+        let mut f = Forwarder::new(90_000);
+        let now = t0();
+        f.set_available(&[0]);
+        let mut s = Source::new();
+        let a = fwd(f.decide(&s.packet(0, true), now)).seq;
+        f.set_preference(Preference::Paused);
+        for _ in 0..5 {
+            assert_eq!(
+                f.decide(&s.packet(0, false), now),
+                Verdict::Drop(DropReason::Paused)
+            );
+        }
+        f.set_preference(Preference::MaxLayer(0));
+        assert_eq!(
+            f.decide(&s.packet(0, false), now),
+            Verdict::Drop(DropReason::WaitingForKeyframe)
+        );
+        let b = fwd(f.decide(&s.packet(0, true), now));
+        assert!(b.switched);
+        assert_eq!(b.seq, a.wrapping_add(1), "the pause leaves no hole");
+    }
+}

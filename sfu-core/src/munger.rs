@@ -1,0 +1,385 @@
+//! Rewriting a forwarded stream so the subscriber sees one continuous
+//! stream: sequence numbers without holes where the forwarder dropped
+//! packets, timestamps that move forward across layer switches, and VP8
+//! picture ids and TL0PICIDX that continue from the previous layer.
+//!
+//! The munger works on extended (64-bit) input sequence numbers, so wrap
+//! is handled once, by the caller's extender.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Input packets this far behind the newest are too late to place.
+const REORDER_WINDOW: u64 = 1000;
+
+/// What the munger needs to know of an input packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MungeInput {
+    pub ext_seq: u64,
+    pub timestamp: u32,
+    /// VP8 picture id (15-bit space) and TL0PICIDX, when present.
+    pub picture_id: Option<u16>,
+    pub tl0_pic_idx: Option<u8>,
+}
+
+/// The output values for one forwarded packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MungeOutput {
+    pub seq: u16,
+    pub timestamp: u32,
+    pub picture_id: Option<u16>,
+    pub tl0_pic_idx: Option<u8>,
+}
+
+/// Why the munger refused a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MungeRefusal {
+    /// Older than the switch to the current layer, or than the reorder window.
+    TooOld,
+    /// Marked dropped before; it must not now take a place.
+    AlreadyDropped,
+    /// No layer has been switched to yet.
+    NotStarted,
+}
+
+const PICTURE_ID_MOD: u16 = 1 << 15;
+
+#[derive(Debug, Clone, Default)]
+pub struct Munger {
+    started: bool,
+    /// Inputs below this belong to a previous layer or are too late.
+    base_in: u64,
+    highest_in: u64,
+    seq_offset: u64,
+    /// Dropped input sequence numbers at or above `base_in`, ascending.
+    dropped: VecDeque<u64>,
+    highest_out: u64,
+    ts_offset: u32,
+    last_out_ts: u32,
+    last_out_at: Option<Instant>,
+    pid_offset: u16,
+    last_out_pid: u16,
+    tl0_offset: u8,
+    last_out_tl0: u8,
+}
+
+impl Munger {
+    pub fn new() -> Munger {
+        Munger::default()
+    }
+
+    pub fn is_started(&self) -> bool {
+        self.started
+    }
+
+    /// Starts mapping a new source (the first layer, or a switch to another)
+    /// at `first`, which must be that source's next packet to forward. The
+    /// output continues one past the last packet sent; the timestamp moves
+    /// forward by the time elapsed since then.
+    pub fn switch(&mut self, first: &MungeInput, now: Instant, clock_rate: u32) {
+        let out_seq = if self.started {
+            self.highest_out + 1
+        } else {
+            first.ext_seq
+        };
+        self.seq_offset = first.ext_seq.wrapping_sub(out_seq);
+        self.base_in = first.ext_seq;
+        self.highest_in = first.ext_seq;
+        self.dropped.clear();
+
+        let out_ts = match (self.started, self.last_out_at) {
+            (true, Some(at)) => {
+                let elapsed = now
+                    .saturating_duration_since(at)
+                    .max(Duration::from_millis(1));
+                let ticks = (elapsed.as_micros() * clock_rate as u128 / 1_000_000).max(1);
+                self.last_out_ts.wrapping_add(ticks as u32)
+            }
+            _ => first.timestamp,
+        };
+        self.ts_offset = first.timestamp.wrapping_sub(out_ts);
+
+        if let Some(pid) = first.picture_id {
+            let out = if self.started {
+                (self.last_out_pid + 1) % PICTURE_ID_MOD
+            } else {
+                pid
+            };
+            self.pid_offset = (pid + PICTURE_ID_MOD - out) % PICTURE_ID_MOD;
+        }
+        if let Some(tl0) = first.tl0_pic_idx {
+            let out = if self.started {
+                self.last_out_tl0.wrapping_add(1)
+            } else {
+                tl0
+            };
+            self.tl0_offset = tl0.wrapping_sub(out);
+        }
+        self.started = true;
+    }
+
+    /// Records that the forwarder dropped this input packet of the current
+    /// source: later packets close the gap it leaves.
+    pub fn drop_packet(&mut self, ext_seq: u64) {
+        if !self.started || ext_seq < self.base_in {
+            return;
+        }
+        match self.dropped.binary_search(&ext_seq) {
+            Ok(_) => {}
+            Err(at) => self.dropped.insert(at, ext_seq),
+        }
+        self.note_highest(ext_seq);
+    }
+
+    fn note_highest(&mut self, ext_seq: u64) {
+        if ext_seq > self.highest_in {
+            self.highest_in = ext_seq;
+        }
+        // Drops that no reordered packet can precede any more are folded
+        // into the offset.
+        let floor = self.highest_in.saturating_sub(REORDER_WINDOW);
+        while self.dropped.front().is_some_and(|d| *d < floor) {
+            self.dropped.pop_front();
+            self.seq_offset = self.seq_offset.wrapping_add(1);
+            self.base_in = self.base_in.max(floor);
+        }
+        if self.base_in < floor {
+            self.base_in = floor;
+        }
+    }
+
+    /// Output values for a packet of the current source.
+    pub fn rewrite(
+        &mut self,
+        input: &MungeInput,
+        now: Instant,
+    ) -> Result<MungeOutput, MungeRefusal> {
+        if !self.started {
+            return Err(MungeRefusal::NotStarted);
+        }
+        if input.ext_seq < self.base_in {
+            return Err(MungeRefusal::TooOld);
+        }
+        let before = self.dropped.partition_point(|d| *d < input.ext_seq);
+        if self.dropped.get(before) == Some(&input.ext_seq) {
+            return Err(MungeRefusal::AlreadyDropped);
+        }
+        self.note_highest(input.ext_seq);
+        let before = self.dropped.partition_point(|d| *d < input.ext_seq) as u64;
+        // The offset may be "negative" (a new source numbered below the
+        // output): wrapping arithmetic keeps the difference exact.
+        let out_seq = input
+            .ext_seq
+            .wrapping_sub(self.seq_offset)
+            .wrapping_sub(before);
+        let out_ts = input.timestamp.wrapping_sub(self.ts_offset);
+        if out_seq > self.highest_out || self.last_out_at.is_none() {
+            self.highest_out = out_seq;
+            self.last_out_ts = out_ts;
+            self.last_out_at = Some(now);
+        }
+        let picture_id = input.picture_id.map(|pid| {
+            let out = (pid + PICTURE_ID_MOD - self.pid_offset) % PICTURE_ID_MOD;
+            if out_seq == self.highest_out {
+                self.last_out_pid = out;
+            }
+            out
+        });
+        let tl0_pic_idx = input.tl0_pic_idx.map(|tl0| {
+            let out = tl0.wrapping_sub(self.tl0_offset);
+            if out_seq == self.highest_out {
+                self.last_out_tl0 = out;
+            }
+            out
+        });
+        Ok(MungeOutput {
+            seq: out_seq as u16,
+            timestamp: out_ts,
+            picture_id,
+            tl0_pic_idx,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(ext_seq: u64, timestamp: u32, pid: u16, tl0: u8) -> MungeInput {
+        MungeInput {
+            ext_seq,
+            timestamp,
+            picture_id: Some(pid),
+            tl0_pic_idx: Some(tl0),
+        }
+    }
+
+    #[allow(clippy::disallowed_methods)]
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    /// One row: an action on the munger and what it must answer.
+    enum Row {
+        /// Switch to a source starting at this packet (seq, ts).
+        Switch(u64, u32),
+        /// Forward (input seq) expecting (output seq), or a refusal.
+        Fwd(u64, Result<u16, MungeRefusal>),
+        /// The forwarder dropped this input.
+        Drop(u64),
+    }
+    use Row::*;
+
+    fn run(rows: &[Row]) -> Munger {
+        let mut m = Munger::new();
+        let now = t0();
+        for (i, row) in rows.iter().enumerate() {
+            match *row {
+                Switch(seq, ts) => m.switch(&input(seq, ts, 0, 0), now, 90_000),
+                Fwd(seq, ref want) => {
+                    let got = m.rewrite(&input(seq, 0, 0, 0), now).map(|o| o.seq);
+                    assert_eq!(&got, want, "row {i}");
+                }
+                Drop(seq) => m.drop_packet(seq),
+            }
+        }
+        m
+    }
+
+    const W: u64 = 65_536; // extended values start in cycle 1
+
+    #[test]
+    fn sequence_table() {
+        // In sequence: unchanged.
+        run(&[
+            Switch(W + 10, 0),
+            Fwd(W + 10, Ok(10)),
+            Fwd(W + 11, Ok(11)),
+            Fwd(W + 12, Ok(12)),
+        ]);
+        // Loss is passed on as loss (a hole the receiver will NACK).
+        run(&[Switch(W + 10, 0), Fwd(W + 10, Ok(10)), Fwd(W + 13, Ok(13))]);
+        // Reorder and duplicates map to the same output.
+        run(&[
+            Switch(W + 10, 0),
+            Fwd(W + 10, Ok(10)),
+            Fwd(W + 12, Ok(12)),
+            Fwd(W + 11, Ok(11)),
+            Fwd(W + 12, Ok(12)),
+        ]);
+        // Dropped packets leave no hole.
+        run(&[
+            Switch(W + 10, 0),
+            Fwd(W + 10, Ok(10)),
+            Drop(W + 11),
+            Fwd(W + 12, Ok(11)),
+            Drop(W + 13),
+            Drop(W + 14),
+            Fwd(W + 15, Ok(12)),
+        ]);
+        // A packet reordered before a drop keeps its place; the dropped one
+        // is refused if it shows up (as a retransmission) later.
+        run(&[
+            Switch(W + 10, 0),
+            Fwd(W + 10, Ok(10)),
+            Drop(W + 12),
+            Fwd(W + 11, Ok(11)),
+            Fwd(W + 13, Ok(12)),
+            Fwd(W + 12, Err(MungeRefusal::AlreadyDropped)),
+        ]);
+        // Wrap of the output: 65535 -> 0.
+        run(&[
+            Switch(W + 65_534, 0),
+            Fwd(W + 65_534, Ok(65_534)),
+            Fwd(W + 65_535, Ok(65_535)),
+            Fwd(2 * W, Ok(0)),
+            Fwd(2 * W + 1, Ok(1)),
+        ]);
+        // Switch to another source continues the output sequence.
+        run(&[
+            Switch(W + 10, 0),
+            Fwd(W + 10, Ok(10)),
+            Fwd(W + 11, Ok(11)),
+            Switch(W + 5000, 0),
+            Fwd(W + 5000, Ok(12)),
+            Fwd(W + 5001, Ok(13)),
+            Fwd(W + 4999, Err(MungeRefusal::TooOld)),
+        ]);
+        // Switch across the output wrap.
+        run(&[
+            Switch(W + 65_535, 0),
+            Fwd(W + 65_535, Ok(65_535)),
+            Switch(W + 7, 0),
+            Fwd(W + 7, Ok(0)),
+        ]);
+        // Before any switch nothing is forwarded.
+        run(&[Fwd(W, Err(MungeRefusal::NotStarted))]);
+    }
+
+    #[test]
+    fn timestamps_continue_forward_across_a_switch() {
+        let mut m = Munger::new();
+        let now = t0();
+        m.switch(&input(W, 1_000, 100, 5), now, 90_000);
+        let a = m.rewrite(&input(W, 1_000, 100, 5), now).unwrap();
+        assert_eq!(
+            (a.timestamp, a.picture_id, a.tl0_pic_idx),
+            (1_000, Some(100), Some(5))
+        );
+        let b = m
+            .rewrite(
+                &input(W + 1, 4_000, 101, 5),
+                now + Duration::from_millis(33),
+            )
+            .unwrap();
+        assert_eq!(b.timestamp, 4_000);
+        // The new layer's clock is unrelated (random base): output moves on
+        // by the 40 ms that passed, 3600 ticks at 90 kHz.
+        let later = now + Duration::from_millis(73);
+        m.switch(&input(W + 900, 3_000_000_000, 7000, 200), later, 90_000);
+        let c = m
+            .rewrite(&input(W + 900, 3_000_000_000, 7000, 200), later)
+            .unwrap();
+        assert_eq!(c.seq, (W + 2) as u16);
+        assert_eq!(c.timestamp, 4_000 + 3_600);
+        assert_eq!(c.picture_id, Some(102));
+        assert_eq!(c.tl0_pic_idx, Some(6));
+        let d = m
+            .rewrite(&input(W + 901, 3_000_003_000, 7001, 201), later)
+            .unwrap();
+        assert_eq!(
+            (d.timestamp, d.picture_id, d.tl0_pic_idx),
+            (4_000 + 6_600, Some(103), Some(7))
+        );
+    }
+
+    #[test]
+    fn picture_id_and_tl0_wrap() {
+        let mut m = Munger::new();
+        let now = t0();
+        m.switch(&input(W, 0, 32_767, 255), now, 90_000);
+        m.rewrite(&input(W, 0, 32_767, 255), now).unwrap();
+        let b = m.rewrite(&input(W + 1, 0, 0, 0), now).unwrap();
+        assert_eq!((b.picture_id, b.tl0_pic_idx), (Some(0), Some(0)));
+        m.switch(&input(W + 50, 0, 12, 99), now, 90_000);
+        let c = m.rewrite(&input(W + 50, 0, 12, 99), now).unwrap();
+        assert_eq!((c.picture_id, c.tl0_pic_idx), (Some(1), Some(1)));
+    }
+
+    #[test]
+    fn old_drops_fold_into_the_offset() {
+        let mut m = Munger::new();
+        let now = t0();
+        m.switch(&input(W, 0, 0, 0), now, 90_000);
+        for s in 0..5000u64 {
+            let seq = W + s;
+            if s % 2 == 1 {
+                m.drop_packet(seq);
+            } else {
+                let out = m.rewrite(&input(seq, 0, 0, 0), now).unwrap();
+                assert_eq!(out.seq as u64, (W + s / 2) & 0xFFFF);
+            }
+        }
+        assert!(m.dropped.len() <= REORDER_WINDOW as usize);
+    }
+}
