@@ -30,12 +30,15 @@ use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use sfu_signal::negotiation::{Negotiator, State as NegotiationState};
 use sfu_signal::{
-    ClientMessage, ErrorCode, IceCandidate, IceServer, LeaveReason, ParticipantInfo, RoomRef,
-    ServerMessage, Target, TrackInfo, TrackKind, PROTOCOL_VERSION,
+    ClientMessage, ErrorCode, IceCandidate, IceServer, LeaveReason, ParticipantInfo, Quality,
+    RoomRef, ServerMessage, Target, TrackInfo, TrackKind, PROTOCOL_VERSION,
 };
 
 use crate::engine::{build_peer_connection, opus_codec, vp8_codec, ConnRole};
+use crate::forwarder::{Forwarder, Layer, PacketInfo, Preference, Verdict};
 use crate::ids::{ConnId, ParticipantId, SeededRng, TrackKey};
+use crate::seq::SeqExtender;
+use crate::vp8;
 
 /// Keyframe requests to one publisher track are sent at most this often.
 const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
@@ -209,9 +212,19 @@ struct Conn {
     connected: bool,
 }
 
+/// A subscriber's wishes for one track, as last sent.
+#[derive(Debug, Clone, Copy, Default)]
+struct SubscriptionPref {
+    quality: Option<Layer>,
+    max_dimensions: Option<(u32, u32)>,
+    paused: bool,
+}
+
 struct DownTrack {
     sender: RTCRtpSenderId,
     ssrc: u32,
+    forwarder: Forwarder,
+    pref: SubscriptionPref,
     payload_type: Option<u8>,
     /// The subscriber offer that first carried this track.
     offer_gen: Option<u64>,
@@ -233,6 +246,28 @@ struct Participant {
     negotiation: Negotiator,
 }
 
+/// One simulcast layer (or the only stream) of a published track.
+struct PubLayer {
+    rid: Option<String>,
+    ssrc: u32,
+    layer: Layer,
+    seq: SeqExtender,
+    /// Frame size, from the layer's last keyframe.
+    dimensions: Option<(u16, u16)>,
+    last_keyframe_request: Option<Instant>,
+}
+
+/// Spatial layer of a simulcast stream from its rid: the usual names for
+/// low/medium/high, digits, else in order of appearance.
+fn layer_of_rid(rid: Option<&str>, known: usize) -> Layer {
+    match rid {
+        None | Some("q" | "l" | "lo" | "low" | "0") => 0,
+        Some("h" | "m" | "mid" | "medium" | "1") => 1,
+        Some("f" | "hi" | "high" | "full" | "2") => 2,
+        Some(_) => known.min(Layer::MAX as usize) as Layer,
+    }
+}
+
 struct PublishedTrack {
     sid: String,
     cid: String,
@@ -240,13 +275,9 @@ struct PublishedTrack {
     kind: TrackKind,
     codec: RTCRtpCodec,
     receiver: RTCRtpReceiverId,
-    /// SSRCs of the simulcast layers (or the single stream) seen so far.
-    layers: Vec<(Option<String>, u32)>,
-    /// The layer forwarded to everyone (first one seen; layer selection
-    /// per subscriber is the forwarder's job).
-    forwarded_ssrc: u32,
+    /// The layers seen so far.
+    layers: Vec<PubLayer>,
     muted: bool,
-    last_keyframe_request: Option<Instant>,
     subscribers: Vec<ParticipantId>,
 }
 
@@ -258,8 +289,12 @@ impl PublishedTrack {
             kind: self.kind,
             muted: self.muted,
             mime_type: self.codec.mime_type.clone(),
-            simulcast: self.layers.iter().any(|(rid, _)| rid.is_some()),
+            simulcast: self.layers.iter().any(|l| l.rid.is_some()),
         }
+    }
+
+    fn available(&self) -> Vec<Layer> {
+        self.layers.iter().map(|l| l.layer).collect()
     }
 }
 
@@ -691,6 +726,46 @@ impl Room {
                 );
                 Ok(())
             }
+            ClientMessage::UpdateSubscription {
+                track_sid,
+                quality,
+                max_width,
+                max_height,
+                paused,
+            } => {
+                let key = self
+                    .tracks
+                    .iter()
+                    .find(|(_, t)| t.sid == track_sid)
+                    .map(|(k, _)| *k)
+                    .filter(|k| self.participants[&id].down_tracks.contains_key(k))
+                    .ok_or((
+                        ErrorCode::NotAllowed,
+                        format!("not subscribed to track {track_sid}"),
+                    ))?;
+                if let Some(down) = self
+                    .participants
+                    .get_mut(&id)
+                    .and_then(|p| p.down_tracks.get_mut(&key))
+                {
+                    if let Some(q) = quality {
+                        down.pref.quality = Some(match q {
+                            Quality::Low => 0,
+                            Quality::Medium => 1,
+                            Quality::High => 2,
+                        });
+                    }
+                    if let (Some(w), Some(h)) = (max_width, max_height) {
+                        down.pref.max_dimensions = Some((w, h));
+                    }
+                    if let Some(paused) = paused {
+                        down.pref.paused = paused;
+                    }
+                }
+                self.apply_preference(id, key);
+                self.keyframe_for_subscriber(now, id, key, true);
+                Ok(())
+            }
             ClientMessage::Ping { ts } => {
                 self.signal(id, ServerMessage::Pong { ts });
                 Ok(())
@@ -820,7 +895,7 @@ impl Room {
             .is_some_and(|c| c.connected)
         {
             for key in fresh {
-                self.request_keyframe(now, key, true);
+                self.keyframe_for_subscriber(now, id, key, true);
             }
         }
         self.maybe_offer(now, id);
@@ -857,6 +932,7 @@ impl Room {
             TrackKind::Audio => RtpCodecKind::Audio,
             TrackKind::Video => RtpCodecKind::Video,
         };
+        let clock_rate = track.codec.clock_rate;
         let media_track = MediaStreamTrack::new(
             publisher_sid,
             track.sid.clone(),
@@ -882,8 +958,10 @@ impl Room {
             }
         };
         self.down_by_ssrc.insert(ssrc, (subscriber, key));
+        let mut forwarder = Forwarder::new(clock_rate);
         if let Some(track) = self.tracks.get_mut(&key) {
             track.subscribers.push(subscriber);
+            forwarder.set_available(&track.available());
         }
         if let Some(p) = self.participants.get_mut(&subscriber) {
             p.down_tracks.insert(
@@ -891,6 +969,8 @@ impl Room {
                 DownTrack {
                     sender,
                     ssrc,
+                    forwarder,
+                    pref: SubscriptionPref::default(),
                     payload_type: None,
                     offer_gen: None,
                     negotiated: false,
@@ -1180,7 +1260,7 @@ impl Room {
                         })
                         .unwrap_or_default();
                     for key in keys {
-                        self.request_keyframe(now, key, true);
+                        self.keyframe_for_subscriber(now, participant, key, true);
                     }
                 }
             }
@@ -1200,11 +1280,7 @@ impl Room {
             .get(&participant)
             .and_then(|p| p.published.get(&init.track_id).copied());
         if let Some(key) = existing {
-            if let Some(track) = self.tracks.get_mut(&key) {
-                if !track.layers.iter().any(|(_, s)| *s == init.ssrc) {
-                    track.layers.push((init.rid.clone(), init.ssrc));
-                }
-            }
+            self.add_layer(key, init.rid.as_deref(), init.ssrc);
             return;
         }
         let Some(c) = self.conn_mut(conn) else {
@@ -1228,14 +1304,15 @@ impl Room {
             kind,
             codec,
             receiver: init.receiver_id,
-            layers: vec![(init.rid.clone(), init.ssrc)],
-            forwarded_ssrc: init.ssrc,
+            layers: Vec::new(),
             muted: false,
-            last_keyframe_request: None,
             subscribers: Vec::new(),
         };
-        let info = track.info();
         self.tracks.insert(key, track);
+        self.add_layer(key, init.rid.as_deref(), init.ssrc);
+        let Some(info) = self.tracks.get(&key).map(PublishedTrack::info) else {
+            return;
+        };
         let Some(p) = self.participants.get_mut(&participant) else {
             return;
         };
@@ -1257,6 +1334,78 @@ impl Room {
         for sub in subscribers {
             self.subscribe(sub, key);
             self.maybe_offer(now, sub);
+        }
+    }
+
+    /// Turns a subscriber's wishes into its forwarder's preference: the
+    /// quality asked for, further limited to the largest layer (by the
+    /// sizes seen in keyframes) that fits the dimensions asked for.
+    fn apply_preference(&mut self, sub: ParticipantId, key: TrackKey) {
+        let Some(track) = self.tracks.get(&key) else {
+            return;
+        };
+        let Some(down) = self
+            .participants
+            .get_mut(&sub)
+            .and_then(|p| p.down_tracks.get_mut(&key))
+        else {
+            return;
+        };
+        let pref = down.pref;
+        let preference = if pref.paused {
+            Preference::Paused
+        } else {
+            let mut max = pref.quality.unwrap_or(Layer::MAX);
+            if let Some((w, h)) = pref.max_dimensions {
+                let sized: Vec<(Layer, (u16, u16))> = track
+                    .layers
+                    .iter()
+                    .filter_map(|l| l.dimensions.map(|d| (l.layer, d)))
+                    .collect();
+                if !sized.is_empty() {
+                    let fits = sized
+                        .iter()
+                        .filter(|(_, (lw, lh))| *lw as u32 <= w && *lh as u32 <= h)
+                        .map(|(l, _)| *l)
+                        .max()
+                        .unwrap_or(0);
+                    max = max.min(fits);
+                }
+            }
+            Preference::MaxLayer(max)
+        };
+        if down.forwarder.preference() != preference {
+            down.forwarder.set_preference(preference);
+        }
+    }
+
+    /// Records a layer of a published track and tells every subscriber's
+    /// forwarder what is now available.
+    fn add_layer(&mut self, key: TrackKey, rid: Option<&str>, ssrc: u32) {
+        let Some(track) = self.tracks.get_mut(&key) else {
+            return;
+        };
+        if track.layers.iter().any(|l| l.ssrc == ssrc) {
+            return;
+        }
+        let layer = layer_of_rid(rid, track.layers.len());
+        track.layers.push(PubLayer {
+            rid: rid.map(str::to_owned),
+            ssrc,
+            layer,
+            seq: SeqExtender::new(),
+            dimensions: None,
+            last_keyframe_request: None,
+        });
+        let available = track.available();
+        for sub in &track.subscribers {
+            if let Some(down) = self
+                .participants
+                .get_mut(sub)
+                .and_then(|p| p.down_tracks.get_mut(&key))
+            {
+                down.forwarder.set_available(&available);
+            }
         }
     }
 
@@ -1293,7 +1442,7 @@ impl Room {
                 for ssrc in wanted {
                     if let Some((sub, key)) = self.down_by_ssrc.get(&ssrc).copied() {
                         if sub == participant {
-                            self.request_keyframe(now, key, false);
+                            self.keyframe_for_subscriber(now, sub, key, false);
                         }
                     }
                 }
@@ -1303,21 +1452,6 @@ impl Room {
     }
 
     fn forward(&mut self, now: Instant, key: TrackKey, mut packet: rtc::rtp::Packet) {
-        let Some(track) = self.tracks.get(&key) else {
-            self.stats.drop(DropReason::UnknownTrack);
-            return;
-        };
-        if packet.header.ssrc != track.forwarded_ssrc {
-            self.stats.drop(DropReason::LayerNotSelected);
-            return;
-        }
-        // The subscriber negotiated its own extension ids; the publisher's
-        // (mid, rid, ...) must not leak through. Stripped once, so the
-        // per-subscriber copies below allocate nothing for the header.
-        packet.header.extension = false;
-        packet.header.extensions.clear();
-        packet.header.extension_profile = 0;
-        let bytes = packet.payload.len() as u64;
         let Room {
             tracks,
             participants,
@@ -1326,20 +1460,75 @@ impl Room {
             stats,
             ..
         } = self;
-        let Some(track) = tracks.get(&key) else {
+        let Some(track) = tracks.get_mut(&key) else {
+            stats.drop(DropReason::UnknownTrack);
             return;
         };
+        let ssrc = packet.header.ssrc;
+        let Some(source) = track.layers.iter_mut().find(|l| l.ssrc == ssrc) else {
+            stats.drop(DropReason::UnknownTrack);
+            return;
+        };
+        let ext_seq = source.seq.extend(packet.header.sequence_number as u64);
+        let mut resized = false;
+        let (keyframe, vp8) = match track.kind {
+            // Every audio packet can start a stream.
+            TrackKind::Audio => (true, None),
+            TrackKind::Video => match vp8::parse(&packet.payload) {
+                Some(d) => {
+                    if d.dimensions.is_some() && source.dimensions != d.dimensions {
+                        source.dimensions = d.dimensions;
+                        resized = true;
+                    }
+                    (d.keyframe, Some(d))
+                }
+                None => (false, None),
+            },
+        };
+        let info = PacketInfo {
+            layer: source.layer,
+            ext_seq,
+            timestamp: packet.header.timestamp,
+            keyframe,
+            padding_only: packet.payload.is_empty(),
+            picture_id: vp8.and_then(|d| d.picture_id.map(|(id, _)| id)),
+            tl0_pic_idx: vp8.and_then(|d| d.tl0_pic_idx),
+        };
+        // The subscriber negotiated its own extension ids; the publisher's
+        // (mid, rid, ...) must not leak through. Stripped once, so the
+        // per-subscriber copies below allocate nothing for the header.
+        packet.header.extension = false;
+        packet.header.extensions.clear();
+        packet.header.extension_profile = 0;
+        let bytes = packet.payload.len() as u64;
+        // Layers some subscriber waits for a keyframe of (and whether it
+        // receives nothing meanwhile).
+        let mut wanted: Vec<(Layer, bool)> = Vec::new();
         for sub in &track.subscribers {
-            let Some(p) = participants.get(sub) else {
+            let Some(p) = participants.get_mut(sub) else {
                 continue;
             };
-            let Some(down) = p.down_tracks.get(&key) else {
+            let conn = p.subscriber;
+            let Some(down) = p.down_tracks.get_mut(&key) else {
                 continue;
             };
-            let (Some(conn), true, Some(pt)) = (p.subscriber, down.negotiated, down.payload_type)
-            else {
+            let (Some(conn), true, Some(pt)) = (conn, down.negotiated, down.payload_type) else {
                 stats.drop(DropReason::NotNegotiated);
                 continue;
+            };
+            let verdict = down.forwarder.decide(&info, now);
+            if let Some(layer) = down.forwarder.awaiting_keyframe() {
+                let starving = down.forwarder.current().is_none();
+                if !wanted.contains(&(layer, starving)) {
+                    wanted.push((layer, starving));
+                }
+            }
+            let rewrite = match verdict {
+                Verdict::Forward(rewrite) => rewrite,
+                Verdict::Drop(reason) => {
+                    stats.drop(reason);
+                    continue;
+                }
             };
             let Some(c) = conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
                 continue;
@@ -1350,6 +1539,23 @@ impl Room {
             let mut out = packet.clone();
             out.header.ssrc = down.ssrc;
             out.header.payload_type = pt;
+            out.header.sequence_number = rewrite.seq;
+            out.header.timestamp = rewrite.timestamp;
+            if let Some(d) = &vp8 {
+                if rewrite.picture_id != info.picture_id || rewrite.tl0_pic_idx != info.tl0_pic_idx
+                {
+                    // Only after a switch do the VP8 fields differ; then this
+                    // subscriber gets its own copy of the payload.
+                    let mut payload = BytesMut::from(&packet.payload[..]);
+                    vp8::rewrite(
+                        &mut payload,
+                        d,
+                        rewrite.picture_id.unwrap_or(0),
+                        rewrite.tl0_pic_idx.unwrap_or(0),
+                    );
+                    out.payload = payload.freeze();
+                }
+            }
             match rtp_sender.write_rtp(now, out) {
                 Ok(()) => {
                     stats.rtp_forwarded += 1;
@@ -1365,33 +1571,65 @@ impl Room {
                 }
             }
         }
+        let sized_subscribers: Vec<ParticipantId> = if resized {
+            track.subscribers.clone()
+        } else {
+            Vec::new()
+        };
+        for (layer, starving) in wanted {
+            self.request_keyframe(now, key, layer, starving);
+        }
+        for sub in sized_subscribers {
+            self.apply_preference(sub, key);
+        }
     }
 
-    /// Asks the publisher of `key` for a keyframe, at most once per
-    /// [`KEYFRAME_REQUEST_INTERVAL`] (or the shorter urgent interval).
-    fn request_keyframe(&mut self, now: Instant, key: TrackKey, urgent: bool) {
+    /// Asks for a keyframe of the layer a subscriber's down track forwards
+    /// (or waits for).
+    fn keyframe_for_subscriber(
+        &mut self,
+        now: Instant,
+        sub: ParticipantId,
+        key: TrackKey,
+        urgent: bool,
+    ) {
+        let layer = self
+            .participants
+            .get(&sub)
+            .and_then(|p| p.down_tracks.get(&key))
+            .and_then(|d| d.forwarder.current().or(d.forwarder.target()));
+        if let Some(layer) = layer {
+            self.request_keyframe(now, key, layer, urgent);
+        }
+    }
+
+    /// Asks the publisher of `key` for a keyframe of `layer`, at most once
+    /// per [`KEYFRAME_REQUEST_INTERVAL`] (or the shorter urgent interval).
+    fn request_keyframe(&mut self, now: Instant, key: TrackKey, layer: Layer, urgent: bool) {
         let Some(track) = self.tracks.get_mut(&key) else {
             return;
         };
         if track.kind != TrackKind::Video {
             return;
         }
-        // A subscriber that just connected needs a keyframe now; one that
+        let Some(source) = track.layers.iter_mut().find(|l| l.layer == layer) else {
+            return;
+        };
+        // A subscriber receiving nothing needs a keyframe now; one that
         // reports loss can share the next one with others.
         let interval = if urgent {
             URGENT_KEYFRAME_REQUEST_INTERVAL
         } else {
             KEYFRAME_REQUEST_INTERVAL
         };
-        if track
+        if source
             .last_keyframe_request
             .is_some_and(|t| now.saturating_duration_since(t) < interval)
         {
             return;
         }
-        track.last_keyframe_request = Some(now);
-        let (receiver, media_ssrc, publisher) =
-            (track.receiver, track.forwarded_ssrc, track.publisher);
+        source.last_keyframe_request = Some(now);
+        let (receiver, media_ssrc, publisher) = (track.receiver, source.ssrc, track.publisher);
         let Some(conn) = self.participants.get(&publisher).and_then(|p| p.publisher) else {
             return;
         };

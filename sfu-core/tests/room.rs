@@ -197,3 +197,132 @@ fn joins_and_leaves_release_connections() {
     assert_eq!(h.room.connection_count(), 0);
     assert!(h.room.is_empty());
 }
+
+/// Slots (layers) of the video packets received since `from_index`, and
+/// whether every change of layer happened on a keyframe.
+fn layers_since(h: &Harness, to: usize, from: usize, skip: usize) -> (Vec<u8>, bool) {
+    let payloads = h.video_payloads_from(to, from);
+    let mut clean = true;
+    for pair in payloads.windows(2) {
+        if pair[0][common::PAYLOAD_SLOT] != pair[1][common::PAYLOAD_SLOT] && pair[1][5] != 0x10 {
+            clean = false;
+        }
+    }
+    let mut layers: Vec<u8> = payloads[skip.min(payloads.len())..]
+        .iter()
+        .map(|p| p[common::PAYLOAD_SLOT])
+        .collect();
+    layers.sort_unstable();
+    layers.dedup();
+    (layers, clean)
+}
+
+#[test]
+fn subscribers_get_the_layer_they_ask_for_switching_only_on_keyframes() {
+    use sfu_core::signal::{ClientMessage, Quality};
+    let mut h = Harness::new();
+    let a = h.join_with("alice", true, true);
+    let b = h.join("bob", false);
+    let c = h.join("carol", false);
+    connect_all(&mut h, &[a], &[(b, a), (c, a)]);
+    let track = h.video_track_sid(a);
+    let ask = |quality| ClientMessage::UpdateSubscription {
+        track_sid: track.clone(),
+        quality: Some(quality),
+        max_width: None,
+        max_height: None,
+        paused: None,
+    };
+    h.signal(b, ask(Quality::Low));
+    h.signal(c, ask(Quality::High));
+    // The switch waits for a keyframe, which the request brings at once.
+    let switch_started = h.now;
+    let mut switched_after = None;
+    for _ in 0..100 {
+        pump(&mut h, &[a], 1);
+        let last = h
+            .video_payloads_from(b, a)
+            .last()
+            .map(|p| p[common::PAYLOAD_SLOT]);
+        if switched_after.is_none() && last == Some(0) {
+            switched_after = Some(h.now - switch_started);
+        }
+    }
+    let switched_after = switched_after.expect("bob moved to the low layer");
+    assert!(
+        switched_after <= Duration::from_millis(100),
+        "switch took {switched_after:?}"
+    );
+    let skip_b = h.video_payloads_from(b, a).len();
+    let skip_c = h.video_payloads_from(c, a).len();
+    pump(&mut h, &[a], 60);
+    assert_eq!(
+        layers_since(&h, b, a, skip_b).0,
+        vec![0],
+        "bob gets only low"
+    );
+    assert_eq!(
+        layers_since(&h, c, a, skip_c).0,
+        vec![2],
+        "carol gets only high"
+    );
+    // Now up: bob asks for medium.
+    h.signal(b, ask(Quality::Medium));
+    pump(&mut h, &[a], 10);
+    let skip_b = h.video_payloads_from(b, a).len();
+    pump(&mut h, &[a], 30);
+    assert_eq!(
+        layers_since(&h, b, a, skip_b).0,
+        vec![1],
+        "bob moved up to medium"
+    );
+    // Every change of layer happened on a keyframe, and no sequence hole
+    // was opened by a switch (counted: one packet per frame each way).
+    for s in [b, c] {
+        assert!(
+            layers_since(&h, s, a, 0).1,
+            "a switch landed on a delta frame"
+        );
+    }
+    // Pausing stops the video; resuming brings it back.
+    let pause = ClientMessage::UpdateSubscription {
+        track_sid: track.clone(),
+        quality: None,
+        max_width: None,
+        max_height: None,
+        paused: Some(true),
+    };
+    h.signal(b, pause);
+    let before = h.video_payloads_from(b, a).len();
+    pump(&mut h, &[a], 20);
+    assert_eq!(
+        h.video_payloads_from(b, a).len(),
+        before,
+        "paused track still flows"
+    );
+    let resume = ClientMessage::UpdateSubscription {
+        track_sid: track,
+        quality: None,
+        max_width: None,
+        max_height: None,
+        paused: Some(false),
+    };
+    h.signal(b, resume);
+    pump(&mut h, &[a], 20);
+    assert!(
+        h.video_payloads_from(b, a).len() > before + 10,
+        "resumed track flows"
+    );
+    // Through every switch and the pause, bob's RTP sequence has no hole
+    // and the timestamps never go back.
+    let (seqs, timestamps) = h.video_rtp_from(b, a);
+    for (i, w) in seqs.windows(2).enumerate() {
+        assert_eq!(w[1], w[0].wrapping_add(1), "hole after packet {i}");
+    }
+    for w in timestamps.windows(2) {
+        assert!(
+            w[1].wrapping_sub(w[0]) < u32::MAX / 2,
+            "timestamp went back: {w:?}"
+        );
+    }
+}

@@ -137,11 +137,34 @@ pub enum ClientMessage {
         track_sid: String,
         muted: bool,
     },
+    /// What this subscriber wants of one track it receives. Absent
+    /// fields keep their current value.
+    #[serde(rename_all = "camelCase")]
+    UpdateSubscription {
+        track_sid: String,
+        #[serde(default)]
+        quality: Option<Quality>,
+        #[serde(default)]
+        max_width: Option<u32>,
+        #[serde(default)]
+        max_height: Option<u32>,
+        #[serde(default)]
+        paused: Option<bool>,
+    },
     Ping {
         #[serde(default)]
         ts: f64,
     },
     Leave,
+}
+
+/// Simulcast quality a subscriber asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quality {
+    Low,
+    Medium,
+    High,
 }
 
 /// Messages the server sends.
@@ -248,7 +271,15 @@ impl SignalError {
     }
 }
 
-const CLIENT_TYPES: &[&str] = &["offer", "answer", "candidate", "mute", "ping", "leave"];
+const CLIENT_TYPES: &[&str] = &[
+    "offer",
+    "answer",
+    "candidate",
+    "mute",
+    "updateSubscription",
+    "ping",
+    "leave",
+];
 
 impl ClientMessage {
     /// Parses one text frame, telling apart oversized frames, broken JSON,
@@ -286,6 +317,8 @@ mod tests {
             r#"{"type":"candidate","target":"publisher","candidate":{"candidate":"candidate:1 1 udp 1 127.0.0.1 5000 typ host","sdpMid":"0","sdpMLineIndex":0}}"#,
             r#"{"type":"candidate","target":"subscriber","candidate":null}"#,
             r#"{"type":"mute","trackSid":"TR_1","muted":true}"#,
+            r#"{"type":"updateSubscription","trackSid":"TR_1","quality":"low"}"#,
+            r#"{"type":"updateSubscription","trackSid":"TR_1","maxWidth":640,"maxHeight":360,"paused":false}"#,
             r#"{"type":"ping","ts":12.5}"#,
             r#"{"type":"leave"}"#,
         ];
@@ -317,6 +350,12 @@ mod tests {
         );
         assert!(matches!(
             ClientMessage::parse(r#"{"type":"offer","target":"elsewhere","sdp":"v=0"}"#),
+            Err(SignalError::InvalidFields { .. })
+        ));
+        assert!(matches!(
+            ClientMessage::parse(
+                r#"{"type":"updateSubscription","trackSid":"TR_1","quality":"ultra"}"#
+            ),
             Err(SignalError::InvalidFields { .. })
         ));
         assert!(matches!(

@@ -35,6 +35,14 @@ use sfu_core::{JoinRequest, Output, ParticipantId, Room, RoomConfig, RoomEvent};
 
 pub const SERVER: &str = "127.0.0.1:7882";
 
+/// Offsets in the test payload: after a 5-byte VP8 descriptor and the frame
+/// tag come the sender index, the stream slot, the sender's sequence number
+/// and a fixed body.
+pub const PAYLOAD_INDEX: usize = 6;
+pub const PAYLOAD_SLOT: usize = 7;
+pub const PAYLOAD_SEQ: usize = 8;
+pub const PAYLOAD_BODY: usize = 10;
+
 /// The virtual clock starts at one real instant and only moves by steps.
 #[allow(clippy::disallowed_methods)]
 pub fn epoch() -> Instant {
@@ -73,6 +81,9 @@ fn client_pc(now: Instant, addr: SocketAddr) -> RTCPeerConnection {
 #[derive(Default, Debug)]
 pub struct Received {
     pub payloads: Vec<Bytes>,
+    /// RTP sequence numbers as received.
+    pub seqs: Vec<u16>,
+    pub timestamps: Vec<u32>,
 }
 
 pub struct Client {
@@ -92,6 +103,8 @@ pub struct Client {
     pub track_receivers: HashMap<String, (RTCRtpReceiverId, u32)>,
     /// Media SSRCs named by keyframe requests this client received.
     pub keyframe_requests: Vec<u32>,
+    /// Keyframe requests already answered with a keyframe.
+    pub keyframes_sent_for: usize,
     pub seq: u16,
 }
 
@@ -169,6 +182,7 @@ impl Harness {
             track_streams: HashMap::new(),
             track_receivers: HashMap::new(),
             keyframe_requests: Vec::new(),
+            keyframes_sent_for: 0,
             seq: 0,
         };
         if publish {
@@ -319,11 +333,10 @@ impl Harness {
                     while let Some(msg) = pc.poll_read() {
                         match msg.message {
                             RTCMessage::RtpPacket(track_id, packet) => {
-                                c.received
-                                    .entry(track_id)
-                                    .or_default()
-                                    .payloads
-                                    .push(packet.payload);
+                                let r = c.received.entry(track_id).or_default();
+                                r.seqs.push(packet.header.sequence_number);
+                                r.timestamps.push(packet.header.timestamp);
+                                r.payloads.push(packet.payload);
                             }
                             RTCMessage::RtcpPacket(_, packets) => {
                                 for p in packets {
@@ -460,6 +473,54 @@ impl Harness {
         self.settle();
     }
 
+    /// The server sid of client `of`'s video track.
+    pub fn video_track_sid(&self, of: usize) -> String {
+        let sid = self.client_sid(of);
+        self.room
+            .participants()
+            .into_iter()
+            .find(|p| p.sid == sid)
+            .and_then(|p| {
+                p.tracks
+                    .into_iter()
+                    .find(|t| t.kind == sfu_core::signal::TrackKind::Video)
+            })
+            .map(|t| t.sid)
+            .expect("video track published")
+    }
+
+    /// Sends a signalling message as client `index`.
+    pub fn signal(&mut self, index: usize, message: ClientMessage) {
+        let id = self.clients[index].id;
+        self.pending.push_back((id, message));
+        self.settle();
+    }
+
+    /// RTP sequence numbers and timestamps of the video client `to`
+    /// received from client `from`, in order.
+    pub fn video_rtp_from(&self, to: usize, from: usize) -> (Vec<u16>, Vec<u32>) {
+        let from_sid = self.client_sid(from);
+        let c = &self.clients[to];
+        c.received
+            .iter()
+            .filter(|(track, _)| c.track_streams.get(*track) == Some(&from_sid))
+            .find(|(_, r)| r.payloads.iter().any(|p| p[PAYLOAD_SLOT] != 0xA0))
+            .map(|(_, r)| (r.seqs.clone(), r.timestamps.clone()))
+            .unwrap_or_default()
+    }
+
+    /// Video payloads client `to` received from client `from`, in order.
+    pub fn video_payloads_from(&self, to: usize, from: usize) -> Vec<Bytes> {
+        let from_sid = self.client_sid(from);
+        let c = &self.clients[to];
+        c.received
+            .iter()
+            .filter(|(track, _)| c.track_streams.get(*track) == Some(&from_sid))
+            .flat_map(|(_, r)| r.payloads.iter().cloned())
+            .filter(|p| p[PAYLOAD_SLOT] != 0xA0)
+            .collect()
+    }
+
     /// Runs the clock forward by `duration`.
     pub fn run_for(&mut self, duration: Duration) {
         let end = self.now + duration;
@@ -485,13 +546,19 @@ impl Harness {
         self.now - start
     }
 
-    /// Sends one video and one audio packet from client `index`, payloads
-    /// tagged with the sender's index and sequence number.
+    /// Sends one video (per layer) and one audio packet from client
+    /// `index`. Each video packet is a whole frame with a VP8 descriptor
+    /// (picture id, TL0PICIDX); keyframes come every 30 frames and, like a
+    /// real encoder, right after a keyframe request. Payloads carry the
+    /// sender's index, the stream slot and a sequence number.
     pub fn send_media(&mut self, index: usize) {
         let now = self.now;
         let c = &mut self.clients[index];
         c.seq = c.seq.wrapping_add(1);
         let seq = c.seq;
+        let requested = c.keyframe_requests.len() > c.keyframes_sent_for;
+        c.keyframes_sent_for = c.keyframe_requests.len();
+        let keyframe = seq % 30 == 1 || requested;
         let Some(pc) = c.publisher.as_mut() else {
             return;
         };
@@ -503,7 +570,17 @@ impl Harness {
             } else {
                 i as u8
             };
-            let mut payload = vec![0x10, index as u8, slot];
+            let pid = seq & 0x7FFF;
+            let mut payload = vec![
+                0x90,                    // X, S, partition 0
+                0xC0,                    // I, L
+                0x80 | (pid >> 8) as u8, // 15-bit picture id
+                pid as u8,
+                seq as u8,                          // TL0PICIDX
+                if keyframe { 0x10 } else { 0x11 }, // VP8 frame tag: P bit
+                index as u8,
+                slot,
+            ];
             payload.extend_from_slice(&seq.to_be_bytes());
             payload.extend_from_slice(&[0xAB; 100]);
             let mut header = rtc::rtp::Header {
@@ -568,7 +645,7 @@ impl Harness {
             .received
             .iter()
             .filter(|(track, _)| c.track_streams.get(*track) == Some(&from_sid))
-            .flat_map(|(_, r)| r.payloads.iter().map(|p| p[2]))
+            .flat_map(|(_, r)| r.payloads.iter().map(|p| p[PAYLOAD_SLOT]))
             .filter(|slot| *slot != 0xA0)
             .collect();
         layers.sort_unstable();
@@ -587,12 +664,15 @@ impl Harness {
             }
             for p in &received.payloads {
                 // Payload tag: [descriptor, sender index, track index, seq..]
-                assert_eq!(p[1] as usize, from, "payload from the wrong publisher");
-                match p[2] {
+                assert_eq!(
+                    p[PAYLOAD_INDEX] as usize, from,
+                    "payload from the wrong publisher"
+                );
+                match p[PAYLOAD_SLOT] {
                     0xA0 => audio += 1,
                     _ => video += 1,
                 }
-                assert_eq!(&p[5..], &[0xAB; 100][..], "payload corrupted");
+                assert_eq!(&p[PAYLOAD_BODY..], &[0xAB; 100][..], "payload corrupted");
             }
         }
         (video, audio)

@@ -133,7 +133,7 @@ impl PeerConnectionEventHandler for Trickle {
                         inbox.corrupted += 1;
                         continue;
                     }
-                    let seq = u32::from_be_bytes([p[2], p[3], p[4], p[5]]);
+                    let seq = u32::from_be_bytes([p[3], p[4], p[5], p[6]]);
                     inbox
                         .media
                         .entry((stream.clone(), kind.clone()))
@@ -405,9 +405,12 @@ impl Client {
         let seq = self.seq;
         for (i, track) in [&self.video, &self.audio].into_iter().enumerate() {
             let Some(track) = track else { continue };
-            let mut payload = vec![0x10, self.index];
+            // VP8 descriptor (start of frame) and frame tag: a keyframe
+            // every 10 frames. Then index, sequence, kind and a fixed body.
+            let tag = if seq % 10 == 1 { 0x10 } else { 0x11 };
+            let mut payload = vec![0x10, tag, self.index];
             payload.extend_from_slice(&seq.to_be_bytes());
-            payload.extend_from_slice(&[i as u8, 0]);
+            payload.push(i as u8);
             payload.extend_from_slice(&[PAYLOAD_FILL; 100]);
             let packet = rtc::rtp::Packet {
                 header: rtc::rtp::Header {
