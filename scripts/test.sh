@@ -27,3 +27,4 @@ cargo test --workspace
 echo "== browser end to end (headless Chromium)"
 cargo build --release -p sfu-server --quiet
 SFU_BIN="$PWD/target/release/sfu-server" node tests/browser/e2e.mjs
+SFU_BIN="$PWD/target/release/sfu-server" node tests/browser/simulcast.mjs

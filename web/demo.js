@@ -1,7 +1,8 @@
 // The demo page: join a room, publish camera and microphone, show everyone.
 //
 // Query parameters: room, name, autojoin=0 (show the form instead of joining
-// at once), and for servers outside
+// at once), publish=0 (receive only), simulcast=0 (send one layer), and for
+// servers outside
 // development mode token + url (a join token minted by your backend).
 import { Room } from '/sdk/sfu-sdk.js';
 
@@ -63,6 +64,16 @@ async function join() {
         video.playsInline = true;
         video.muted = true; // sound plays through the audio element
         video.dataset.participantSid = participant.sid;
+        video.dataset.trackSid = mediaStreamTrack.id;
+        const quality = document.createElement('select');
+        quality.className = 'quality';
+        quality.title = 'Received quality';
+        for (const q of ['high', 'medium', 'low', 'paused']) quality.add(new Option(q, q));
+        quality.addEventListener('change', () => {
+          const v = quality.value;
+          room.setSubscription(video.dataset.trackSid, v === 'paused' ? { paused: true } : { quality: v, paused: false });
+        });
+        t.appendChild(quality);
         video.addEventListener('resize', () => {
           if (video.videoWidth > 0 && window.sfuFirstRemoteFrameAt === undefined) {
             window.sfuFirstRemoteFrameAt = performance.now();
@@ -70,6 +81,7 @@ async function join() {
         });
         t.prepend(video);
       }
+      video.dataset.trackSid = mediaStreamTrack.id;
       video.srcObject = new MediaStream([mediaStreamTrack]);
     } else {
       let audio = t.querySelector('audio');
@@ -97,9 +109,13 @@ async function join() {
     status('connected');
     $('join').hidden = true;
     $('controls').hidden = false;
+    if (params.get('publish') === '0') {
+      status('connected, receiving only');
+      return;
+    }
     let stream;
     try {
-      stream = await room.publishCamera();
+      stream = await room.publishCamera({ simulcast: params.get('simulcast') !== '0' });
     } catch (e) {
       // No camera (or permission refused): still receive everyone else.
       status(`connected, receiving only (${e.name || e.message})`);

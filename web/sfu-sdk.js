@@ -262,6 +262,9 @@ export class Room {
 
   /**
    * Captures camera and microphone and publishes them.
+   * Video is sent as three simulcast layers (rids q, h, f at 1/4, 1/2 and
+   * full resolution) unless `simulcast: false`; subscribers then each get
+   * the layer that suits them.
    * @param {{video?: boolean|MediaTrackConstraints, audio?: boolean|MediaTrackConstraints, simulcast?: boolean}} opts
    * @returns {Promise<MediaStream>} the local stream
    */
@@ -272,7 +275,7 @@ export class Room {
     const pc = this._ensurePublisher();
     for (const track of stream.getTracks()) {
       const init = { direction: 'sendonly', streams: [stream] };
-      if (track.kind === 'video' && opts.simulcast) {
+      if (track.kind === 'video' && opts.simulcast !== false) {
         init.sendEncodings = [
           { rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 150_000 },
           { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 500_000 },
@@ -284,6 +287,22 @@ export class Room {
     this.localStream = stream;
     await this._negotiate();
     return stream;
+  }
+
+  /**
+   * Says what this client wants of a track it receives.
+   * @param {string} trackSid
+   * @param {{quality?: 'low'|'medium'|'high', maxWidth?: number, maxHeight?: number, paused?: boolean}} wishes
+   */
+  setSubscription(trackSid, wishes) {
+    const msg = { type: 'updateSubscription', trackSid };
+    if (wishes.quality) msg.quality = wishes.quality;
+    if (wishes.maxWidth && wishes.maxHeight) {
+      msg.maxWidth = Math.round(wishes.maxWidth);
+      msg.maxHeight = Math.round(wishes.maxHeight);
+    }
+    if (typeof wishes.paused === 'boolean') msg.paused = wishes.paused;
+    this._send(msg);
   }
 
   async _setEnabled(kind, enabled) {

@@ -1389,6 +1389,7 @@ impl Room {
             return;
         }
         let layer = layer_of_rid(rid, track.layers.len());
+        tracing::debug!(track = %track.sid, ?rid, layer, ssrc, "layer opened");
         track.layers.push(PubLayer {
             rid: rid.map(str::to_owned),
             ssrc,
@@ -1524,7 +1525,12 @@ impl Room {
                 }
             }
             let rewrite = match verdict {
-                Verdict::Forward(rewrite) => rewrite,
+                Verdict::Forward(rewrite) => {
+                    if rewrite.switched {
+                        tracing::debug!(track = %track.sid, subscriber = ?sub, layer = info.layer, "layer switch");
+                    }
+                    rewrite
+                }
                 Verdict::Drop(reason) => {
                     stats.drop(reason);
                     continue;
@@ -1630,6 +1636,7 @@ impl Room {
         }
         source.last_keyframe_request = Some(now);
         let (receiver, media_ssrc, publisher) = (track.receiver, source.ssrc, track.publisher);
+        let track_sid = track.sid.clone();
         let Some(conn) = self.participants.get(&publisher).and_then(|p| p.publisher) else {
             return;
         };
@@ -1643,6 +1650,7 @@ impl Room {
             };
             if r.write_rtcp(now, vec![Box::new(pli)]).is_ok() {
                 self.stats.keyframe_requests_sent += 1;
+                tracing::debug!(track = %track_sid, layer, ssrc = media_ssrc, "keyframe requested");
             }
         }
         self.mark_dirty(conn);

@@ -4,65 +4,11 @@
 //
 // SFU_URL=http://host:port uses a running server; otherwise SFU_BIN names
 // the server binary, started here on free ports and stopped at the end.
-import { spawn } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
-import { chromium } from 'playwright-core';
+import { Run, waitIn, median, sleep } from './lib.mjs';
 
-const OVERALL_TIMEOUT_MS = 120_000;
-const results = [];
-let server = null;
-let browser = null;
-
-const timer = setTimeout(() => {
-  console.error('FAIL: overall timeout');
-  finish(1);
-}, OVERALL_TIMEOUT_MS);
-
-function check(name, ok, detail = '') {
-  results.push({ name, ok });
-  console.log(`${ok ? 'ok  ' : 'FAIL'} ${name}${detail ? ` — ${detail}` : ''}`);
-}
-
-async function finish(code) {
-  clearTimeout(timer);
-  try { await browser?.close(); } catch {}
-  server?.kill('SIGTERM');
-  const passed = results.filter((r) => r.ok).length;
-  const failed = results.length - passed;
-  console.log(`${passed} passed, ${failed} failed`);
-  process.exit(code || (failed > 0 ? 1 : 0));
-}
-
-async function startServer() {
-  if (process.env.SFU_URL) return process.env.SFU_URL.replace(/\/$/, '');
-  const bin = process.env.SFU_BIN;
-  if (!bin) throw new Error('set SFU_URL or SFU_BIN');
-  server = spawn(bin, ['--http-addr', '127.0.0.1:0', '--media-addr', '127.0.0.1:0'], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, SFU_API_KEY: '', SFU_API_SECRET: '', SFU_LOG: process.env.SFU_LOG || 'warn,rtc_dtls=error' },
-  });
-  server.stderr.on('data', (d) => process.stderr.write(`[server] ${d}`));
-  return new Promise((resolve, reject) => {
-    let buf = '';
-    server.stdout.on('data', (d) => {
-      buf += d;
-      const m = buf.match(/Demo: (http:\/\/\S+?)\/?\s/);
-      if (m) resolve(m[1]);
-    });
-    server.on('exit', (code) => reject(new Error(`server exited with ${code}`)));
-  });
-}
-
-/** Polls `fn` in the page until it returns truthy or `ms` pass. */
-async function waitIn(page, fn, arg, ms) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await page.evaluate(fn, arg).catch(() => false);
-    if (v) return v;
-    if (Date.now() > deadline) return false;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
+const run = new Run('e2e', 120_000);
+const check = (...args) => run.check(...args);
 
 function remoteVideoCount(min) {
   const vids = [...document.querySelectorAll('video.remote-video')].filter((v) => v.isConnected);
@@ -80,27 +26,10 @@ async function framesDecoded(page) {
   });
 }
 
-function median(xs) {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length ? s[Math.floor((s.length - 1) / 2)] : NaN;
-}
-
 async function main() {
-  const base = await startServer();
+  const base = await run.startServer();
   console.log(`server: ${base}`);
-  try {
-    browser = await chromium.launch({
-      executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
-      headless: true,
-      args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-        '--disable-background-networking', '--disable-component-update', '--disable-sync',
-        '--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream'],
-    });
-  } catch (e) {
-    check('chromium starts', false, e.message);
-    return finish(1);
-  }
-  check('chromium starts', true);
+  const browser = await run.launch();
   const roomName = `e2e-${Date.now()}`;
   const pages = [];
   for (let i = 1; i <= 3; i++) {
@@ -119,7 +48,7 @@ async function main() {
   }
   for (const [i, page] of pages.entries()) {
     const a = await framesDecoded(page);
-    await new Promise((r) => setTimeout(r, 1000));
+    await sleep(1000);
     const b = await framesDecoded(page);
     const keys = Object.keys(b);
     const growing = keys.filter((k) => b[k] > (a[k] || 0));
@@ -163,7 +92,7 @@ async function main() {
   // and the subscriber connection retired the leavers' transceivers.
   for (const [i, page] of pages.slice(0, 2).entries()) {
     const a = await framesDecoded(page);
-    await new Promise((r) => setTimeout(r, 1000));
+    await sleep(1000);
     const b = await framesDecoded(page);
     const growing = Object.keys(b).filter((k) => b[k] > (a[k] || 0));
     check(`page ${i + 1} still decodes the other remaining publisher after renegotiations`, growing.length >= 1, JSON.stringify(b));
@@ -172,10 +101,10 @@ async function main() {
     check(`page ${i + 1} subscriber connection retired departed tracks`, inactive >= 2, JSON.stringify(dirs));
   }
   console.log(`join_to_first_frame_ms=${Math.round(median(lateTimes))} (median of late joiners: ${lateTimes.map(Math.round).join(', ')})`);
-  return finish(0);
+  return run.finish(0);
 }
 
 main().catch((e) => {
   check('browser test ran', false, e.stack || String(e));
-  finish(1);
+  run.finish(1);
 });

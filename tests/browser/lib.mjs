@@ -1,0 +1,92 @@
+// Shared parts of the browser tests: the server under test, Chromium, and
+// a reporter that prints one line per check and the closing tally.
+import { spawn } from 'node:child_process';
+import { chromium } from 'playwright-core';
+
+export const CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  '--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream'];
+
+export class Run {
+  constructor(name, timeoutMs) {
+    this.name = name;
+    this.results = [];
+    this.server = null;
+    this.browser = null;
+    this.timer = setTimeout(() => {
+      this.check('finished within the time limit', false, `${timeoutMs} ms`);
+      this.finish(1);
+    }, timeoutMs);
+  }
+
+  check(name, ok, detail = '') {
+    this.results.push({ name, ok });
+    console.log(`${ok ? 'ok  ' : 'FAIL'} ${name}${detail ? ` — ${detail}` : ''}`);
+    return ok;
+  }
+
+  async finish(code = 0) {
+    clearTimeout(this.timer);
+    try { await this.browser?.close(); } catch {}
+    this.server?.kill('SIGTERM');
+    const passed = this.results.filter((r) => r.ok).length;
+    const failed = this.results.length - passed;
+    console.log(`${passed} passed, ${failed} failed`);
+    process.exit(code || (failed > 0 ? 1 : 0));
+  }
+
+  /** Base URL of a running server (SFU_URL) or of one started from SFU_BIN. */
+  async startServer() {
+    if (process.env.SFU_URL) return process.env.SFU_URL.replace(/\/$/, '');
+    const bin = process.env.SFU_BIN;
+    if (!bin) throw new Error('set SFU_URL or SFU_BIN');
+    this.server = spawn(bin, ['--http-addr', '127.0.0.1:0', '--media-addr', '127.0.0.1:0'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, SFU_API_KEY: '', SFU_API_SECRET: '', SFU_LOG: process.env.SFU_LOG || 'warn,rtc_dtls=error' },
+    });
+    this.server.stderr.on('data', (d) => process.stderr.write(`[server] ${d}`));
+    return new Promise((resolve, reject) => {
+      let buf = '';
+      this.server.stdout.on('data', (d) => {
+        buf += d;
+        const m = buf.match(/Demo: (http:\/\/\S+?)\/?\s/);
+        if (m) resolve(m[1]);
+      });
+      this.server.on('exit', (code) => reject(new Error(`server exited with ${code}`)));
+    });
+  }
+
+  /** Launches Debian's Chromium; failing to start is a failed check, never a skip. */
+  async launch() {
+    try {
+      this.browser = await chromium.launch({
+        executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
+        headless: true,
+        args: CHROMIUM_ARGS,
+      });
+    } catch (e) {
+      this.check('chromium starts', false, e.message);
+      await this.finish(1);
+    }
+    this.check('chromium starts', true);
+    return this.browser;
+  }
+}
+
+/** Polls `fn` in the page until it returns truthy or `ms` pass. */
+export async function waitIn(page, fn, arg, ms) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await page.evaluate(fn, arg).catch(() => false);
+    if (v) return v;
+    if (Date.now() > deadline) return false;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+export function median(xs) {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length ? s[Math.floor((s.length - 1) / 2)] : NaN;
+}
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));

@@ -1,0 +1,88 @@
+// Simulcast end to end: one Chromium page publishes 1280x720 as three
+// layers; a second page asks for low and must decode 320-wide frames within
+// 5 s, then high and 1280-wide within 5 s, without a freeze over 1 s.
+import { Run, waitIn, sleep } from './lib.mjs';
+
+const run = new Run('simulcast', 120_000);
+
+async function inbound(page) {
+  return page.evaluate(async () => {
+    const stats = await window.sfuRoom.subscriberPc.getStats();
+    let out = null;
+    stats.forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'video' && (s.framesDecoded || 0) > 0) {
+        out = { width: s.frameWidth || 0, decoded: s.framesDecoded || 0 };
+      }
+    });
+    return out;
+  });
+}
+
+async function main() {
+  const base = await run.startServer();
+  const browser = await run.launch();
+  const room = `simulcast-${Date.now()}`;
+  const pubCtx = await browser.newContext();
+  const publisher = await pubCtx.newPage();
+  await publisher.goto(`${base}/?room=${room}&name=publisher`);
+  const subCtx = await browser.newContext();
+  const viewer = await subCtx.newPage();
+  await viewer.goto(`${base}/?room=${room}&name=viewer&publish=0`);
+
+  const shown = await waitIn(viewer, () => [...document.querySelectorAll('video.remote-video')].some((v) => v.videoWidth > 0), null, 20_000);
+  run.check('viewer shows the publisher', !!shown);
+  const trackSid = await viewer.evaluate(() => document.querySelector('video.remote-video').dataset.trackSid);
+
+  // Sample decoding all along to find the longest freeze.
+  let sampling = true;
+  let lastDecoded = 0;
+  let lastChange = Date.now();
+  let longestFreeze = 0;
+  const sampler = (async () => {
+    while (sampling) {
+      const s = await inbound(viewer).catch(() => null);
+      const now = Date.now();
+      if (s && s.decoded > lastDecoded) {
+        lastDecoded = s.decoded;
+        lastChange = now;
+      } else if (lastDecoded > 0) {
+        longestFreeze = Math.max(longestFreeze, now - lastChange);
+      }
+      await sleep(100);
+    }
+  })();
+
+  async function waitWidth(width, ms) {
+    const start = Date.now();
+    while (Date.now() - start < ms) {
+      const s = await inbound(viewer);
+      if (s && s.width === width) return Date.now() - start;
+      await sleep(100);
+    }
+    return null;
+  }
+
+  // The full layer appears once the publisher's bandwidth estimate allows it.
+  const full = await waitWidth(1280, 20_000);
+  run.check('viewer first receives the 1280-wide layer', full !== null, `after ${full} ms`);
+  await viewer.evaluate((sid) => window.sfuRoom.setSubscription(sid, { quality: 'low' }), trackSid);
+  const low = await waitWidth(320, 5_000);
+  run.check('asking for low gives 320-wide frames within 5 s', low !== null, `after ${low} ms`);
+  await sleep(1000);
+  await viewer.evaluate((sid) => window.sfuRoom.setSubscription(sid, { quality: 'high' }), trackSid);
+  const high = await waitWidth(1280, 5_000);
+  run.check('asking for high gives 1280-wide frames within 5 s', high !== null, `after ${high} ms`);
+  const before = lastDecoded;
+  await sleep(1000);
+  sampling = false;
+  await sampler;
+  run.check('framesDecoded keeps growing', lastDecoded > before, `${before} -> ${lastDecoded}`);
+  run.check('no freeze longer than 1 s', longestFreeze <= 1000, `longest ${longestFreeze} ms`);
+  console.log(`switch_ms low=${low} high=${high}`);
+  await run.finish(0);
+}
+
+main().catch((e) => {
+  run.check('simulcast test ran', false, e.stack || String(e));
+  run.finish(1);
+});
