@@ -326,3 +326,63 @@ fn subscribers_get_the_layer_they_ask_for_switching_only_on_keyframes() {
         );
     }
 }
+
+/// Distinct video frames (by the sender's sequence tag) `to` received from
+/// `from` with tag greater than `after`.
+fn distinct_video_frames(h: &Harness, to: usize, from: usize, after: u16) -> usize {
+    let mut tags: Vec<u16> = h
+        .video_payloads_from(to, from)
+        .iter()
+        .map(|p| u16::from_be_bytes([p[common::PAYLOAD_SEQ], p[common::PAYLOAD_SEQ + 1]]))
+        .filter(|t| *t > after)
+        .collect();
+    tags.sort_unstable();
+    tags.dedup();
+    tags.len()
+}
+
+/// Residual video loss at a subscriber after retransmission, with `up` loss
+/// from publisher to server and `down` loss from server to subscriber.
+fn residual_loss(up: f64, down: f64) -> (f64, (u64, u64)) {
+    let mut h = Harness::new();
+    let a = h.join("alice", true);
+    let b = h.join("bob", false);
+    connect_all(&mut h, &[a], &[(b, a)]);
+    let pub_addr = h.clients[a].pub_addr;
+    let sub_addr = h.clients[b].sub_addr;
+    h.uplink_loss.insert(pub_addr, up);
+    h.downlink_loss.insert(sub_addr, down);
+    let start = h.clients[a].seq;
+    let n = 1000;
+    pump(&mut h, &[a], n);
+    // Let the last retransmissions land.
+    h.uplink_loss.clear();
+    h.downlink_loss.clear();
+    h.run_for(Duration::from_secs(2));
+    let got = distinct_video_frames(&h, b, a, start);
+    (1.0 - got as f64 / n as f64, h.lost)
+}
+
+#[test]
+fn five_percent_uplink_loss_is_recovered_by_retransmission() {
+    let (residual, lost) = residual_loss(0.05, 0.0);
+    eprintln!(
+        "5% uplink loss: {} datagrams lost, residual video loss {:.3}%",
+        lost.0,
+        residual * 100.0
+    );
+    assert!(lost.0 >= 60, "the loss was applied ({lost:?})");
+    assert!(residual < 0.005, "residual loss {:.3}%", residual * 100.0);
+}
+
+#[test]
+fn five_percent_downlink_loss_is_recovered_by_retransmission() {
+    let (residual, lost) = residual_loss(0.0, 0.05);
+    eprintln!(
+        "5% downlink loss: {} datagrams lost, residual video loss {:.3}%",
+        lost.1,
+        residual * 100.0
+    );
+    assert!(lost.1 >= 60, "the loss was applied ({lost:?})");
+    assert!(residual < 0.005, "residual loss {:.3}%", residual * 100.0);
+}

@@ -115,6 +115,13 @@ pub struct Harness {
     pub removed: Vec<ParticipantId>,
     next_port: u16,
     pending: VecDeque<(ParticipantId, ClientMessage)>,
+    /// Random loss on the path from these client addresses to the server
+    /// (uplink) and from the server to them (downlink), as a fraction.
+    pub uplink_loss: HashMap<SocketAddr, f64>,
+    pub downlink_loss: HashMap<SocketAddr, f64>,
+    /// Datagrams the loss dropped: (uplink, downlink).
+    pub lost: (u64, u64),
+    rng: sfu_core::SeededRng,
 }
 
 impl Harness {
@@ -138,6 +145,10 @@ impl Harness {
             removed: Vec::new(),
             next_port: 10_000,
             pending: VecDeque::new(),
+            uplink_loss: HashMap::new(),
+            downlink_loss: HashMap::new(),
+            lost: (0, 0),
+            rng: sfu_core::SeededRng::new(42),
         }
     }
 
@@ -280,6 +291,10 @@ impl Harness {
                     Output::Transmit(t) => {
                         moved = true;
                         let now = self.now;
+                        if self.lose(self.downlink_loss.get(&t.destination).copied()) {
+                            self.lost.1 += 1;
+                            continue;
+                        }
                         if let Some((pc, addr)) = self.client_by_addr(t.destination) {
                             let _ = pc.handle_read(TaggedBytesMut {
                                 now,
@@ -354,6 +369,10 @@ impl Harness {
             }
             for (from, data) in datagrams {
                 moved = true;
+                if self.lose(self.uplink_loss.get(&from).copied()) {
+                    self.lost.0 += 1;
+                    continue;
+                }
                 self.room.handle_datagram(self.now, from, data);
             }
             if !moved {
@@ -361,6 +380,14 @@ impl Harness {
             }
         }
         panic!("harness did not settle");
+    }
+
+    /// Draws whether a datagram on a path with this loss rate is lost.
+    fn lose(&mut self, rate: Option<f64>) -> bool {
+        match rate {
+            Some(rate) => (self.rng.next_u64() % 1_000_000) as f64 / 1_000_000.0 < rate,
+            None => false,
+        }
     }
 
     fn on_signal(&mut self, participant: ParticipantId, message: ServerMessage) {
