@@ -210,6 +210,9 @@ struct Conn {
     dirty: bool,
     /// ICE and DTLS are up: media written now reaches the client.
     connected: bool,
+    /// The engine's next timer, as of the last time this connection was
+    /// drained (every change to a connection drains it).
+    next_timeout: Option<Instant>,
 }
 
 /// A subscriber's wishes for one track, as last sent.
@@ -538,7 +541,9 @@ impl Room {
         }
         .new_candidate_host()?;
         pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json()?)?;
+        let next_timeout = pc.poll_timeout();
         let conn = Box::new(Conn {
+            next_timeout,
             pc,
             participant,
             target,
@@ -1134,7 +1139,7 @@ impl Room {
             let Some(c) = self.conns[index].as_deref_mut() else {
                 continue;
             };
-            if c.pc.poll_timeout().is_some_and(|t| t <= now) {
+            if c.next_timeout.is_some_and(|t| t <= now) {
                 if let Err(e) = c.pc.handle_timeout(now) {
                     tracing::debug!(error = %e, "peer connection timeout handling");
                 }
@@ -1150,8 +1155,8 @@ impl Room {
             return output;
         }
         let mut next = self.last_now + Duration::from_secs(3600);
-        for c in self.conns.iter_mut().flatten() {
-            if let Some(t) = c.pc.poll_timeout() {
+        for c in self.conns.iter().flatten() {
+            if let Some(t) = c.next_timeout {
                 next = next.min(t);
             }
         }
@@ -1191,6 +1196,7 @@ impl Room {
                     break;
                 }
             }
+            c.next_timeout = c.pc.poll_timeout();
             for event in events {
                 self.on_event(now, id, participant, target, event);
             }

@@ -579,6 +579,31 @@ impl Harness {
     /// real encoder, right after a keyframe request. Payloads carry the
     /// sender's index, the stream slot and a sequence number.
     pub fn send_media(&mut self, index: usize) {
+        self.write_media(index, false);
+        self.settle();
+    }
+
+    /// The encrypted datagrams of `count` video frames from client `index`,
+    /// made but not delivered (for benchmarks that feed the room directly).
+    pub fn capture_media(&mut self, index: usize, count: usize) -> Vec<BytesMut> {
+        let server: SocketAddr = SERVER.parse().unwrap();
+        let mut out = Vec::with_capacity(count);
+        for _ in 0..count {
+            self.write_media(index, true);
+            if let Some(pc) = self.clients[index].publisher.as_mut() {
+                while let Some(d) = pc.poll_write() {
+                    if d.transport.peer_addr == server {
+                        out.push(d.message);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Writes one frame per stream (or only video) into client `index`'s
+    /// publisher connection without delivering anything.
+    fn write_media(&mut self, index: usize, video_only: bool) {
         let now = self.now;
         let c = &mut self.clients[index];
         c.seq = c.seq.wrapping_add(1);
@@ -590,6 +615,9 @@ impl Harness {
             return;
         };
         for (i, (sender, ssrc, pt)) in c.senders.iter().enumerate() {
+            if video_only && *pt == OPUS_PAYLOAD_TYPE {
+                continue;
+            }
             // VP8 payload descriptor (start of partition) + tagged body:
             // sender index, stream slot (video layers 0.., audio 0xA0).
             let slot = if *pt == OPUS_PAYLOAD_TYPE {
@@ -653,7 +681,6 @@ impl Harness {
             };
             rtp_sender.write_rtp(now, packet).unwrap();
         }
-        self.settle();
     }
 
     pub fn client_sid(&self, index: usize) -> String {
@@ -705,5 +732,3 @@ impl Harness {
         (video, audio)
     }
 }
-
-pub fn _unused(_: BytesMut) {}
