@@ -153,7 +153,14 @@ impl Forwarder {
             tl0_pic_idx: p.tl0_pic_idx,
         };
         let mut switched = false;
-        if p.layer == target && self.current != Some(target) {
+        if self.current.is_none() && p.keyframe && p.layer < target {
+            // Nothing flows yet: start on the first keyframe of any layer up
+            // to the target, for the fastest first frame, and climb to the
+            // target at its next keyframe.
+            self.munger.switch(&input, now, self.clock_rate);
+            self.current = Some(p.layer);
+            switched = true;
+        } else if p.layer == target && self.current != Some(target) {
             if !p.keyframe {
                 if self.current.is_none() {
                     return Verdict::Drop(DropReason::WaitingForKeyframe);
@@ -234,28 +241,32 @@ mod tests {
     }
 
     #[test]
-    fn starts_on_a_keyframe_of_the_target_layer() {
+    fn starts_on_the_first_keyframe_up_to_the_target_then_climbs() {
         let mut f = Forwarder::new(90_000);
         let now = t0();
         f.set_available(&[0, 1, 2]);
         assert_eq!(f.target(), Some(2));
         assert_eq!(f.awaiting_keyframe(), Some(2));
         let mut s = Source::new();
-        assert_eq!(
-            f.decide(&s.packet(2, false), now),
-            Verdict::Drop(DropReason::WaitingForKeyframe)
-        );
-        assert_eq!(
-            f.decide(&s.packet(0, true), now),
-            Verdict::Drop(DropReason::LayerNotSelected)
-        );
-        let r = fwd(f.decide(&s.packet(2, true), now));
+        assert_eq!(f.decide(&s.packet(2, false), now), Verdict::Drop(DropReason::WaitingForKeyframe));
+        assert_eq!(f.decide(&s.packet(0, false), now), Verdict::Drop(DropReason::LayerNotSelected));
+        // A low keyframe arrives first: start there.
+        let r = fwd(f.decide(&s.packet(0, true), now));
         assert!(r.switched);
+        assert_eq!(f.current(), Some(0));
+        assert_eq!(f.awaiting_keyframe(), Some(2), "still climbing to the target");
+        let r1 = fwd(f.decide(&s.packet(0, false), now));
+        assert_eq!(r1.seq, r.seq.wrapping_add(1));
+        // A medium keyframe does not interrupt: only the target is switched to.
+        assert_eq!(f.decide(&s.packet(1, true), now), Verdict::Drop(DropReason::LayerNotSelected));
+        let r2 = fwd(f.decide(&s.packet(2, true), now));
+        assert!(r2.switched);
+        assert_eq!(r2.seq, r1.seq.wrapping_add(1));
         assert_eq!(f.current(), Some(2));
         assert_eq!(f.awaiting_keyframe(), None);
-        let r2 = fwd(f.decide(&s.packet(2, false), now));
-        assert_eq!(r2.seq, r.seq.wrapping_add(1));
-        assert!(!r2.switched);
+        let r3 = fwd(f.decide(&s.packet(2, false), now));
+        assert_eq!(r3.seq, r2.seq.wrapping_add(1));
+        assert!(!r3.switched);
     }
 
     #[test]
