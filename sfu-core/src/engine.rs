@@ -1,12 +1,16 @@
 //! Construction of the webrtc-rs `rtc` peer connections the room drives:
 //! codecs with the RTCP feedback browsers need, the interceptor chain, and
-//! the interceptor that lets keyframe requests reach the room.
+//! the interceptor that lets keyframe requests and NACKs reach the room.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
-use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::interceptor::{
+    Attribute, Interceptor, NackGeneratorBuilder, Packet, Registry, Slot, StreamInfo, TaggedPacket,
+};
+use rtc::peer_connection::configuration::interceptor_registry::{
+    configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
+};
 use rtc::peer_connection::configuration::media_engine::{
     MediaEngine, MIME_TYPE_OPUS, MIME_TYPE_VP8,
 };
@@ -16,6 +20,7 @@ use rtc::peer_connection::transport::RTCDtlsRole;
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind,
 };
@@ -98,8 +103,8 @@ pub enum ConnRole {
 }
 
 /// Builds one server-side peer connection: ICE-lite with the given
-/// credentials and host candidate, VP8 + Opus, default interceptors plus
-/// keyframe-request delivery.
+/// credentials, VP8 + Opus, RTCP reports, TWCC feedback, NACK generation on
+/// publisher connections, and delivery of the feedback the room acts on.
 pub fn build_peer_connection(
     now: Instant,
     ufrag: &str,
@@ -107,8 +112,16 @@ pub fn build_peer_connection(
     role: ConnRole,
 ) -> Result<RTCPeerConnection, RtcError> {
     let mut engine = media_engine()?;
-    let registry = register_default_interceptors(Registry::new(), &mut engine)?;
-    let registry = registry.with(Slot::Custom(14_000), KeyframeRequestTap::default());
+    configure_simulcast_extension_headers(&mut engine)?;
+    let mut registry = configure_twcc_receiver_only(Registry::new(), &mut engine)?;
+    registry = configure_rtcp_reports(registry);
+    if role == ConnRole::Answering {
+        // Publisher connections ask the client to resend what got lost.
+        // Subscriber connections have no NACK responder of their own: the
+        // room answers NACKs from its shared per-layer packet cache.
+        registry = registry.with(Slot::NackGenerator, NackGeneratorBuilder::new().build());
+    }
+    let registry = registry.with(Slot::Custom(14_000), FeedbackTap::default());
     let mut settings = SettingEngineBuilder::new()
         .with_lite(true)
         .with_ice_credentials(ufrag.to_owned(), pwd.to_owned());
@@ -123,21 +136,24 @@ pub fn build_peer_connection(
         .build(now)
 }
 
-/// Marks inbound PLI and FIR for delivery to the application. The engine
-/// stops all inbound RTCP at the end of its chain unless told otherwise,
-/// and the room must see keyframe requests to pass them to publishers.
+/// Marks inbound PLI, FIR and NACK for delivery to the application. The
+/// engine stops all inbound RTCP at the end of its chain unless told
+/// otherwise; the room passes keyframe requests to publishers and answers
+/// NACKs from its packet cache.
 #[derive(Default)]
-pub struct KeyframeRequestTap {
+pub struct FeedbackTap {
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
 }
 
-fn is_keyframe_request(packet: &dyn rtc::rtcp::Packet) -> bool {
+fn is_for_the_room(packet: &dyn rtc::rtcp::Packet) -> bool {
     let any = packet.as_any();
-    any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
+    any.is::<PictureLossIndication>()
+        || any.is::<FullIntraRequest>()
+        || any.is::<TransportLayerNack>()
 }
 
-impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestTap {
+impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackTap {
     type Rout = TaggedPacket;
     type Wout = TaggedPacket;
     type Eout = ();
@@ -146,7 +162,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestTap {
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), RtcError> {
         if let Packet::Rtcp(packets) = &msg.message.packet {
-            if packets.iter().any(|p| is_keyframe_request(p.as_ref())) {
+            if packets.iter().any(|p| is_for_the_room(p.as_ref())) {
                 msg.message.add(Attribute::DeliverToApplication);
             }
         }
@@ -168,7 +184,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestTap {
     }
 }
 
-impl Interceptor for KeyframeRequestTap {
+impl Interceptor for FeedbackTap {
     fn bind_local_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}

@@ -248,17 +248,30 @@ mod tests {
         assert_eq!(f.target(), Some(2));
         assert_eq!(f.awaiting_keyframe(), Some(2));
         let mut s = Source::new();
-        assert_eq!(f.decide(&s.packet(2, false), now), Verdict::Drop(DropReason::WaitingForKeyframe));
-        assert_eq!(f.decide(&s.packet(0, false), now), Verdict::Drop(DropReason::LayerNotSelected));
+        assert_eq!(
+            f.decide(&s.packet(2, false), now),
+            Verdict::Drop(DropReason::WaitingForKeyframe)
+        );
+        assert_eq!(
+            f.decide(&s.packet(0, false), now),
+            Verdict::Drop(DropReason::LayerNotSelected)
+        );
         // A low keyframe arrives first: start there.
         let r = fwd(f.decide(&s.packet(0, true), now));
         assert!(r.switched);
         assert_eq!(f.current(), Some(0));
-        assert_eq!(f.awaiting_keyframe(), Some(2), "still climbing to the target");
+        assert_eq!(
+            f.awaiting_keyframe(),
+            Some(2),
+            "still climbing to the target"
+        );
         let r1 = fwd(f.decide(&s.packet(0, false), now));
         assert_eq!(r1.seq, r.seq.wrapping_add(1));
         // A medium keyframe does not interrupt: only the target is switched to.
-        assert_eq!(f.decide(&s.packet(1, true), now), Verdict::Drop(DropReason::LayerNotSelected));
+        assert_eq!(
+            f.decide(&s.packet(1, true), now),
+            Verdict::Drop(DropReason::LayerNotSelected)
+        );
         let r2 = fwd(f.decide(&s.packet(2, true), now));
         assert!(r2.switched);
         assert_eq!(r2.seq, r1.seq.wrapping_add(1));

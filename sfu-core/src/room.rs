@@ -22,6 +22,7 @@ use rtc::peer_connection::transport::{
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
@@ -34,6 +35,7 @@ use sfu_signal::{
     RoomRef, ServerMessage, Target, TrackInfo, TrackKind, PROTOCOL_VERSION,
 };
 
+use crate::cache::{PacketCache, SentEntry, SentLog};
 use crate::engine::{build_peer_connection, opus_codec, vp8_codec, ConnRole};
 use crate::forwarder::{Forwarder, Layer, PacketInfo, Preference, Verdict};
 use crate::ids::{ConnId, ParticipantId, SeededRng, TrackKey};
@@ -192,6 +194,10 @@ pub struct RoomStats {
     pub rtp_forwarded: u64,
     pub bytes_forwarded: u64,
     pub keyframe_requests_sent: u64,
+    /// Packets sent again from the cache in answer to NACKs.
+    pub retransmissions: u64,
+    /// NACKed packets no longer (or never) in the cache.
+    pub retransmissions_missed: u64,
     pub drops: HashMap<DropReason, u64>,
 }
 
@@ -228,6 +234,8 @@ struct DownTrack {
     ssrc: u32,
     forwarder: Forwarder,
     pref: SubscriptionPref,
+    /// What went out under which sequence number, for NACKs.
+    sent: SentLog,
     payload_type: Option<u8>,
     /// The subscriber offer that first carried this track.
     offer_gen: Option<u64>,
@@ -258,6 +266,8 @@ struct PubLayer {
     /// Frame size, from the layer's last keyframe.
     dimensions: Option<(u16, u16)>,
     last_keyframe_request: Option<Instant>,
+    /// Recent packets, for answering subscribers' NACKs.
+    cache: PacketCache,
 }
 
 /// Spatial layer of a simulcast stream from its rid: the usual names for
@@ -976,6 +986,7 @@ impl Room {
                     ssrc,
                     forwarder,
                     pref: SubscriptionPref::default(),
+                    sent: SentLog::new(),
                     payload_type: None,
                     offer_gen: None,
                     negotiated: false,
@@ -1403,6 +1414,7 @@ impl Room {
             seq: SeqExtender::new(),
             dimensions: None,
             last_keyframe_request: None,
+            cache: PacketCache::new(),
         });
         let available = track.available();
         for sub in &track.subscribers {
@@ -1439,6 +1451,18 @@ impl Room {
                 let mut wanted = Vec::new();
                 for packet in &packets {
                     let any = packet.as_any();
+                    if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
+                        if let Some((sub, key)) = self.down_by_ssrc.get(&nack.media_ssrc).copied() {
+                            if sub == participant {
+                                for pair in &nack.nacks {
+                                    for seq in pair.packet_list() {
+                                        self.retransmit(now, sub, key, seq);
+                                    }
+                                }
+                            }
+                        }
+                        continue;
+                    }
                     if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
                         wanted.push(pli.media_ssrc);
                     } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
@@ -1507,6 +1531,9 @@ impl Room {
         packet.header.extension = false;
         packet.header.extensions.clear();
         packet.header.extension_profile = 0;
+        if let Some(source) = track.layers.iter_mut().find(|l| l.ssrc == ssrc) {
+            source.cache.insert(ext_seq, now, &packet);
+        }
         let bytes = packet.payload.len() as u64;
         // Layers some subscriber waits for a keyframe of (and whether it
         // receives nothing meanwhile).
@@ -1572,6 +1599,11 @@ impl Room {
                 Ok(()) => {
                     stats.rtp_forwarded += 1;
                     stats.bytes_forwarded += bytes;
+                    down.sent.record(SentEntry {
+                        layer: info.layer,
+                        ext_seq,
+                        rewrite,
+                    });
                     if !c.dirty {
                         c.dirty = true;
                         dirty.push(conn);
@@ -1593,6 +1625,67 @@ impl Room {
         }
         for sub in sized_subscribers {
             self.apply_preference(sub, key);
+        }
+    }
+
+    /// Sends again what a down track sent as `seq`, from the layer's cache,
+    /// rewritten exactly as the first time.
+    fn retransmit(&mut self, now: Instant, sub: ParticipantId, key: TrackKey, seq: u16) {
+        let Room {
+            tracks,
+            participants,
+            conns,
+            dirty,
+            stats,
+            ..
+        } = self;
+        let Some(p) = participants.get(&sub) else {
+            return;
+        };
+        let (Some(conn), Some(down)) = (p.subscriber, p.down_tracks.get(&key)) else {
+            return;
+        };
+        let found = down.sent.lookup(seq).and_then(|entry| {
+            let track = tracks.get(&key)?;
+            let layer = track.layers.iter().find(|l| l.layer == entry.layer)?;
+            Some((entry, layer.cache.get(entry.ext_seq, now)?.clone()))
+        });
+        let (Some((entry, mut packet)), Some(pt)) = (found, down.payload_type) else {
+            stats.retransmissions_missed += 1;
+            return;
+        };
+        packet.header.ssrc = down.ssrc;
+        packet.header.payload_type = pt;
+        packet.header.sequence_number = entry.rewrite.seq;
+        packet.header.timestamp = entry.rewrite.timestamp;
+        if entry.rewrite.picture_id.is_some() || entry.rewrite.tl0_pic_idx.is_some() {
+            if let Some(d) = vp8::parse(&packet.payload) {
+                let unchanged = d.picture_id.map(|(id, _)| id) == entry.rewrite.picture_id
+                    && d.tl0_pic_idx == entry.rewrite.tl0_pic_idx;
+                if !unchanged {
+                    let mut payload = BytesMut::from(&packet.payload[..]);
+                    vp8::rewrite(
+                        &mut payload,
+                        &d,
+                        entry.rewrite.picture_id.unwrap_or(0),
+                        entry.rewrite.tl0_pic_idx.unwrap_or(0),
+                    );
+                    packet.payload = payload.freeze();
+                }
+            }
+        }
+        let Some(c) = conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
+            return;
+        };
+        let Some(mut sender) = c.pc.rtp_sender(down.sender) else {
+            return;
+        };
+        if sender.write_rtp(now, packet).is_ok() {
+            stats.retransmissions += 1;
+            if !c.dirty {
+                c.dirty = true;
+                dirty.push(conn);
+            }
         }
     }
 

@@ -360,7 +360,12 @@ fn residual_loss(up: f64, down: f64) -> (f64, (u64, u64)) {
     h.downlink_loss.clear();
     h.run_for(Duration::from_secs(2));
     let got = distinct_video_frames(&h, b, a, start);
+    RETRANSMISSIONS.with(|r| r.set(h.room.stats().retransmissions));
     (1.0 - got as f64 / n as f64, h.lost)
+}
+
+thread_local! {
+    static RETRANSMISSIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 #[test]
@@ -378,6 +383,11 @@ fn five_percent_uplink_loss_is_recovered_by_retransmission() {
 #[test]
 fn five_percent_downlink_loss_is_recovered_by_retransmission() {
     let (residual, lost) = residual_loss(0.0, 0.05);
+    // Answered by the room from its packet cache (subscriber connections
+    // have no NACK responder of their own).
+    let retransmitted = RETRANSMISSIONS.with(|r| r.get());
+    eprintln!("answered {retransmitted} NACKed packets from the cache");
+    assert!(retransmitted >= 30, "{retransmitted} retransmissions");
     eprintln!(
         "5% downlink loss: {} datagrams lost, residual video loss {:.3}%",
         lost.1,

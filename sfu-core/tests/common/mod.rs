@@ -28,7 +28,7 @@ use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use sfu_core::engine::{
-    media_engine, opus_codec, vp8_codec, KeyframeRequestTap, OPUS_PAYLOAD_TYPE, VP8_PAYLOAD_TYPE,
+    media_engine, opus_codec, vp8_codec, FeedbackTap, OPUS_PAYLOAD_TYPE, VP8_PAYLOAD_TYPE,
 };
 use sfu_core::signal::{ClientMessage, IceCandidate, ServerMessage, Target};
 use sfu_core::{JoinRequest, Output, ParticipantId, Room, RoomConfig, RoomEvent};
@@ -53,7 +53,7 @@ fn client_pc(now: Instant, addr: SocketAddr) -> RTCPeerConnection {
     let mut engine = media_engine().unwrap();
     let registry = register_default_interceptors(Registry::new(), &mut engine)
         .unwrap()
-        .with(Slot::Custom(14_000), KeyframeRequestTap::default());
+        .with(Slot::Custom(14_000), FeedbackTap::default());
     let mut pc = RTCPeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(engine)
