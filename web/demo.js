@@ -1,29 +1,45 @@
 // The demo page: join a room, publish camera and microphone, show everyone.
 //
-// Query parameters: room, name, autojoin=0 (show the form instead of joining
-// at once), publish=0 (receive only), simulcast=0 (send one layer), and for
-// servers outside
-// development mode token + url (a join token minted by your backend).
+// Query parameters:
+//   room, name        prefill the form (defaults: "demo", a random guest name)
+//   autojoin=0        show the form instead of joining at once (autojoin=1 or
+//                     no parameter joins on open)
+//   publish=0         receive only
+//   simulcast=0       send one video encoding instead of three layers
+//   token, url        a join token minted by your backend and the signalling
+//                     URL, for servers outside development mode
+//
+// For tests: window.sfuRoom is the Room, window.sfuJoinStartedAt and
+// window.sfuFirstRemoteFrameAt are performance.now() marks of the join and
+// of the first remote video frame.
 import { Room } from '/sdk/sfu-sdk.js';
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
 const grid = $('grid');
-const status = (text) => { $('status').textContent = text; };
 
 $('room').value = params.get('room') || 'demo';
 $('name').value = params.get('name') || `guest-${Math.floor(Math.random() * 10000)}`;
 
+/** @type {Room|null} */
 let room = null;
 let cameraOn = true;
 let micOn = true;
 
+function setStatus(text, state) {
+  const el = $('status');
+  el.textContent = text;
+  el.dataset.state = state || text;
+}
+
+/** The tile of one participant ('local' for ourselves), created on demand. */
 function tile(id, label) {
   let el = document.getElementById(`tile-${id}`);
   if (!el) {
     el = document.createElement('div');
     el.className = 'tile';
     el.id = `tile-${id}`;
+    el.dataset.participantSid = id;
     const caption = document.createElement('span');
     caption.className = 'label';
     caption.textContent = label;
@@ -39,98 +55,143 @@ function removeTile(id) {
 
 async function getToken(roomName, identity) {
   if (params.get('token')) {
-    return { token: params.get('token'), url: params.get('url') || `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/v1/rtc` };
+    const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+    return { token: params.get('token'), url: params.get('url') || `${scheme}://${location.host}/v1/rtc` };
   }
-  const res = await fetch(`/dev/token?room=${encodeURIComponent(roomName)}&identity=${encodeURIComponent(identity)}`);
+  const q = `room=${encodeURIComponent(roomName)}&identity=${encodeURIComponent(identity)}`;
+  const res = await fetch(`/dev/token?${q}`);
   if (!res.ok) throw new Error('no token: pass ?token=...&url=... (the dev token endpoint exists only in development mode)');
   return res.json();
+}
+
+function qualityMenu(video) {
+  const menu = document.createElement('select');
+  menu.className = 'quality';
+  menu.title = 'Received quality';
+  for (const q of ['high', 'medium', 'low', 'paused']) menu.add(new Option(q, q));
+  menu.addEventListener('change', () => {
+    const v = menu.value;
+    room?.setSubscription(video.dataset.trackSid, v === 'paused' ? { paused: true } : { quality: v, paused: false });
+  });
+  return menu;
+}
+
+function onTrackSubscribed({ participant, track, mediaStreamTrack }) {
+  const t = tile(participant.sid, participant.identity);
+  if (mediaStreamTrack.kind === 'video') {
+    let video = t.querySelector('video.remote-video');
+    if (!video) {
+      video = document.createElement('video');
+      video.className = 'remote-video';
+      video.autoplay = true;
+      video.playsInline = true;
+      video.muted = true; // video only: the sound plays through the tile's <audio>
+      video.dataset.participantSid = participant.sid;
+      video.addEventListener('resize', () => {
+        if (video.videoWidth > 0 && window.sfuFirstRemoteFrameAt === undefined) {
+          window.sfuFirstRemoteFrameAt = performance.now();
+        }
+      });
+      t.prepend(video);
+      t.appendChild(qualityMenu(video));
+    }
+    video.dataset.trackSid = track.sid;
+    video.srcObject = new MediaStream([mediaStreamTrack]);
+    t.classList.toggle('camera-off', !!track.muted);
+  } else {
+    const audio = document.createElement('audio');
+    audio.className = 'remote-audio';
+    audio.autoplay = true;
+    audio.hidden = true;
+    audio.dataset.participantSid = participant.sid;
+    audio.dataset.trackSid = track.sid;
+    audio.srcObject = new MediaStream([mediaStreamTrack]);
+    t.appendChild(audio);
+    t.classList.toggle('mic-off', !!track.muted);
+  }
+}
+
+function onTrackUnsubscribed({ participant, trackSid }) {
+  const t = document.getElementById(`tile-${participant.sid}`);
+  if (!t) return;
+  for (const el of t.querySelectorAll(`[data-track-sid="${CSS.escape(trackSid)}"]`)) {
+    if (el.tagName === 'VIDEO') t.querySelector('.quality')?.remove();
+    el.remove();
+  }
+  if (!t.querySelector('video, audio')) removeTile(participant.sid);
+}
+
+function onTrackMuted({ participant, trackSid, muted }) {
+  const track = participant.tracks.get(trackSid);
+  const t = document.getElementById(`tile-${participant.sid}`);
+  if (!t || !track) return;
+  t.classList.toggle(track.kind === 'video' ? 'camera-off' : 'mic-off', muted);
+}
+
+function showJoined(joined) {
+  $('join').hidden = joined;
+  $('controls').hidden = !joined;
+  if (!joined) grid.replaceChildren();
+}
+
+function showLocal(identity, stream) {
+  const t = tile('local', `${identity} (you)`);
+  t.classList.add('local');
+  const video = document.createElement('video');
+  video.className = 'local-video';
+  video.autoplay = true;
+  video.playsInline = true;
+  video.muted = true;
+  video.srcObject = stream;
+  t.prepend(video);
 }
 
 async function join() {
   const roomName = $('room').value.trim();
   const identity = $('name').value.trim();
   window.sfuJoinStartedAt = performance.now();
-  status('connecting…');
+  window.sfuFirstRemoteFrameAt = undefined;
+  setStatus('connecting…', 'connecting');
+  $('join-button').disabled = true;
+  cameraOn = true;
+  micOn = true;
+  $('toggle-camera').textContent = 'Camera off';
+  $('toggle-mic').textContent = 'Mic off';
+
   room = new Room();
   window.sfuRoom = room;
-  room.on('trackSubscribed', ({ participant, mediaStreamTrack, stream }) => {
-    const t = tile(participant.sid, participant.identity);
-    if (mediaStreamTrack.kind === 'video') {
-      let video = t.querySelector('video');
-      if (!video) {
-        video = document.createElement('video');
-        video.className = 'remote-video';
-        video.autoplay = true;
-        video.playsInline = true;
-        video.muted = true; // sound plays through the audio element
-        video.dataset.participantSid = participant.sid;
-        video.dataset.trackSid = mediaStreamTrack.id;
-        const quality = document.createElement('select');
-        quality.className = 'quality';
-        quality.title = 'Received quality';
-        for (const q of ['high', 'medium', 'low', 'paused']) quality.add(new Option(q, q));
-        quality.addEventListener('change', () => {
-          const v = quality.value;
-          room.setSubscription(video.dataset.trackSid, v === 'paused' ? { paused: true } : { quality: v, paused: false });
-        });
-        t.appendChild(quality);
-        video.addEventListener('resize', () => {
-          if (video.videoWidth > 0 && window.sfuFirstRemoteFrameAt === undefined) {
-            window.sfuFirstRemoteFrameAt = performance.now();
-          }
-        });
-        t.prepend(video);
-      }
-      video.dataset.trackSid = mediaStreamTrack.id;
-      video.srcObject = new MediaStream([mediaStreamTrack]);
-    } else {
-      let audio = t.querySelector('audio');
-      if (!audio) {
-        audio = document.createElement('audio');
-        audio.autoplay = true;
-        t.appendChild(audio);
-      }
-      audio.srcObject = new MediaStream([mediaStreamTrack]);
-    }
-    void stream;
-  });
-  room.on('trackUnsubscribed', ({ participant }) => {
-    if (!participant.tracks.size) removeTile(participant.sid);
-  });
+  room.on('trackSubscribed', onTrackSubscribed);
+  room.on('trackUnsubscribed', onTrackUnsubscribed);
   room.on('participantLeft', (p) => removeTile(p.sid));
-  room.on('trackMuted', ({ participant, muted }) => {
-    tile(participant.sid, participant.identity).classList.toggle('muted', muted);
-  });
-  room.on('disconnected', (reason) => { status(`disconnected (${reason})`); });
+  room.on('trackMuted', onTrackMuted);
   room.on('error', (e) => console.warn(e));
+  const thisRoom = room;
+  room.on('disconnected', (reason) => {
+    if (room !== thisRoom) return;
+    setStatus(reason === 'left' ? 'left' : `disconnected (${reason})`, 'disconnected');
+    showJoined(false);
+  });
   try {
     const { token, url } = await getToken(roomName, identity);
     await room.connect(url, token);
-    status('connected');
-    $('join').hidden = true;
-    $('controls').hidden = false;
-    if (params.get('publish') === '0') {
-      status('connected, receiving only');
+    setStatus('connected');
+    showJoined(true);
+    if (params.get('publish') === '0' || !room.canPublish) {
+      setStatus('connected, receiving only', 'connected');
       return;
     }
-    let stream;
     try {
-      stream = await room.publishCamera({ simulcast: params.get('simulcast') !== '0' });
+      const stream = await room.publishCamera({ simulcast: params.get('simulcast') !== '0' });
+      showLocal(identity, stream);
     } catch (e) {
       // No camera (or permission refused): still receive everyone else.
-      status(`connected, receiving only (${e.name || e.message})`);
-      return;
+      setStatus(`connected, receiving only (${e.name || e.message})`, 'connected');
     }
-    const t = tile('local', `${identity} (you)`);
-    const video = document.createElement('video');
-    video.className = 'local-video';
-    video.autoplay = true;
-    video.playsInline = true;
-    video.muted = true;
-    video.srcObject = stream;
-    t.prepend(video);
   } catch (e) {
-    status(`error: ${e.message}`);
+    setStatus(`error: ${e.message}`, 'error');
+    showJoined(false);
+  } finally {
+    $('join-button').disabled = false;
   }
 }
 
@@ -139,20 +200,16 @@ $('toggle-camera').addEventListener('click', async () => {
   cameraOn = !cameraOn;
   await room?.setCameraEnabled(cameraOn);
   $('toggle-camera').textContent = cameraOn ? 'Camera off' : 'Camera on';
+  document.getElementById('tile-local')?.classList.toggle('camera-off', !cameraOn);
 });
 $('toggle-mic').addEventListener('click', async () => {
   micOn = !micOn;
   await room?.setMicrophoneEnabled(micOn);
   $('toggle-mic').textContent = micOn ? 'Mic off' : 'Mic on';
+  document.getElementById('tile-local')?.classList.toggle('mic-off', !micOn);
 });
-$('leave').addEventListener('click', async () => {
-  await room?.leave();
-  grid.replaceChildren();
-  $('controls').hidden = true;
-  $('join').hidden = false;
-  status('left');
-});
+$('leave').addEventListener('click', () => room?.leave());
 
-// Opening the page is joining: a newcomer opens it in two tabs and is in a call.
-// ?autojoin=0 shows the form first.
+// Opening the page is joining: a newcomer opens it in two tabs and is in a
+// call. ?autojoin=0 shows the form first.
 if (params.get('autojoin') !== '0') join();

@@ -8,56 +8,124 @@
 //
 // The protocol it speaks is documented in docs/protocol.md: two peer
 // connections per participant, the client offering on the publisher one and
-// the server offering on the subscriber one.
+// the server offering on the subscriber one, JSON signalling over one
+// WebSocket.
 
+/** Signalling protocol version this SDK speaks. */
+export const PROTOCOL_VERSION = 1;
+
+/** Keepalive interval; the server closes sockets silent for 45 s. */
 const PING_INTERVAL_MS = 10_000;
+
+/** Camera constraints used when `video` is `true` or not given. */
+export const DEFAULT_VIDEO_CONSTRAINTS = { width: { ideal: 1280 }, height: { ideal: 720 } };
+
+/**
+ * Simulcast layers, lowest first. The rids are the ones the server ranks as
+ * low, medium and high (see docs/protocol.md, "Media").
+ */
+export const SIMULCAST_LAYERS = [
+  { rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+  { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 500_000 },
+  { rid: 'f', maxBitrate: 1_500_000 },
+];
+
+/**
+ * @typedef {object} TrackInfo  A published track as the server describes it.
+ * @property {string} sid  server track id (`TR_...`)
+ * @property {string} [cid]  the publisher's MediaStreamTrack.id
+ * @property {'audio'|'video'} kind
+ * @property {boolean} muted
+ * @property {string} [mimeType]
+ * @property {boolean} [simulcast]
+ * @property {MediaStreamTrack} [mediaStreamTrack]  set once the media arrives
+ */
+
+/**
+ * @typedef {object} PublishOptions
+ * @property {boolean} [simulcast]  send video as several layers (default true)
+ * @property {RTCRtpEncodingParameters[]} [sendEncodings]  explicit encodings for video
+ * @property {MediaStream} [stream]  the stream the track is announced in (default: a stream of its own)
+ */
 
 /** A participant in the room as this client knows it. */
 export class RemoteParticipant {
+  /** @param {{sid:string, identity:string, name?:string, tracks?:TrackInfo[]}} info */
   constructor(info) {
+    /** @type {string} */
     this.sid = info.sid;
+    /** @type {string} */
     this.identity = info.identity;
+    /** @type {string} */
     this.name = info.name || '';
-    /** @type {Map<string, {sid:string, kind:string, muted:boolean, mediaStreamTrack?:MediaStreamTrack}>} */
+    /** @type {Map<string, TrackInfo>} track sid -> track */
     this.tracks = new Map();
     for (const t of info.tracks || []) this.tracks.set(t.sid, { ...t });
   }
 }
 
+/**
+ * A connection to one room.
+ *
+ * Events (subscribe with `on`): `participantJoined` (participant),
+ * `participantLeft` (participant), `trackSubscribed` ({participant, track,
+ * mediaStreamTrack, stream}), `trackUnsubscribed` ({participant, trackSid}),
+ * `trackMuted` ({participant, trackSid, muted}), `localTrackPublished`
+ * (TrackInfo of an own track), `disconnected` (reason), `error` (Error).
+ */
 export class Room {
   constructor() {
+    /** @type {WebSocket|null} */
     this.ws = null;
+    /** @type {{sid:string, identity:string, name:string}|null} */
     this.localParticipant = null;
-    /** @type {Map<string, RemoteParticipant>} */
+    /** @type {{name:string, sid:string}|null} */
+    this.roomInfo = null;
+    /** @type {Map<string, RemoteParticipant>} participant sid -> participant */
     this.participants = new Map();
+    /** @type {RTCPeerConnection|null} the connection this client sends on (client offers) */
     this.publisherPc = null;
+    /** @type {RTCPeerConnection|null} the connection this client receives on (server offers) */
     this.subscriberPc = null;
+    /** @type {RTCIceServer[]} */
     this.iceServers = [];
+    this.canPublish = false;
+    this.canSubscribe = false;
+    /** Protocol version the server announced. */
+    this.protocol = 0;
+    /** @type {MediaStream|null} the stream from publishCamera */
     this.localStream = null;
-    /** server track sid by local MediaStreamTrack.id */
+    /** @type {Map<string, string>} server track sid by local MediaStreamTrack.id */
     this.localTrackSids = new Map();
-    this._listeners = new Map();
-    this._pendingCandidates = { publisher: [], subscriber: [] };
-    this._negotiating = false;
-    this._renegotiate = false;
-    this._pingTimer = null;
-    this._closed = false;
-    this._inbox = Promise.resolve();
+    /** Signalling round trip of the last ping, in ms. */
+    this.rtt = NaN;
     /** performance.now() marks of the join sequence, for diagnostics. */
     this.timings = {};
+
+    this._listeners = new Map();
+    /** Remote candidates that arrived before their connection's remote description. */
+    this._pendingCandidates = { publisher: [], subscriber: [] };
+    /** Local publisher candidates gathered before the first offer went out. */
+    this._localPublisherCandidates = [];
+    this._publisherOfferSent = false;
+    this._negotiating = false; // a publisher offer awaits its answer
+    this._renegotiate = false; // another offer is wanted after that
+    this._pingTimer = null;
+    this._closed = false;
+    this._leaveReason = null;
+    this._inbox = Promise.resolve();
   }
 
-  _mark(name) {
-    if (this.timings[name] === undefined) this.timings[name] = performance.now();
-  }
+  // ---- events ------------------------------------------------------------
 
-  /** Subscribes `fn` to an event. */
+  /** Subscribes `fn` to the event `name`. */
   on(name, fn) {
     if (!this._listeners.has(name)) this._listeners.set(name, new Set());
     this._listeners.get(name).add(fn);
     return this;
   }
 
+  /** Unsubscribes `fn` from the event `name`. */
   off(name, fn) {
     this._listeners.get(name)?.delete(fn);
     return this;
@@ -69,118 +137,111 @@ export class Room {
     }
   }
 
+  _mark(name) {
+    if (this.timings[name] === undefined) this.timings[name] = performance.now();
+  }
+
   _send(msg) {
     if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(msg));
   }
 
+  // ---- connecting --------------------------------------------------------
+
   /**
-   * Connects to the signalling endpoint; resolves once the server has
-   * answered with `joined`.
+   * Connects to the signalling endpoint; resolves once the server has sent
+   * `joined`, rejects if the server refuses (bad token, room full).
    * @param {string} url  e.g. ws://127.0.0.1:7880/v1/rtc
    * @param {string} token  a join token
+   * @returns {Promise<Room>}
    */
   connect(url, token) {
+    if (this.ws) return Promise.reject(new Error('this Room is already connected; make a new one'));
     this._mark('connect');
     return new Promise((resolve, reject) => {
-      const ws = new WebSocket(`${url}?access_token=${encodeURIComponent(token)}`);
+      const sep = url.includes('?') ? '&' : '?';
+      const ws = new WebSocket(`${url}${sep}access_token=${encodeURIComponent(token)}`);
       this.ws = ws;
       let joined = false;
+      let refusal = null;
       ws.onmessage = (ev) => {
         let msg;
         try { msg = JSON.parse(ev.data); } catch { return; }
-        if (msg.type === 'joined') {
-          this._mark('joined');
-          joined = true;
-          this._onJoined(msg);
-          resolve(this);
+        if (!joined) {
+          if (msg.type === 'joined') {
+            joined = true;
+            this._mark('joined');
+            this._onJoined(msg);
+            resolve(this);
+          } else if (msg.type === 'error') {
+            refusal = new Error(`${msg.code}: ${msg.message}`);
+          }
           return;
         }
-        if (!joined && msg.type === 'error') {
-          reject(new Error(msg.message));
-          return;
-        }
-        // Handle messages strictly in order: an offer's answer must be sent
-        // before the next message touches the same connection.
+        // Strictly in order: an offer's answer must go out before the next
+        // message touches the same connection.
         this._inbox = this._inbox
           .then(() => this._onMessage(msg))
           .catch((e) => this._emit('error', e));
       };
       ws.onclose = (ev) => {
-        this._teardown();
-        if (!joined) reject(new Error(`signalling closed before joining (code ${ev.code})`));
-        this._emit('disconnected', ev.reason || 'closed');
+        if (!joined) {
+          this._closed = true;
+          reject(refusal || new Error(`cannot join: signalling closed (code ${ev.code}); bad or expired token?`));
+          return;
+        }
+        this._teardown(this._leaveReason || ev.reason || 'closed');
       };
       ws.onerror = () => {
-        if (!joined) reject(new Error('cannot reach the signalling server'));
+        if (!joined && !refusal) refusal = new Error('cannot reach the signalling server, or it refused the token');
       };
     });
   }
 
   _onJoined(msg) {
-    this.localParticipant = { sid: msg.participant.sid, identity: msg.participant.identity };
+    this.protocol = msg.protocol;
+    if (msg.protocol !== PROTOCOL_VERSION) {
+      console.warn(`server speaks protocol ${msg.protocol}, this SDK ${PROTOCOL_VERSION}`);
+    }
+    this.roomInfo = msg.room;
+    this.localParticipant = {
+      sid: msg.participant.sid,
+      identity: msg.participant.identity,
+      name: msg.participant.name || '',
+    };
     this.iceServers = msg.iceServers || [];
-    for (const p of msg.participants) this.participants.set(p.sid, new RemoteParticipant(p));
-    this.subscriberPc = new RTCPeerConnection({ iceServers: this.iceServers });
-    this.subscriberPc.onicecandidate = (e) => {
-      if (e.candidate) this._send({ type: 'candidate', target: 'subscriber', candidate: e.candidate.toJSON() });
+    this.canPublish = msg.canPublish !== false;
+    this.canSubscribe = msg.canSubscribe !== false;
+    for (const p of msg.participants || []) this.participants.set(p.sid, new RemoteParticipant(p));
+
+    const pc = new RTCPeerConnection({ iceServers: this.iceServers });
+    pc.onicecandidate = (e) => {
+      if (e.candidate && e.candidate.candidate) {
+        this._send({ type: 'candidate', target: 'subscriber', candidate: e.candidate.toJSON() });
+      }
     };
-    this.subscriberPc.ontrack = (e) => this._onRemoteTrack(e);
-    this.subscriberPc.onconnectionstatechange = () => {
-      if (this.subscriberPc.connectionState === 'connected') this._mark('subscriberConnected');
+    pc.ontrack = (e) => this._onRemoteTrack(e);
+    pc.onconnectionstatechange = () => {
+      if (pc.connectionState === 'connected') this._mark('subscriberConnected');
     };
+    this.subscriberPc = pc;
+
     this._pingTimer = setInterval(() => this._send({ type: 'ping', ts: Date.now() }), PING_INTERVAL_MS);
     for (const p of this.participants.values()) this._emit('participantJoined', p);
   }
 
-  _onRemoteTrack(e) {
-    const stream = e.streams[0];
-    const participantSid = stream ? stream.id : '';
-    const trackSid = e.track.id;
-    const participant = this.participants.get(participantSid);
-    if (!participant) return;
-    let pub = participant.tracks.get(trackSid);
-    if (!pub) {
-      pub = { sid: trackSid, kind: e.track.kind, muted: false };
-      participant.tracks.set(trackSid, pub);
-    }
-    pub.mediaStreamTrack = e.track;
-    this._mark('firstRemoteTrack');
-    this._emit('trackSubscribed', { participant, track: pub, mediaStreamTrack: e.track, stream });
-  }
+  // ---- incoming signalling -----------------------------------------------
 
   async _onMessage(msg) {
     switch (msg.type) {
-      case 'answer': {
-        if (msg.target !== 'publisher' || !this.publisherPc) return;
-        await this.publisherPc.setRemoteDescription({ type: 'answer', sdp: msg.sdp });
-        await this._flushCandidates('publisher');
-        this._negotiating = false;
-        if (this._renegotiate) {
-          this._renegotiate = false;
-          await this._negotiate();
-        }
+      case 'answer':
+        if (msg.target === 'publisher') await this._onPublisherAnswer(msg.sdp);
         return;
-      }
-      case 'offer': {
-        if (msg.target !== 'subscriber') return;
-        this._mark('subscriberOffer');
-        const pc = this.subscriberPc;
-        await pc.setRemoteDescription({ type: 'offer', sdp: msg.sdp });
-        await this._flushCandidates('subscriber');
-        const answer = await pc.createAnswer();
-        await pc.setLocalDescription(answer);
-        this._send({ type: 'answer', target: 'subscriber', sdp: pc.localDescription.sdp });
+      case 'offer':
+        if (msg.target === 'subscriber') await this._onSubscriberOffer(msg.sdp);
         return;
-      }
-      case 'candidate': {
-        const pc = msg.target === 'publisher' ? this.publisherPc : this.subscriberPc;
-        if (!pc || !pc.remoteDescription) {
-          this._pendingCandidates[msg.target]?.push(msg.candidate);
-          return;
-        }
-        await pc.addIceCandidate(msg.candidate).catch(() => {});
+      case 'candidate':
+        await this._onRemoteCandidate(msg.target, msg.candidate);
         return;
-      }
       case 'participantJoined': {
         const p = new RemoteParticipant(msg.participant);
         this.participants.set(p.sid, p);
@@ -190,107 +251,257 @@ export class Room {
       case 'participantLeft': {
         const p = this.participants.get(msg.sid);
         if (!p) return;
-        for (const trackSid of p.tracks.keys()) this._emit('trackUnsubscribed', { participant: p, trackSid });
+        // The server sends trackUnpublished first; this covers anything left.
+        for (const trackSid of [...p.tracks.keys()]) {
+          p.tracks.delete(trackSid);
+          this._emit('trackUnsubscribed', { participant: p, trackSid });
+        }
         this.participants.delete(msg.sid);
         this._emit('participantLeft', p);
         return;
       }
-      case 'trackPublished': {
+      case 'trackPublished':
+        this._onTrackPublished(msg.participantSid, msg.track);
+        return;
+      case 'trackUnpublished': {
         if (msg.participantSid === this.localParticipant?.sid) {
-          this.localTrackSids.set(msg.track.cid, msg.track.sid);
-          this._emit('localTrackPublished', msg.track);
+          for (const [cid, sid] of this.localTrackSids) if (sid === msg.trackSid) this.localTrackSids.delete(cid);
           return;
         }
         const p = this.participants.get(msg.participantSid);
-        if (p && !p.tracks.has(msg.track.sid)) p.tracks.set(msg.track.sid, { ...msg.track });
-        return;
-      }
-      case 'trackUnpublished': {
-        const p = this.participants.get(msg.participantSid);
-        if (!p) return;
-        p.tracks.delete(msg.trackSid);
+        if (!p || !p.tracks.delete(msg.trackSid)) return;
         this._emit('trackUnsubscribed', { participant: p, trackSid: msg.trackSid });
         return;
       }
       case 'trackMuted': {
         const p = this.participants.get(msg.participantSid);
-        const t = p?.tracks.get(msg.trackSid);
+        if (!p) return; // our own mute, echoed
+        const t = p.tracks.get(msg.trackSid);
         if (t) t.muted = msg.muted;
-        if (p) this._emit('trackMuted', { participant: p, trackSid: msg.trackSid, muted: msg.muted });
+        this._emit('trackMuted', { participant: p, trackSid: msg.trackSid, muted: msg.muted });
         return;
       }
+      case 'pong':
+        if (typeof msg.ts === 'number') this.rtt = Date.now() - msg.ts;
+        return;
       case 'leave':
-        this._emit('disconnected', msg.reason);
+        // The server closes the socket next; report the reason it gave.
+        this._leaveReason = msg.reason;
+        this._teardown(msg.reason);
+        this.ws?.close();
         return;
       case 'error':
-        this._emit('error', new Error(`${msg.code}: ${msg.message}`));
+        this._emit('error', Object.assign(new Error(`${msg.code}: ${msg.message}`), { code: msg.code }));
         return;
       default:
-        return;
+        return; // newer servers may add messages; ignore them
     }
+  }
+
+  async _onSubscriberOffer(sdp) {
+    this._mark('subscriberOffer');
+    const pc = this.subscriberPc;
+    await pc.setRemoteDescription({ type: 'offer', sdp });
+    await this._flushCandidates('subscriber');
+    await pc.setLocalDescription(await pc.createAnswer());
+    this._send({ type: 'answer', target: 'subscriber', sdp: pc.localDescription.sdp });
+  }
+
+  async _onPublisherAnswer(sdp) {
+    const pc = this.publisherPc;
+    if (!pc || !this._negotiating) return;
+    try {
+      await pc.setRemoteDescription({ type: 'answer', sdp });
+      await this._flushCandidates('publisher');
+    } finally {
+      this._negotiating = false;
+    }
+    if (this._renegotiate) {
+      this._renegotiate = false;
+      await this._negotiate();
+    }
+  }
+
+  async _onRemoteCandidate(target, candidate) {
+    if (!candidate || !candidate.candidate) return; // end of candidates
+    const pc = target === 'publisher' ? this.publisherPc : this.subscriberPc;
+    if (!pc || !pc.remoteDescription) {
+      this._pendingCandidates[target]?.push(candidate);
+      return;
+    }
+    await pc.addIceCandidate(candidate).catch((e) => console.warn('remote candidate refused', e));
   }
 
   async _flushCandidates(target) {
     const pc = target === 'publisher' ? this.publisherPc : this.subscriberPc;
     const queued = this._pendingCandidates[target];
     this._pendingCandidates[target] = [];
-    for (const c of queued) await pc.addIceCandidate(c).catch(() => {});
+    for (const c of queued) await pc.addIceCandidate(c).catch((e) => console.warn('remote candidate refused', e));
   }
+
+  _onTrackPublished(participantSid, track) {
+    if (participantSid === this.localParticipant?.sid) {
+      this.localTrackSids.set(track.cid, track.sid);
+      // Muted before the server knew the track: tell it now.
+      const local = this._localTracks().find((t) => t.id === track.cid);
+      if (local && !local.enabled) this._send({ type: 'mute', trackSid: track.sid, muted: true });
+      this._emit('localTrackPublished', track);
+      return;
+    }
+    const p = this.participants.get(participantSid);
+    if (!p) return;
+    const known = p.tracks.get(track.sid);
+    if (known) Object.assign(known, track);
+    else p.tracks.set(track.sid, { ...track });
+  }
+
+  /** ontrack on the subscriber connection: msid is "<participant sid> <track sid>". */
+  _onRemoteTrack(e) {
+    const stream = e.streams[0];
+    const participant = stream && this.participants.get(stream.id);
+    if (!participant) {
+      console.warn('media for an unknown participant', stream?.id, e.track.id);
+      return;
+    }
+    const trackSid = e.track.id;
+    let track = participant.tracks.get(trackSid);
+    if (!track) {
+      track = { sid: trackSid, kind: e.track.kind, muted: false };
+      participant.tracks.set(trackSid, track);
+    }
+    track.mediaStreamTrack = e.track;
+    this._mark('firstRemoteTrack');
+    this._emit('trackSubscribed', { participant, track, mediaStreamTrack: e.track, stream });
+  }
+
+  // ---- publishing --------------------------------------------------------
 
   _ensurePublisher() {
     if (this.publisherPc) return this.publisherPc;
     const pc = new RTCPeerConnection({ iceServers: this.iceServers });
     pc.onicecandidate = (e) => {
-      if (e.candidate) this._send({ type: 'candidate', target: 'publisher', candidate: e.candidate.toJSON() });
+      if (!e.candidate || !e.candidate.candidate) return;
+      const msg = { type: 'candidate', target: 'publisher', candidate: e.candidate.toJSON() };
+      // The server only knows the connection once it has our first offer.
+      if (this._publisherOfferSent) this._send(msg);
+      else this._localPublisherCandidates.push(msg);
     };
     this.publisherPc = pc;
     return pc;
   }
 
-  /** Sends a publisher offer; never two at once. */
+  /**
+   * Sends a publisher offer. Never two at once: while one awaits its answer,
+   * further requests collapse into one more offer sent after that answer.
+   */
   async _negotiate() {
+    if (this._closed) return;
     if (this._negotiating) {
       this._renegotiate = true;
       return;
     }
     this._negotiating = true;
-    const pc = this._ensurePublisher();
-    const offer = await pc.createOffer();
-    await pc.setLocalDescription(offer);
-    this._send({ type: 'offer', target: 'publisher', sdp: pc.localDescription.sdp });
+    try {
+      const pc = this._ensurePublisher();
+      await pc.setLocalDescription(await pc.createOffer());
+      this._send({ type: 'offer', target: 'publisher', sdp: pc.localDescription.sdp });
+    } catch (e) {
+      this._negotiating = false;
+      throw e;
+    }
+    if (!this._publisherOfferSent) {
+      this._publisherOfferSent = true;
+      for (const msg of this._localPublisherCandidates.splice(0)) this._send(msg);
+    }
+  }
+
+  /** Encodings for a new video sender: one, or the simulcast layers. */
+  _sendEncodings(track, opts) {
+    if (track.kind !== 'video') return undefined;
+    if (opts.sendEncodings) return opts.sendEncodings;
+    if (opts.simulcast === false) return undefined; // a single encoding
+    return SIMULCAST_LAYERS.map((l) => ({ ...l }));
+  }
+
+  _addSender(track, opts) {
+    if (!this.canPublish) throw new Error('this token does not allow publishing');
+    const stream = opts.stream || new MediaStream([track]);
+    const init = { direction: 'sendonly', streams: [stream] };
+    const sendEncodings = this._sendEncodings(track, opts);
+    if (sendEncodings) init.sendEncodings = sendEncodings;
+    return this._ensurePublisher().addTransceiver(track, init);
   }
 
   /**
-   * Captures camera and microphone and publishes them.
+   * Captures camera and microphone and publishes them (one offer for both).
    * Video is sent as three simulcast layers (rids q, h, f at 1/4, 1/2 and
-   * full resolution) unless `simulcast: false`; subscribers then each get
-   * the layer that suits them.
-   * @param {{video?: boolean|MediaTrackConstraints, audio?: boolean|MediaTrackConstraints, simulcast?: boolean}} opts
+   * full resolution) unless `simulcast: false`, which sends one encoding.
+   * @param {{video?: boolean|MediaTrackConstraints, audio?: boolean|MediaTrackConstraints} & PublishOptions} [opts]
    * @returns {Promise<MediaStream>} the local stream
    */
   async publishCamera(opts = {}) {
-    const video = opts.video ?? { width: { ideal: 1280 }, height: { ideal: 720 } };
+    if (!this.ws) throw new Error('connect first');
+    if (!this.canPublish) throw new Error('this token does not allow publishing');
+    const video = opts.video === undefined || opts.video === true ? DEFAULT_VIDEO_CONSTRAINTS : opts.video;
     const audio = opts.audio ?? true;
+    if (!video && !audio) throw new Error('nothing to publish: video and audio are both off');
     const stream = await navigator.mediaDevices.getUserMedia({ video, audio });
-    const pc = this._ensurePublisher();
-    for (const track of stream.getTracks()) {
-      const init = { direction: 'sendonly', streams: [stream] };
-      if (track.kind === 'video' && opts.simulcast !== false) {
-        init.sendEncodings = [
-          { rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 150_000 },
-          { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 500_000 },
-          { rid: 'f', maxBitrate: 1_500_000 },
-        ];
-      }
-      pc.addTransceiver(track, init);
-    }
     this.localStream = stream;
+    for (const track of stream.getTracks()) this._addSender(track, { ...opts, stream });
     await this._negotiate();
     return stream;
   }
 
   /**
-   * Says what this client wants of a track it receives.
+   * Publishes one more track (a screen share, a second camera).
+   * @param {MediaStreamTrack} track
+   * @param {PublishOptions} [opts]
+   * @returns {Promise<RTCRtpTransceiver>}
+   */
+  async publishTrack(track, opts = {}) {
+    const transceiver = this._addSender(track, opts);
+    await this._negotiate();
+    return transceiver;
+  }
+
+  /**
+   * Stops publishing a track; the server announces trackUnpublished.
+   * @param {MediaStreamTrack} track
+   */
+  async unpublishTrack(track) {
+    const sender = this.publisherPc?.getSenders().find((s) => s.track === track);
+    if (!sender) return;
+    this.publisherPc.removeTrack(sender);
+    await this._negotiate();
+  }
+
+  _localTracks() {
+    const tracks = new Set(this.localStream?.getTracks() || []);
+    for (const s of this.publisherPc?.getSenders() || []) if (s.track) tracks.add(s.track);
+    return [...tracks];
+  }
+
+  async _setEnabled(kind, enabled) {
+    for (const track of this._localTracks()) {
+      if (track.kind !== kind) continue;
+      track.enabled = enabled;
+      // Unknown sid yet: sent when trackPublished tells us the sid.
+      const sid = this.localTrackSids.get(track.id);
+      if (sid) this._send({ type: 'mute', trackSid: sid, muted: !enabled });
+    }
+  }
+
+  /** Turns the camera on or off; others see the track muted. */
+  setCameraEnabled(enabled) { return this._setEnabled('video', enabled); }
+
+  /** Turns the microphone on or off; others see the track muted. */
+  setMicrophoneEnabled(enabled) { return this._setEnabled('audio', enabled); }
+
+  // ---- receiving ---------------------------------------------------------
+
+  /**
+   * Says what this client wants of a track it receives (simulcast layer,
+   * largest useful size, paused).
    * @param {string} trackSid
    * @param {{quality?: 'low'|'medium'|'high', maxWidth?: number, maxHeight?: number, paused?: boolean}} wishes
    */
@@ -305,35 +516,23 @@ export class Room {
     this._send(msg);
   }
 
-  async _setEnabled(kind, enabled) {
-    if (!this.localStream) return;
-    for (const track of this.localStream.getTracks()) {
-      if (track.kind !== kind) continue;
-      track.enabled = enabled;
-      const sid = this.localTrackSids.get(track.id);
-      if (sid) this._send({ type: 'mute', trackSid: sid, muted: !enabled });
-    }
-  }
-
-  /** Turns the camera on or off (others see the track muted). */
-  setCameraEnabled(enabled) { return this._setEnabled('video', enabled); }
-
-  /** Turns the microphone on or off (others see the track muted). */
-  setMicrophoneEnabled(enabled) { return this._setEnabled('audio', enabled); }
+  // ---- leaving -----------------------------------------------------------
 
   /** Leaves the room and releases the camera and microphone. */
   async leave() {
     this._send({ type: 'leave' });
-    this.ws?.close();
-    this._teardown();
+    this.ws?.close(1000);
+    this._teardown('left');
   }
 
-  _teardown() {
+  /** Stops everything once; emits `disconnected` once. */
+  _teardown(reason) {
     if (this._closed) return;
     this._closed = true;
     clearInterval(this._pingTimer);
     this.localStream?.getTracks().forEach((t) => t.stop());
     this.publisherPc?.close();
     this.subscriberPc?.close();
+    this._emit('disconnected', reason);
   }
 }

@@ -20,6 +20,7 @@ use rtc::peer_connection::transport::RTCDtlsRole;
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind,
@@ -136,7 +137,7 @@ pub fn build_peer_connection(
         .build(now)
 }
 
-/// Marks inbound PLI, FIR and NACK for delivery to the application. The
+/// Marks inbound PLI, FIR, NACK and REMB for delivery to the application. The
 /// engine stops all inbound RTCP at the end of its chain unless told
 /// otherwise; the room passes keyframe requests to publishers and answers
 /// NACKs from its packet cache.
@@ -151,6 +152,7 @@ fn is_for_the_room(packet: &dyn rtc::rtcp::Packet) -> bool {
     any.is::<PictureLossIndication>()
         || any.is::<FullIntraRequest>()
         || any.is::<TransportLayerNack>()
+        || any.is::<ReceiverEstimatedMaximumBitrate>()
 }
 
 impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackTap {

@@ -60,6 +60,8 @@ pub enum Preference {
 pub struct Forwarder {
     clock_rate: u32,
     preference: Preference,
+    /// The bandwidth allocator's limit: at most this layer, or nothing.
+    allocation: Preference,
     /// Layers the publisher is sending, ascending.
     available: Vec<Layer>,
     target: Option<Layer>,
@@ -72,6 +74,7 @@ impl Forwarder {
         Forwarder {
             clock_rate,
             preference: Preference::MaxLayer(Layer::MAX),
+            allocation: Preference::MaxLayer(Layer::MAX),
             available: Vec::new(),
             target: None,
             current: None,
@@ -101,6 +104,46 @@ impl Forwarder {
         self.retarget();
     }
 
+    pub fn allocation(&self) -> Preference {
+        self.allocation
+    }
+
+    /// The bandwidth allocator's limit, applied on top of the preference.
+    pub fn set_allocation(&mut self, allocation: Preference) {
+        if allocation == self.allocation {
+            return;
+        }
+        self.allocation = allocation;
+        if allocation == Preference::Paused {
+            self.current = None;
+        }
+        self.retarget();
+    }
+
+    /// The highest layer the subscriber wants (preference only, ignoring
+    /// the allocation), among those sent.
+    pub fn wanted(&self) -> Option<Layer> {
+        self.pick(self.preference)
+    }
+
+    /// Layers the publisher sends, ascending.
+    pub fn available(&self) -> &[Layer] {
+        &self.available
+    }
+
+    fn pick(&self, limit: Preference) -> Option<Layer> {
+        match limit {
+            Preference::Paused => None,
+            Preference::MaxLayer(max) => self
+                .available
+                .iter()
+                .rev()
+                .find(|l| **l <= max)
+                .or(self.available.first())
+                .copied(),
+        }
+    }
+
     /// The publisher's layers changed (a layer started or stopped).
     pub fn set_available(&mut self, layers: &[Layer]) {
         self.available = layers.to_vec();
@@ -112,19 +155,14 @@ impl Forwarder {
         self.retarget();
     }
 
-    /// Target: the highest available layer within the preference, else the
-    /// lowest available one.
+    /// Target: the highest available layer within both the preference and
+    /// the allocation, else the lowest available one.
     fn retarget(&mut self) {
-        self.target = match self.preference {
-            Preference::Paused => None,
-            Preference::MaxLayer(max) => self
-                .available
-                .iter()
-                .rev()
-                .find(|l| **l <= max)
-                .or(self.available.first())
-                .copied(),
+        let limit = match (self.preference, self.allocation) {
+            (Preference::Paused, _) | (_, Preference::Paused) => Preference::Paused,
+            (Preference::MaxLayer(a), Preference::MaxLayer(b)) => Preference::MaxLayer(a.min(b)),
         };
+        self.target = self.pick(limit);
     }
 
     /// The layer whose keyframe this forwarder waits for, if any: the room
@@ -142,6 +180,8 @@ impl Forwarder {
         let Some(target) = self.target else {
             return Verdict::Drop(if self.preference == Preference::Paused {
                 DropReason::Paused
+            } else if self.allocation == Preference::Paused {
+                DropReason::Bandwidth
             } else {
                 DropReason::NoLayerAvailable
             });

@@ -21,6 +21,7 @@
 //! The server's UDP socket, WebSocket handlers and timers live in
 //! `sfu-server`; tests drive a room with in-memory peers on a virtual clock.
 
+pub mod allocator;
 pub mod cache;
 pub mod demux;
 pub mod engine;

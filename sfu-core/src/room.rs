@@ -22,6 +22,7 @@ use rtc::peer_connection::transport::{
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -35,6 +36,7 @@ use sfu_signal::{
     RoomRef, ServerMessage, Target, TrackInfo, TrackKind, PROTOCOL_VERSION,
 };
 
+use crate::allocator::{self, RateMeter, VideoDemand};
 use crate::cache::{PacketCache, SentEntry, SentLog};
 use crate::engine::{build_peer_connection, opus_codec, vp8_codec, ConnRole};
 use crate::forwarder::{Forwarder, Layer, PacketInfo, Preference, Verdict};
@@ -44,6 +46,8 @@ use crate::vp8;
 
 /// Keyframe requests to one publisher track are sent at most this often.
 const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+/// How often subscribers' allocations are revisited.
+const ALLOCATION_INTERVAL: Duration = Duration::from_millis(500);
 /// Requests for a newly connected subscriber wait at most this long.
 const URGENT_KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -70,6 +74,8 @@ pub enum DropReason {
     UnknownTrack,
     /// The subscriber paused the track.
     Paused,
+    /// The subscriber's bandwidth does not fit even the lowest layer.
+    Bandwidth,
     /// The publisher sends no layer the subscriber could take.
     NoLayerAvailable,
     /// A layer other than the one being forwarded (or switched to).
@@ -89,11 +95,12 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::UnknownSource,
         DropReason::UnknownUfrag,
         DropReason::UnknownTrack,
         DropReason::Paused,
+        DropReason::Bandwidth,
         DropReason::NoLayerAvailable,
         DropReason::LayerNotSelected,
         DropReason::WaitingForKeyframe,
@@ -111,6 +118,7 @@ impl DropReason {
             DropReason::UnknownUfrag => "unknown_ufrag",
             DropReason::UnknownTrack => "unknown_track",
             DropReason::Paused => "paused",
+            DropReason::Bandwidth => "bandwidth",
             DropReason::NoLayerAvailable => "no_layer_available",
             DropReason::LayerNotSelected => "layer_not_selected",
             DropReason::WaitingForKeyframe => "waiting_for_keyframe",
@@ -236,6 +244,8 @@ struct DownTrack {
     pref: SubscriptionPref,
     /// What went out under which sequence number, for NACKs.
     sent: SentLog,
+    /// When the allocator last moved this track up.
+    last_upgrade: Option<Instant>,
     payload_type: Option<u8>,
     /// The subscriber offer that first carried this track.
     offer_gen: Option<u64>,
@@ -255,6 +265,8 @@ struct Participant {
     published: HashMap<String, TrackKey>,
     down_tracks: BTreeMap<TrackKey, DownTrack>,
     negotiation: Negotiator,
+    /// Downlink estimate of the subscriber connection, bits per second.
+    estimate: Option<u64>,
 }
 
 /// One simulcast layer (or the only stream) of a published track.
@@ -268,6 +280,8 @@ struct PubLayer {
     last_keyframe_request: Option<Instant>,
     /// Recent packets, for answering subscribers' NACKs.
     cache: PacketCache,
+    /// Bitrate the layer arrives at.
+    rate: RateMeter,
 }
 
 /// Spatial layer of a simulcast stream from its rid: the usual names for
@@ -328,6 +342,9 @@ pub struct Room {
     outputs: VecDeque<Output>,
     stats: RoomStats,
     last_now: Instant,
+    /// When subscribers with an estimate are next reallocated (upgrades
+    /// wait for this tick; downgrades happen as estimates arrive).
+    next_allocation: Instant,
 }
 
 impl Room {
@@ -347,6 +364,7 @@ impl Room {
             outputs: VecDeque::new(),
             stats: RoomStats::default(),
             last_now: now,
+            next_allocation: now + ALLOCATION_INTERVAL,
         }
     }
 
@@ -467,6 +485,7 @@ impl Room {
                 published: HashMap::new(),
                 down_tracks: BTreeMap::new(),
                 negotiation: Negotiator::default(),
+                estimate: None,
             },
         );
 
@@ -987,6 +1006,7 @@ impl Room {
                     forwarder,
                     pref: SubscriptionPref::default(),
                     sent: SentLog::new(),
+                    last_upgrade: None,
                     payload_type: None,
                     offer_gen: None,
                     negotiated: false,
@@ -1157,6 +1177,18 @@ impl Room {
                 self.mark_dirty(ConnId(index));
             }
         }
+        if now >= self.next_allocation {
+            self.next_allocation = now + ALLOCATION_INTERVAL;
+            let estimated: Vec<ParticipantId> = self
+                .participants
+                .iter()
+                .filter(|(_, p)| p.estimate.is_some())
+                .map(|(id, _)| *id)
+                .collect();
+            for sub in estimated {
+                self.allocate(now, sub);
+            }
+        }
         self.drain(now);
     }
 
@@ -1166,6 +1198,9 @@ impl Room {
             return output;
         }
         let mut next = self.last_now + Duration::from_secs(3600);
+        if self.participants.values().any(|p| p.estimate.is_some()) {
+            next = next.min(self.next_allocation);
+        }
         for c in self.conns.iter().flatten() {
             if let Some(t) = c.next_timeout {
                 next = next.min(t);
@@ -1415,6 +1450,7 @@ impl Room {
             dimensions: None,
             last_keyframe_request: None,
             cache: PacketCache::new(),
+            rate: RateMeter::default(),
         });
         let available = track.available();
         for sub in &track.subscribers {
@@ -1431,7 +1467,7 @@ impl Room {
     fn on_message(
         &mut self,
         now: Instant,
-        _conn: ConnId,
+        conn: ConnId,
         participant: ParticipantId,
         message: RTCMessage,
     ) {
@@ -1451,6 +1487,16 @@ impl Room {
                 let mut wanted = Vec::new();
                 for packet in &packets {
                     let any = packet.as_any();
+                    if let Some(remb) = any.downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
+                        let from_subscriber = self
+                            .participants
+                            .get(&participant)
+                            .is_some_and(|p| p.subscriber == Some(conn));
+                        if from_subscriber {
+                            self.set_estimate(now, participant, remb.bitrate as u64);
+                        }
+                        continue;
+                    }
                     if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
                         if let Some((sub, key)) = self.down_by_ssrc.get(&nack.media_ssrc).copied() {
                             if sub == participant {
@@ -1533,6 +1579,8 @@ impl Room {
         packet.header.extension_profile = 0;
         if let Some(source) = track.layers.iter_mut().find(|l| l.ssrc == ssrc) {
             source.cache.insert(ext_seq, now, &packet);
+            // Payload plus RTP/UDP/IP headers, as the subscriber's link sees it.
+            source.rate.add(now, packet.payload.len() + 40);
         }
         let bytes = packet.payload.len() as u64;
         // Layers some subscriber waits for a keyframe of (and whether it
@@ -1625,6 +1673,77 @@ impl Room {
         }
         for sub in sized_subscribers {
             self.apply_preference(sub, key);
+        }
+    }
+
+    /// A new downlink estimate for a subscriber: reallocate at once (so a
+    /// drop takes effect without waiting for the next allocation tick).
+    fn set_estimate(&mut self, now: Instant, sub: ParticipantId, bps: u64) {
+        if let Some(p) = self.participants.get_mut(&sub) {
+            p.estimate = Some(bps);
+        }
+        self.allocate(now, sub);
+    }
+
+    /// Fits the subscriber's video tracks into its estimate.
+    fn allocate(&mut self, now: Instant, sub: ParticipantId) {
+        let Room {
+            tracks,
+            participants,
+            ..
+        } = self;
+        let Some(p) = participants.get_mut(&sub) else {
+            return;
+        };
+        let Some(estimate) = p.estimate else {
+            return;
+        };
+        let mut audio = 0;
+        let mut keys = Vec::new();
+        let mut demands = Vec::new();
+        for (key, down) in p.down_tracks.iter() {
+            let Some(track) = tracks.get_mut(key) else {
+                continue;
+            };
+            if track.kind == TrackKind::Audio {
+                audio += track
+                    .layers
+                    .iter_mut()
+                    .map(|l| l.rate.bps(now))
+                    .sum::<u64>();
+                continue;
+            }
+            let mut layers: Vec<(Layer, u64)> = track
+                .layers
+                .iter_mut()
+                .map(|l| (l.layer, l.rate.bps(now)))
+                .collect();
+            layers.sort_unstable();
+            keys.push(*key);
+            demands.push(VideoDemand {
+                layers,
+                wanted: down.forwarder.wanted(),
+                current: down.forwarder.allocation(),
+                last_upgrade: down.last_upgrade,
+            });
+        }
+        let allocation = allocator::allocate(estimate, audio, &demands, now);
+        for ((key, demand), new) in keys.iter().zip(&demands).zip(allocation) {
+            let Some(down) = p.down_tracks.get_mut(key) else {
+                continue;
+            };
+            let up = match (demand.current, new) {
+                (Preference::Paused, Preference::MaxLayer(_)) => true,
+                (Preference::MaxLayer(a), Preference::MaxLayer(b)) => b > a && a != Layer::MAX,
+                _ => false,
+            };
+            if up {
+                down.last_upgrade = Some(now);
+            }
+            if new != down.forwarder.allocation() {
+                tracing::debug!(subscriber = ?sub, ?new, estimate, "allocation");
+                down.forwarder.set_allocation(new);
+            }
         }
     }
 

@@ -396,3 +396,75 @@ fn five_percent_downlink_loss_is_recovered_by_retransmission() {
     assert!(lost.1 >= 60, "the loss was applied ({lost:?})");
     assert!(residual < 0.005, "residual loss {:.3}%", residual * 100.0);
 }
+
+/// The layer (slot) of the last video packet `to` received from `from`.
+fn last_layer(h: &Harness, to: usize, from: usize) -> Option<u8> {
+    h.video_payloads_from(to, from)
+        .last()
+        .map(|p| p[common::PAYLOAD_SLOT])
+}
+
+/// Pumps media until `to` receives layer `want` from `from`; the virtual
+/// time it took.
+fn time_to_layer(h: &mut Harness, to: usize, from: usize, want: u8, limit: Duration) -> Duration {
+    let start = h.now;
+    while last_layer(h, to, from) != Some(want) {
+        assert!(
+            h.now - start < limit,
+            "layer {want} not reached within {limit:?} (at {:?})",
+            last_layer(h, to, from)
+        );
+        pump(h, &[from], 1);
+    }
+    h.now - start
+}
+
+#[test]
+fn downlink_estimate_moves_the_subscriber_down_and_back_up() {
+    let mut h = Harness::new();
+    let a = h.join_with("alice", true, true);
+    let b = h.join("bob", false);
+    connect_all(&mut h, &[a], &[(b, a)]);
+    // Layers measured at about 60 / 180 / 460 kbit/s, audio about 60.
+    h.send_remb(b, 3_000_000);
+    let up = time_to_layer(&mut h, b, a, 2, Duration::from_secs(3));
+    pump(&mut h, &[a], 50);
+    assert_eq!(last_layer(&h, b, a), Some(2));
+    // The estimate falls below what the high layer needs.
+    h.send_remb(b, 350_000);
+    let down = time_to_layer(&mut h, b, a, 1, Duration::from_secs(2));
+    eprintln!("estimate cut: medium after {down:?} (high reached first after {up:?})");
+    pump(&mut h, &[a], 100);
+    assert_eq!(
+        last_layer(&h, b, a),
+        Some(1),
+        "stays down while the estimate is low"
+    );
+    // Too little even for the lowest layer: video pauses, audio goes on.
+    h.send_remb(b, 70_000);
+    let before = h.video_payloads_from(b, a).len();
+    let audio_before = h.received_from(b, a).1;
+    pump(&mut h, &[a], 50);
+    assert_eq!(h.video_payloads_from(b, a).len(), before, "video paused");
+    assert!(
+        h.received_from(b, a).1 >= audio_before + 45,
+        "audio continues"
+    );
+    // Recovery: back up, one layer at a time.
+    h.send_remb(b, 3_000_000);
+    let recovered = time_to_layer(&mut h, b, a, 2, Duration::from_secs(5));
+    eprintln!("estimate recovered: high again after {recovered:?}");
+    let (seqs, _) = h.video_rtp_from(b, a);
+    for w in seqs.windows(2) {
+        assert_eq!(w[1], w[0].wrapping_add(1), "hole in bob's stream");
+    }
+    let drops = &h.room.stats().drops;
+    assert!(
+        drops
+            .get(&sfu_core::DropReason::Bandwidth)
+            .copied()
+            .unwrap_or(0)
+            > 0,
+        "{drops:?}"
+    );
+}

@@ -5,9 +5,9 @@
 // SFU_URL=http://host:port uses a running server; otherwise SFU_BIN names
 // the server binary, started here on free ports and stopped at the end.
 import { mkdirSync } from 'node:fs';
-import { Run, waitIn, median, sleep } from './lib.mjs';
+import { Run, waitIn, median, pollUntil } from './lib.mjs';
 
-const run = new Run('e2e', 120_000);
+const run = new Run('e2e', 90_000);
 const check = (...args) => run.check(...args);
 
 function remoteVideoCount(min) {
@@ -15,6 +15,7 @@ function remoteVideoCount(min) {
   return vids.filter((v) => v.videoWidth > 0).length >= min ? vids.length : 0;
 }
 
+/** framesDecoded of every inbound video stream on the subscriber connection, by track sid. */
 async function framesDecoded(page) {
   return page.evaluate(async () => {
     const stats = await window.sfuRoom.subscriberPc.getStats();
@@ -24,6 +25,25 @@ async function framesDecoded(page) {
     });
     return out;
   });
+}
+
+/** Track sids of the remote videos the page shows. */
+async function shownTrackSids(page) {
+  return page.evaluate(() => [...document.querySelectorAll('video.remote-video')].map((v) => v.dataset.trackSid));
+}
+
+/**
+ * Samples framesDecoded, then polls (up to `ms`) until it has grown for every
+ * track in `sids`. Returns whether it did, with the two samples.
+ */
+async function decodingGrows(page, sids, ms = 5_000) {
+  const before = await framesDecoded(page);
+  let after = before;
+  const ok = await pollUntil(async () => {
+    after = await framesDecoded(page);
+    return sids.length > 0 && sids.every((sid) => (after[sid] || 0) > (before[sid] || 0));
+  }, ms);
+  return { ok: !!ok, detail: JSON.stringify({ sids, before, after }) };
 }
 
 async function main() {
@@ -47,18 +67,25 @@ async function main() {
     if (Number.isFinite(t)) joinTimes.push(t);
   }
   for (const [i, page] of pages.entries()) {
-    const a = await framesDecoded(page);
-    await sleep(1000);
-    const b = await framesDecoded(page);
-    const keys = Object.keys(b);
-    const growing = keys.filter((k) => b[k] > (a[k] || 0));
-    check(`page ${i + 1}: framesDecoded grows for both remote videos`, keys.length >= 2 && growing.length >= 2,
-      JSON.stringify({ before: a, after: b }));
+    const sids = await shownTrackSids(page);
+    const { ok, detail } = await decodingGrows(page, sids);
+    check(`page ${i + 1}: framesDecoded grows for both remote videos`, sids.length === 2 && ok, detail);
   }
   try {
     mkdirSync(new URL('./out/', import.meta.url), { recursive: true });
     await pages[0].screenshot({ path: new URL('./out/page1.png', import.meta.url).pathname });
   } catch {}
+  // Page 1 turns its camera off and on: the others see the track muted and
+  // unmuted (the SDK learnt its own track sid from trackPublished).
+  const p1Sid = await pages[0].evaluate(() => window.sfuRoom.localParticipant.sid);
+  const tileState = (sid) => document.getElementById(`tile-${sid}`)?.classList.contains('camera-off');
+  await pages[0].click('#toggle-camera');
+  const muted = await waitIn(pages[1], tileState, p1Sid, 5_000);
+  check('page 2 sees page 1 camera muted', !!muted);
+  await pages[0].click('#toggle-camera');
+  const unmuted = await waitIn(pages[1], (sid) => document.getElementById(`tile-${sid}`)?.classList.contains('camera-off') === false, p1Sid, 5_000);
+  check('page 2 sees page 1 camera unmuted', !!unmuted);
+
   // Page 3 leaves; the others drop its video.
   const leaverSid = await pages[2].evaluate(() => window.sfuRoom.localParticipant.sid);
   await pages[2].click('#leave');
@@ -91,11 +118,9 @@ async function main() {
   // After all that renegotiation, the two who stayed still decode each other,
   // and the subscriber connection retired the leavers' transceivers.
   for (const [i, page] of pages.slice(0, 2).entries()) {
-    const a = await framesDecoded(page);
-    await sleep(1000);
-    const b = await framesDecoded(page);
-    const growing = Object.keys(b).filter((k) => b[k] > (a[k] || 0));
-    check(`page ${i + 1} still decodes the other remaining publisher after renegotiations`, growing.length >= 1, JSON.stringify(b));
+    const sids = await shownTrackSids(page);
+    const { ok, detail } = await decodingGrows(page, sids);
+    check(`page ${i + 1} still decodes the other remaining publisher after renegotiations`, sids.length === 1 && ok, detail);
     const dirs = await page.evaluate(() => window.sfuRoom.subscriberPc.getTransceivers().map((t) => t.currentDirection));
     const inactive = dirs.filter((d) => d === 'inactive' || d === 'stopped').length;
     check(`page ${i + 1} subscriber connection retired departed tracks`, inactive >= 2, JSON.stringify(dirs));

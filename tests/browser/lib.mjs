@@ -45,14 +45,27 @@ export class Run {
       env: { ...process.env, SFU_API_KEY: '', SFU_API_SECRET: '', SFU_LOG: process.env.SFU_LOG || 'warn,rtc_dtls=error' },
     });
     this.server.stderr.on('data', (d) => process.stderr.write(`[server] ${d}`));
+    // Never leave the server behind, however this process ends.
+    process.on('exit', () => this.server?.kill('SIGTERM'));
     return new Promise((resolve, reject) => {
       let buf = '';
+      const timer = setTimeout(() => reject(new Error('server printed no "Demo: <url>" line within 15 s')), 15_000);
       this.server.stdout.on('data', (d) => {
         buf += d;
         const m = buf.match(/Demo: (http:\/\/\S+?)\/?\s/);
-        if (m) resolve(m[1]);
+        if (m) {
+          clearTimeout(timer);
+          resolve(m[1]);
+        }
       });
-      this.server.on('exit', (code) => reject(new Error(`server exited with ${code}`)));
+      this.server.on('exit', (code, signal) => {
+        clearTimeout(timer);
+        reject(new Error(`server exited with ${signal || code}`));
+      });
+      this.server.on('error', (e) => {
+        clearTimeout(timer);
+        reject(new Error(`cannot start ${bin}: ${e.message}`));
+      });
     });
   }
 
@@ -70,6 +83,16 @@ export class Run {
     }
     this.check('chromium starts', true);
     return this.browser;
+  }
+}
+
+/** Polls `fn` (in node) until it returns truthy or `ms` pass; returns its last value. */
+export async function pollUntil(fn, ms, intervalMs = 100) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await fn();
+    if (v || Date.now() > deadline) return v;
+    await new Promise((r) => setTimeout(r, intervalMs));
   }
 }
 

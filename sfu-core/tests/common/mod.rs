@@ -21,6 +21,7 @@ use rtc::peer_connection::transport::{
 };
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
@@ -548,6 +549,28 @@ impl Harness {
             .collect()
     }
 
+    /// Client `index`'s subscriber connection reports a downlink estimate
+    /// (REMB), as a browser's receive-side bandwidth estimator does.
+    pub fn send_remb(&mut self, index: usize, bps: u64) {
+        let now = self.now;
+        let c = &mut self.clients[index];
+        let receiver = c.track_receivers.values().next().map(|(r, _)| *r);
+        let ssrcs: Vec<u32> = c.track_receivers.values().map(|(_, s)| *s).collect();
+        if let Some(receiver) = receiver {
+            let remb = ReceiverEstimatedMaximumBitrate {
+                sender_ssrc: 0,
+                bitrate: bps as f32,
+                ssrcs,
+            };
+            c.subscriber
+                .rtp_receiver(receiver)
+                .unwrap()
+                .write_rtcp(now, vec![Box::new(remb)])
+                .unwrap();
+        }
+        self.settle();
+    }
+
     /// Runs the clock forward by `duration`.
     pub fn run_for(&mut self, duration: Duration) {
         let end = self.now + duration;
@@ -637,7 +660,14 @@ impl Harness {
                 slot,
             ];
             payload.extend_from_slice(&seq.to_be_bytes());
-            payload.extend_from_slice(&[0xAB; 100]);
+            // Higher layers are bigger, as real ones are: 100, 400 and
+            // 1100 bytes of body (about 60, 180 and 460 kbit/s at 50 fps).
+            let body = match slot {
+                1 => 400,
+                2 => 1100,
+                _ => 100,
+            };
+            payload.resize(payload.len() + body, 0xAB);
             let mut header = rtc::rtp::Header {
                 version: 2,
                 marker: true,
@@ -726,7 +756,10 @@ impl Harness {
                     0xA0 => audio += 1,
                     _ => video += 1,
                 }
-                assert_eq!(&p[PAYLOAD_BODY..], &[0xAB; 100][..], "payload corrupted");
+                assert!(
+                    p.len() > PAYLOAD_BODY && p[PAYLOAD_BODY..].iter().all(|b| *b == 0xAB),
+                    "payload corrupted"
+                );
             }
         }
         (video, audio)

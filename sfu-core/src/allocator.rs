@@ -1,0 +1,282 @@
+//! Fitting a subscriber's video tracks into its downlink estimate.
+//!
+//! Audio is served first. Every video track then gets its lowest layer while
+//! they fit (tracks that do not fit are paused), and the remaining budget
+//! buys upgrades one layer at a time, round robin, up to what each
+//! subscriber wants. Downgrades apply at once; upgrades need headroom and
+//! come at most one step per interval, so the choice does not flap.
+
+use std::time::{Duration, Instant};
+
+use crate::forwarder::{Layer, Preference};
+
+/// Upgrades need this share of the estimate to spare.
+pub const UPGRADE_HEADROOM: f64 = 0.85;
+/// At most one upgrade step per track per this interval.
+pub const UPGRADE_INTERVAL: Duration = Duration::from_millis(1000);
+
+const BUCKETS: usize = 10;
+const BUCKET: Duration = Duration::from_millis(100);
+
+/// Bits per second over the last second, in ten 100 ms buckets.
+#[derive(Debug, Clone, Default)]
+pub struct RateMeter {
+    buckets: [u64; BUCKETS],
+    current_start: Option<Instant>,
+    index: usize,
+}
+
+impl RateMeter {
+    fn advance(&mut self, now: Instant) {
+        let Some(start) = self.current_start else {
+            self.current_start = Some(now);
+            return;
+        };
+        let mut start = start;
+        let mut steps = 0;
+        while now.saturating_duration_since(start) >= BUCKET && steps <= BUCKETS {
+            start += BUCKET;
+            self.index = (self.index + 1) % BUCKETS;
+            self.buckets[self.index] = 0;
+            steps += 1;
+        }
+        if steps > BUCKETS {
+            // Idle for longer than the window: start afresh.
+            start = now;
+        }
+        self.current_start = Some(start);
+    }
+
+    pub fn add(&mut self, now: Instant, bytes: usize) {
+        self.advance(now);
+        self.buckets[self.index] += bytes as u64;
+    }
+
+    pub fn bps(&mut self, now: Instant) -> u64 {
+        self.advance(now);
+        self.buckets.iter().sum::<u64>() * 8
+    }
+}
+
+/// One video track as the allocator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VideoDemand {
+    /// Layers sent, ascending, with their measured bitrates.
+    pub layers: Vec<(Layer, u64)>,
+    /// The highest layer the subscriber wants; `None` if it paused the track.
+    pub wanted: Option<Layer>,
+    /// The allocation in force.
+    pub current: Preference,
+    /// When this track was last moved up.
+    pub last_upgrade: Option<Instant>,
+}
+
+/// The best allocation fitting `budget`, ignoring the one in force.
+fn ideal(budget: u64, tracks: &[VideoDemand]) -> Vec<Preference> {
+    let mut left = budget;
+    let mut alloc: Vec<Option<usize>> = vec![None; tracks.len()];
+    // Candidate layers per track: those sent, up to what is wanted.
+    let candidates: Vec<Vec<(Layer, u64)>> = tracks
+        .iter()
+        .map(|t| match t.wanted {
+            None => Vec::new(),
+            Some(w) => {
+                let mut c: Vec<(Layer, u64)> =
+                    t.layers.iter().copied().filter(|(l, _)| *l <= w).collect();
+                if c.is_empty() {
+                    c.extend(t.layers.first().copied());
+                }
+                c
+            }
+        })
+        .collect();
+    for (i, c) in candidates.iter().enumerate() {
+        if let Some((_, rate)) = c.first() {
+            if *rate <= left {
+                left -= rate;
+                alloc[i] = Some(0);
+            }
+        }
+    }
+    loop {
+        let mut upgraded = false;
+        for (i, c) in candidates.iter().enumerate() {
+            let Some(at) = alloc[i] else { continue };
+            if at + 1 >= c.len() {
+                continue;
+            }
+            let cost = c[at + 1].1.saturating_sub(c[at].1);
+            if cost <= left {
+                left -= cost;
+                alloc[i] = Some(at + 1);
+                upgraded = true;
+            }
+        }
+        if !upgraded {
+            break;
+        }
+    }
+    alloc
+        .iter()
+        .zip(&candidates)
+        .map(|(a, c)| match a {
+            Some(at) => Preference::MaxLayer(c[*at].0),
+            None => Preference::Paused,
+        })
+        .collect()
+}
+
+fn rank(p: Preference) -> i32 {
+    match p {
+        Preference::Paused => -1,
+        Preference::MaxLayer(l) => l as i32,
+    }
+}
+
+/// New allocations for a subscriber's video tracks given its estimate and
+/// the bitrate its audio takes.
+pub fn allocate(
+    estimate: u64,
+    audio: u64,
+    tracks: &[VideoDemand],
+    now: Instant,
+) -> Vec<Preference> {
+    let budget = estimate.saturating_sub(audio);
+    let down = ideal(budget, tracks);
+    let up = ideal((budget as f64 * UPGRADE_HEADROOM) as u64, tracks);
+    tracks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let current = match t.current {
+                // "No limit" counts as the highest layer wanted.
+                Preference::MaxLayer(l) if l == Layer::MAX => {
+                    Preference::MaxLayer(t.layers.last().map_or(0, |(l, _)| *l))
+                }
+                other => other,
+            };
+            if rank(down[i]) < rank(current) {
+                return down[i];
+            }
+            let may_step = t
+                .last_upgrade
+                .is_none_or(|at| now.saturating_duration_since(at) >= UPGRADE_INTERVAL);
+            if rank(up[i]) > rank(current) && may_step {
+                // One step: from paused to the lowest layer, or one layer up.
+                let sent: Vec<Layer> = t.layers.iter().map(|(l, _)| *l).collect();
+                let next = match current {
+                    Preference::Paused => sent.first().copied(),
+                    Preference::MaxLayer(l) => sent.iter().copied().find(|s| *s > l),
+                };
+                return next.map_or(up[i], |n| {
+                    if rank(Preference::MaxLayer(n)) > rank(up[i]) {
+                        up[i]
+                    } else {
+                        Preference::MaxLayer(n)
+                    }
+                });
+            }
+            current
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(clippy::disallowed_methods)]
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    fn track(current: Preference) -> VideoDemand {
+        VideoDemand {
+            layers: vec![(0, 150_000), (1, 500_000), (2, 1_500_000)],
+            wanted: Some(2),
+            current,
+            last_upgrade: None,
+        }
+    }
+
+    #[test]
+    fn rate_meter_measures_the_last_second() {
+        let mut m = RateMeter::default();
+        let now = t0();
+        for i in 0..100 {
+            m.add(now + Duration::from_millis(10 * i), 1250); // 1 Mbit/s
+        }
+        let bps = m.bps(now + Duration::from_millis(999));
+        assert!((900_000..=1_100_000).contains(&bps), "{bps}");
+        assert_eq!(m.bps(now + Duration::from_secs(5)), 0);
+    }
+
+    #[test]
+    fn downgrades_at_once_and_pauses_what_does_not_fit() {
+        let now = t0();
+        let t = [
+            track(Preference::MaxLayer(2)),
+            track(Preference::MaxLayer(2)),
+        ];
+        // Room for both lows and one medium.
+        let a = allocate(800_000 + 40_000, 40_000, &t, now);
+        assert_eq!(a, vec![Preference::MaxLayer(1), Preference::MaxLayer(0)]);
+        // Room for one low only.
+        let a = allocate(200_000, 0, &t, now);
+        assert_eq!(a, vec![Preference::MaxLayer(0), Preference::Paused]);
+        // Room for nothing.
+        assert_eq!(
+            allocate(100_000, 0, &t, now),
+            vec![Preference::Paused, Preference::Paused]
+        );
+    }
+
+    #[test]
+    fn upgrades_need_headroom_and_come_one_step_per_interval() {
+        let now = t0();
+        let mut t = [track(Preference::MaxLayer(0))];
+        // Exactly enough for high, but not with headroom: stays at medium at best.
+        let a = allocate(1_500_000, 0, &t, now);
+        assert_eq!(a, vec![Preference::MaxLayer(1)], "one step up");
+        t[0].current = a[0];
+        t[0].last_upgrade = Some(now);
+        assert_eq!(
+            allocate(5_000_000, 0, &t, now),
+            vec![Preference::MaxLayer(1)],
+            "too soon"
+        );
+        let later = now + UPGRADE_INTERVAL;
+        assert_eq!(
+            allocate(5_000_000, 0, &t, later),
+            vec![Preference::MaxLayer(2)]
+        );
+        // 1.5 Mbit/s needs 1.76 Mbit/s of estimate to be reached.
+        t[0].current = Preference::MaxLayer(1);
+        assert_eq!(
+            allocate(1_700_000, 0, &t, later),
+            vec![Preference::MaxLayer(1)]
+        );
+        assert_eq!(
+            allocate(1_800_000, 0, &t, later),
+            vec![Preference::MaxLayer(2)]
+        );
+        // Paused comes back at the lowest layer first.
+        t[0].current = Preference::Paused;
+        assert_eq!(
+            allocate(5_000_000, 0, &t, later),
+            vec![Preference::MaxLayer(0)]
+        );
+    }
+
+    #[test]
+    fn respects_what_the_subscriber_wants() {
+        let now = t0();
+        let mut t = [track(Preference::MaxLayer(0))];
+        t[0].wanted = Some(1);
+        t[0].last_upgrade = None;
+        let a = allocate(10_000_000, 0, &t, now);
+        assert_eq!(a, vec![Preference::MaxLayer(1)]);
+        t[0].wanted = None;
+        assert_eq!(allocate(10_000_000, 0, &t, now), vec![Preference::Paused]);
+    }
+}
