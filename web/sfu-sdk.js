@@ -170,7 +170,13 @@ export class Room {
           if (msg.type === 'joined') {
             joined = true;
             this._mark('joined');
-            this._onJoined(msg);
+            try {
+              this._onJoined(msg);
+            } catch (e) {
+              reject(e);
+              this.leave();
+              return;
+            }
             resolve(this);
           } else if (msg.type === 'error') {
             refusal = new Error(`${msg.code}: ${msg.message}`);

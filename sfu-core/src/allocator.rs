@@ -148,35 +148,61 @@ pub fn allocate(
         .iter()
         .enumerate()
         .map(|(i, t)| {
+            let Some(wanted) = t.wanted else {
+                // Paused by the subscriber: that is its preference's job;
+                // the allocation stays as it was for when it resumes.
+                return t.current;
+            };
+            // The highest layer the allocation could matter for.
+            let top = t
+                .layers
+                .iter()
+                .rev()
+                .map(|(l, _)| *l)
+                .find(|l| *l <= wanted)
+                .or(t.layers.first().map(|(l, _)| *l))
+                .unwrap_or(0);
+            // "No limit" counts as everything wanted.
             let current = match t.current {
-                // "No limit" counts as the highest layer wanted.
-                Preference::MaxLayer(l) if l == Layer::MAX => {
-                    Preference::MaxLayer(t.layers.last().map_or(0, |(l, _)| *l))
-                }
+                Preference::MaxLayer(l) if l >= top => Preference::MaxLayer(top),
                 other => other,
             };
-            if rank(down[i]) < rank(current) {
-                return down[i];
-            }
             let may_step = t
                 .last_upgrade
                 .is_none_or(|at| now.saturating_duration_since(at) >= UPGRADE_INTERVAL);
-            if rank(up[i]) > rank(current) && may_step {
-                // One step: from paused to the lowest layer, or one layer up.
-                let sent: Vec<Layer> = t.layers.iter().map(|(l, _)| *l).collect();
-                let next = match current {
-                    Preference::Paused => sent.first().copied(),
-                    Preference::MaxLayer(l) => sent.iter().copied().find(|s| *s > l),
-                };
-                return next.map_or(up[i], |n| {
-                    if rank(Preference::MaxLayer(n)) > rank(up[i]) {
-                        up[i]
-                    } else {
-                        Preference::MaxLayer(n)
+            let chosen = if rank(down[i]) < rank(current) {
+                down[i]
+            } else if rank(up[i]) > rank(current) && may_step {
+                if t.last_upgrade.is_none() {
+                    // Never changed yet (a new subscription): go straight
+                    // to what fits.
+                    up[i]
+                } else {
+                    // One step: from paused to the lowest layer, or one
+                    // layer up.
+                    let next = match current {
+                        Preference::Paused => t.layers.first().map(|(l, _)| *l),
+                        Preference::MaxLayer(l) => {
+                            t.layers.iter().map(|(s, _)| *s).find(|s| *s > l)
+                        }
+                    };
+                    match next {
+                        Some(n) if rank(Preference::MaxLayer(n)) <= rank(up[i]) => {
+                            Preference::MaxLayer(n)
+                        }
+                        _ => up[i],
                     }
-                });
+                }
+            } else {
+                current
+            };
+            // Everything wanted fits: no limit, so the subscriber can change
+            // its mind (or a higher layer can start) without waiting for an
+            // upgrade step.
+            match chosen {
+                Preference::MaxLayer(l) if l >= top => Preference::MaxLayer(Layer::MAX),
+                other => other,
             }
-            current
         })
         .collect()
 }
@@ -211,13 +237,14 @@ mod tests {
         assert_eq!(m.bps(now + Duration::from_secs(5)), 0);
     }
 
+    const NO_LIMIT: Preference = Preference::MaxLayer(Layer::MAX);
+
     #[test]
     fn downgrades_at_once_and_pauses_what_does_not_fit() {
         let now = t0();
-        let t = [
-            track(Preference::MaxLayer(2)),
-            track(Preference::MaxLayer(2)),
-        ];
+        let t = [track(NO_LIMIT), track(NO_LIMIT)];
+        // Room for everything: no limit.
+        assert_eq!(allocate(10_000_000, 40_000, &t, now), vec![NO_LIMIT; 2]);
         // Room for both lows and one medium.
         let a = allocate(800_000 + 40_000, 40_000, &t, now);
         assert_eq!(a, vec![Preference::MaxLayer(1), Preference::MaxLayer(0)]);
@@ -235,7 +262,8 @@ mod tests {
     fn upgrades_need_headroom_and_come_one_step_per_interval() {
         let now = t0();
         let mut t = [track(Preference::MaxLayer(0))];
-        // Exactly enough for high, but not with headroom: stays at medium at best.
+        t[0].last_upgrade = Some(now - UPGRADE_INTERVAL);
+        // Exactly enough for high, but not with headroom: medium at best.
         let a = allocate(1_500_000, 0, &t, now);
         assert_eq!(a, vec![Preference::MaxLayer(1)], "one step up");
         t[0].current = a[0];
@@ -246,37 +274,57 @@ mod tests {
             "too soon"
         );
         let later = now + UPGRADE_INTERVAL;
-        assert_eq!(
-            allocate(5_000_000, 0, &t, later),
-            vec![Preference::MaxLayer(2)]
-        );
+        assert_eq!(allocate(5_000_000, 0, &t, later), vec![NO_LIMIT]);
         // 1.5 Mbit/s needs 1.76 Mbit/s of estimate to be reached.
-        t[0].current = Preference::MaxLayer(1);
         assert_eq!(
             allocate(1_700_000, 0, &t, later),
             vec![Preference::MaxLayer(1)]
         );
-        assert_eq!(
-            allocate(1_800_000, 0, &t, later),
-            vec![Preference::MaxLayer(2)]
-        );
+        assert_eq!(allocate(1_800_000, 0, &t, later), vec![NO_LIMIT]);
         // Paused comes back at the lowest layer first.
         t[0].current = Preference::Paused;
         assert_eq!(
             allocate(5_000_000, 0, &t, later),
             vec![Preference::MaxLayer(0)]
         );
+        // A subscription never changed goes straight to what fits.
+        t[0].last_upgrade = None;
+        assert_eq!(allocate(5_000_000, 0, &t, later), vec![NO_LIMIT]);
     }
 
     #[test]
-    fn respects_what_the_subscriber_wants() {
+    fn an_unlimited_allocation_that_fits_stays_unlimited() {
         let now = t0();
-        let mut t = [track(Preference::MaxLayer(0))];
+        let mut t = [track(NO_LIMIT)];
+        // Only the low layer has started so far.
+        t[0].layers.truncate(1);
+        assert_eq!(
+            allocate(5_000_000, 0, &t, now),
+            vec![NO_LIMIT],
+            "not capped at the only layer seen yet"
+        );
+    }
+
+    #[test]
+    fn what_the_subscriber_wants_is_not_an_allocation_change() {
+        let now = t0();
+        let mut t = [track(NO_LIMIT)];
+        // Medium is all it wants and it fits: no limit at all, so asking for
+        // more later is not held back by upgrade steps.
         t[0].wanted = Some(1);
-        t[0].last_upgrade = None;
-        let a = allocate(10_000_000, 0, &t, now);
-        assert_eq!(a, vec![Preference::MaxLayer(1)]);
+        assert_eq!(allocate(10_000_000, 0, &t, now), vec![NO_LIMIT]);
+        t[0].wanted = Some(0);
+        assert_eq!(allocate(10_000_000, 0, &t, now), vec![NO_LIMIT]);
+        // Wanting medium on a link with room for low only is limited.
+        t[0].wanted = Some(1);
+        assert_eq!(allocate(300_000, 0, &t, now), vec![Preference::MaxLayer(0)]);
+        // A track the subscriber paused takes no budget and keeps its
+        // allocation for when it resumes.
         t[0].wanted = None;
-        assert_eq!(allocate(10_000_000, 0, &t, now), vec![Preference::Paused]);
+        t[0].current = Preference::MaxLayer(1);
+        assert_eq!(
+            allocate(10_000_000, 0, &t, now),
+            vec![Preference::MaxLayer(1)]
+        );
     }
 }

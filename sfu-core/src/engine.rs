@@ -3,10 +3,13 @@
 //! the interceptor that lets keyframe requests and NACKs reach the room.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use rtc::interceptor::{
-    Attribute, Interceptor, NackGeneratorBuilder, Packet, Registry, Slot, StreamInfo, TaggedPacket,
+    Attribute, CongestionControlBuilder, Gcc, Interceptor, NackGeneratorBuilder, Packet, Registry,
+    Slot, StreamInfo, TaggedPacket, TwccSenderBuilder,
 };
 use rtc::peer_connection::configuration::interceptor_registry::{
     configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
@@ -111,18 +114,41 @@ pub fn build_peer_connection(
     ufrag: &str,
     pwd: &str,
     role: ConnRole,
+    estimate: Option<DownlinkEstimate>,
 ) -> Result<RTCPeerConnection, RtcError> {
     let mut engine = media_engine()?;
     configure_simulcast_extension_headers(&mut engine)?;
     let mut registry = configure_twcc_receiver_only(Registry::new(), &mut engine)?;
     registry = configure_rtcp_reports(registry);
-    if role == ConnRole::Answering {
+    match role {
         // Publisher connections ask the client to resend what got lost.
-        // Subscriber connections have no NACK responder of their own: the
-        // room answers NACKs from its shared per-layer packet cache.
-        registry = registry.with(Slot::NackGenerator, NackGeneratorBuilder::new().build());
+        ConnRole::Answering => {
+            registry = registry.with(Slot::NackGenerator, NackGeneratorBuilder::new().build());
+        }
+        // Subscriber connections have no NACK responder of their own (the
+        // room answers NACKs from its shared per-layer packet cache). They
+        // number what they send for transport-wide feedback and run a
+        // delay-based estimator on it; the estimate feeds the allocator.
+        // No pacer: the allocator keeps the rate within the estimate.
+        ConnRole::Offering => {
+            registry = registry
+                .with(Slot::TwccSender, TwccSenderBuilder::new().build())
+                .with(
+                    Slot::CongestionControl,
+                    CongestionControlBuilder::new(Gcc::new(
+                        INITIAL_DOWNLINK_ESTIMATE as f64,
+                        MIN_DOWNLINK_ESTIMATE as f64,
+                        MAX_DOWNLINK_ESTIMATE as f64,
+                    ))
+                    .build(),
+                );
+        }
     }
-    let registry = registry.with(Slot::Custom(14_000), FeedbackTap::default());
+    let tap = FeedbackTap {
+        estimate,
+        ..Default::default()
+    };
+    let registry = registry.with(Slot::Custom(14_000), tap);
     let mut settings = SettingEngineBuilder::new()
         .with_lite(true)
         .with_ice_credentials(ufrag.to_owned(), pwd.to_owned());
@@ -145,7 +171,20 @@ pub fn build_peer_connection(
 pub struct FeedbackTap {
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
+    /// Where the congestion controller's estimate is passed on, if any.
+    estimate: Option<DownlinkEstimate>,
 }
+
+/// The send-side bandwidth estimate of one subscriber connection, in bits
+/// per second, written by its interceptor chain and read by the room (0
+/// until the first estimate).
+pub type DownlinkEstimate = Arc<AtomicU64>;
+
+/// The estimator starts here and falls when feedback shows congestion, so
+/// a new subscriber is not held at low quality while it ramps up.
+pub const INITIAL_DOWNLINK_ESTIMATE: u64 = 4_000_000;
+pub const MIN_DOWNLINK_ESTIMATE: u64 = 50_000;
+pub const MAX_DOWNLINK_ESTIMATE: u64 = 50_000_000;
 
 fn is_for_the_room(packet: &dyn rtc::rtcp::Packet) -> bool {
     let any = packet.as_any();
@@ -163,6 +202,14 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackTap {
     type Time = Instant;
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), RtcError> {
+        if let (Some(out), Some(Attribute::TargetBitrateChanged { bits_per_second })) = (
+            &self.estimate,
+            msg.message.get(&Attribute::TargetBitrateChanged {
+                bits_per_second: 0.0,
+            }),
+        ) {
+            out.store(*bits_per_second as u64, Ordering::Relaxed);
+        }
         if let Packet::Rtcp(packets) = &msg.message.packet {
             if packets.iter().any(|p| is_for_the_room(p.as_ref())) {
                 msg.message.add(Attribute::DeliverToApplication);

@@ -29,6 +29,7 @@ pub mod forwarder;
 mod ids;
 pub mod munger;
 mod room;
+pub mod sdp;
 pub mod seq;
 pub mod vp8;
 

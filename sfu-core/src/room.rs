@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -38,7 +39,7 @@ use sfu_signal::{
 
 use crate::allocator::{self, RateMeter, VideoDemand};
 use crate::cache::{PacketCache, SentEntry, SentLog};
-use crate::engine::{build_peer_connection, opus_codec, vp8_codec, ConnRole};
+use crate::engine::{build_peer_connection, opus_codec, vp8_codec, ConnRole, DownlinkEstimate};
 use crate::forwarder::{Forwarder, Layer, PacketInfo, Preference, Verdict};
 use crate::ids::{ConnId, ParticipantId, SeededRng, TrackKey};
 use crate::seq::SeqExtender;
@@ -46,6 +47,9 @@ use crate::vp8;
 
 /// Keyframe requests to one publisher track are sent at most this often.
 const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+/// A layer with no packet for this long, while another layer of its track
+/// still arrives, is taken as stopped by the publisher.
+const LAYER_TIMEOUT: Duration = Duration::from_millis(1000);
 /// How often subscribers' allocations are revisited.
 const ALLOCATION_INTERVAL: Duration = Duration::from_millis(500);
 /// Requests for a newly connected subscriber wait at most this long.
@@ -90,12 +94,14 @@ pub enum DropReason {
     Duplicate,
     /// The subscriber's connection has not yet negotiated this track.
     NotNegotiated,
+    /// The subscriber's connection is not up (ICE/DTLS) yet, or any more.
+    NotConnected,
     /// The engine refused the packet.
     EngineRejected,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::UnknownSource,
         DropReason::UnknownUfrag,
         DropReason::UnknownTrack,
@@ -108,6 +114,7 @@ impl DropReason {
         DropReason::TooOld,
         DropReason::Duplicate,
         DropReason::NotNegotiated,
+        DropReason::NotConnected,
         DropReason::EngineRejected,
     ];
 
@@ -126,6 +133,7 @@ impl DropReason {
             DropReason::TooOld => "too_old",
             DropReason::Duplicate => "duplicate",
             DropReason::NotNegotiated => "not_negotiated",
+            DropReason::NotConnected => "not_connected",
             DropReason::EngineRejected => "engine_rejected",
         }
     }
@@ -227,6 +235,10 @@ struct Conn {
     /// The engine's next timer, as of the last time this connection was
     /// drained (every change to a connection drains it).
     next_timeout: Option<Instant>,
+    /// Subscriber connections: the congestion controller's estimate, and
+    /// the value last acted on.
+    estimate: Option<DownlinkEstimate>,
+    last_estimate: u64,
 }
 
 /// A subscriber's wishes for one track, as last sent.
@@ -244,7 +256,7 @@ struct DownTrack {
     pref: SubscriptionPref,
     /// What went out under which sequence number, for NACKs.
     sent: SentLog,
-    /// When the allocator last moved this track up.
+    /// When the allocator last changed this track's allocation.
     last_upgrade: Option<Instant>,
     payload_type: Option<u8>,
     /// The subscriber offer that first carried this track.
@@ -265,8 +277,11 @@ struct Participant {
     published: HashMap<String, TrackKey>,
     down_tracks: BTreeMap<TrackKey, DownTrack>,
     negotiation: Negotiator,
-    /// Downlink estimate of the subscriber connection, bits per second.
+    /// Downlink estimate of the subscriber connection, bits per second:
+    /// the lower of the receiver's REMB and our own delay-based estimate.
     estimate: Option<u64>,
+    remb: Option<u64>,
+    gcc: Option<u64>,
 }
 
 /// One simulcast layer (or the only stream) of a published track.
@@ -282,6 +297,11 @@ struct PubLayer {
     cache: PacketCache,
     /// Bitrate the layer arrives at.
     rate: RateMeter,
+    /// When the layer's last packet arrived, and whether it counts as sent:
+    /// a publisher drops its top layers when short of bandwidth or CPU, and
+    /// subscribers on a layer that stopped must move to one that did not.
+    last_packet_at: Option<Instant>,
+    active: bool,
 }
 
 /// Spatial layer of a simulcast stream from its rid: the usual names for
@@ -321,7 +341,11 @@ impl PublishedTrack {
     }
 
     fn available(&self) -> Vec<Layer> {
-        self.layers.iter().map(|l| l.layer).collect()
+        self.layers
+            .iter()
+            .filter(|l| l.active)
+            .map(|l| l.layer)
+            .collect()
     }
 }
 
@@ -486,6 +510,8 @@ impl Room {
                 down_tracks: BTreeMap::new(),
                 negotiation: Negotiator::default(),
                 estimate: None,
+                remb: None,
+                gcc: None,
             },
         );
 
@@ -556,7 +582,8 @@ impl Room {
             Target::Publisher => ConnRole::Answering,
             Target::Subscriber => ConnRole::Offering,
         };
-        let mut pc = build_peer_connection(now, &ufrag, &pwd, role)?;
+        let estimate = (target == Target::Subscriber).then(DownlinkEstimate::default);
+        let mut pc = build_peer_connection(now, &ufrag, &pwd, role, estimate.clone())?;
         let addr = self.config.media_addr;
         let candidate = CandidateHostConfig {
             base_config: CandidateConfig {
@@ -573,6 +600,8 @@ impl Room {
         let next_timeout = pc.poll_timeout();
         let conn = Box::new(Conn {
             next_timeout,
+            estimate,
+            last_estimate: 0,
             pc,
             participant,
             target,
@@ -823,6 +852,7 @@ impl Room {
                 "this token does not allow publishing".into(),
             ));
         }
+        let sending = crate::sdp::sending_track_ids(&sdp);
         let offer = RTCSessionDescription::offer(sdp)
             .map_err(|e| (ErrorCode::BadSdp, format!("cannot parse offer: {e}")))?;
         let conn = match self.participants[&id].publisher {
@@ -858,6 +888,16 @@ impl Room {
                 sdp,
             },
         );
+        // Tracks the new offer no longer sends are unpublished.
+        let stopped: Vec<TrackKey> = self.participants[&id]
+            .published
+            .iter()
+            .filter(|(cid, _)| !sending.contains(cid))
+            .map(|(_, key)| *key)
+            .collect();
+        for key in stopped {
+            self.unpublish(now, key);
+        }
         self.mark_dirty(conn);
         Ok(())
     }
@@ -1179,6 +1219,7 @@ impl Room {
         }
         if now >= self.next_allocation {
             self.next_allocation = now + ALLOCATION_INTERVAL;
+            self.retire_stopped_layers(now);
             let estimated: Vec<ParticipantId> = self
                 .participants
                 .iter()
@@ -1198,7 +1239,7 @@ impl Room {
             return output;
         }
         let mut next = self.last_now + Duration::from_secs(3600);
-        if self.participants.values().any(|p| p.estimate.is_some()) {
+        if !self.tracks.is_empty() {
             next = next.min(self.next_allocation);
         }
         for c in self.conns.iter().flatten() {
@@ -1243,6 +1284,17 @@ impl Room {
                 }
             }
             c.next_timeout = c.pc.poll_timeout();
+            let estimate = c.estimate.as_ref().map(|e| e.load(Ordering::Relaxed));
+            let new_estimate = match estimate {
+                Some(e) if e != 0 && e != c.last_estimate => {
+                    c.last_estimate = e;
+                    Some(e)
+                }
+                _ => None,
+            };
+            if let Some(bps) = new_estimate {
+                self.set_gcc_estimate(now, participant, bps);
+            }
             for event in events {
                 self.on_event(now, id, participant, target, event);
             }
@@ -1451,6 +1503,8 @@ impl Room {
             last_keyframe_request: None,
             cache: PacketCache::new(),
             rate: RateMeter::default(),
+            last_packet_at: None,
+            active: true,
         });
         let available = track.available();
         for sub in &track.subscribers {
@@ -1547,6 +1601,9 @@ impl Room {
             return;
         };
         let ext_seq = source.seq.extend(packet.header.sequence_number as u64);
+        source.last_packet_at = Some(now);
+        let resumed = !source.active;
+        source.active = true;
         let mut resized = false;
         let (keyframe, vp8) = match track.kind {
             // Every audio packet can start a stream.
@@ -1577,6 +1634,7 @@ impl Room {
         packet.header.extension = false;
         packet.header.extensions.clear();
         packet.header.extension_profile = 0;
+        packet.header.extensions_padding = 0;
         if let Some(source) = track.layers.iter_mut().find(|l| l.ssrc == ssrc) {
             source.cache.insert(ext_seq, now, &packet);
             // Payload plus RTP/UDP/IP headers, as the subscriber's link sees it.
@@ -1598,6 +1656,15 @@ impl Room {
                 stats.drop(DropReason::NotNegotiated);
                 continue;
             };
+            let Some(c) = conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
+                continue;
+            };
+            if !c.connected {
+                // Until DTLS is up the engine cannot encrypt; deciding now
+                // would number packets that never leave.
+                stats.drop(DropReason::NotConnected);
+                continue;
+            }
             let verdict = down.forwarder.decide(&info, now);
             if let Some(layer) = down.forwarder.awaiting_keyframe() {
                 let starving = down.forwarder.current().is_none();
@@ -1616,9 +1683,6 @@ impl Room {
                     stats.drop(reason);
                     continue;
                 }
-            };
-            let Some(c) = conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
-                continue;
             };
             let Some(mut rtp_sender) = c.pc.rtp_sender(down.sender) else {
                 continue;
@@ -1663,6 +1727,18 @@ impl Room {
                 }
             }
         }
+        if resumed {
+            tracing::debug!(track = %track.sid, layer = info.layer, "layer resumed");
+            let available = track.available();
+            for sub in &track.subscribers {
+                if let Some(down) = participants
+                    .get_mut(sub)
+                    .and_then(|p| p.down_tracks.get_mut(&key))
+                {
+                    down.forwarder.set_available(&available);
+                }
+            }
+        }
         let sized_subscribers: Vec<ParticipantId> = if resized {
             track.subscribers.clone()
         } else {
@@ -1676,11 +1752,59 @@ impl Room {
         }
     }
 
+    /// Takes layers that stopped arriving out of what subscribers may get,
+    /// while another layer of the same track still arrives (if all stop,
+    /// the publisher paused and there is nothing better to move to).
+    fn retire_stopped_layers(&mut self, now: Instant) {
+        let Room {
+            tracks,
+            participants,
+            ..
+        } = self;
+        for (key, track) in tracks.iter_mut() {
+            let fresh = |l: &PubLayer| {
+                l.last_packet_at
+                    .is_some_and(|t| now.saturating_duration_since(t) < LAYER_TIMEOUT)
+            };
+            if !track.layers.iter().any(fresh) {
+                continue;
+            }
+            let mut changed = false;
+            for layer in track.layers.iter_mut() {
+                if layer.active && layer.last_packet_at.is_some() && !fresh(layer) {
+                    layer.active = false;
+                    changed = true;
+                    tracing::debug!(track = %track.sid, layer = layer.layer, "layer stopped");
+                }
+            }
+            if changed {
+                let available = track.available();
+                for sub in &track.subscribers {
+                    if let Some(down) = participants
+                        .get_mut(sub)
+                        .and_then(|p| p.down_tracks.get_mut(key))
+                    {
+                        down.forwarder.set_available(&available);
+                    }
+                }
+            }
+        }
+    }
+
     /// A new downlink estimate for a subscriber: reallocate at once (so a
     /// drop takes effect without waiting for the next allocation tick).
     fn set_estimate(&mut self, now: Instant, sub: ParticipantId, bps: u64) {
         if let Some(p) = self.participants.get_mut(&sub) {
-            p.estimate = Some(bps);
+            p.remb = Some(bps);
+            p.estimate = p.remb.into_iter().chain(p.gcc).min();
+        }
+        self.allocate(now, sub);
+    }
+
+    fn set_gcc_estimate(&mut self, now: Instant, sub: ParticipantId, bps: u64) {
+        if let Some(p) = self.participants.get_mut(&sub) {
+            p.gcc = Some(bps);
+            p.estimate = p.remb.into_iter().chain(p.gcc).min();
         }
         self.allocate(now, sub);
     }
@@ -1716,6 +1840,7 @@ impl Room {
             let mut layers: Vec<(Layer, u64)> = track
                 .layers
                 .iter_mut()
+                .filter(|l| l.active)
                 .map(|l| (l.layer, l.rate.bps(now)))
                 .collect();
             layers.sort_unstable();
@@ -1732,12 +1857,9 @@ impl Room {
             let Some(down) = p.down_tracks.get_mut(key) else {
                 continue;
             };
-            let up = match (demand.current, new) {
-                (Preference::Paused, Preference::MaxLayer(_)) => true,
-                (Preference::MaxLayer(a), Preference::MaxLayer(b)) => b > a && a != Layer::MAX,
-                _ => false,
-            };
-            if up {
+            // Any change, down or up, starts the interval before the next
+            // step up; only a subscription never changed may jump.
+            if new != demand.current {
                 down.last_upgrade = Some(now);
             }
             if new != down.forwarder.allocation() {

@@ -114,25 +114,31 @@ fn count_offers(h: &Harness, i: usize) -> usize {
 }
 
 #[test]
-fn simulcast_publisher_is_forwarded_as_one_consistent_layer() {
+fn simulcast_publisher_reaches_each_subscriber_as_one_layer() {
     let mut h = Harness::new();
     let a = h.join_with("alice", true, true);
     let b = h.join("bob", false);
     connect_all(&mut h, &[a], &[(b, a)]);
     let c = h.join("carol", false);
     connect_all(&mut h, &[a], &[(c, a)]);
+    // Settled (a subscriber may start on a lower layer's keyframe and
+    // climb), each gets exactly one layer: the highest, by default.
+    pump(&mut h, &[a], 30);
     let before = h.received_from(b, a);
+    let (skip_b, skip_c) = (
+        h.video_payloads_from(b, a).len(),
+        h.video_payloads_from(c, a).len(),
+    );
     pump(&mut h, &[a], 100);
     let after = h.received_from(b, a);
     // One layer's 100 packets, not three layers' 300.
     assert_eq!(after.0 - before.0, 100);
     assert_eq!(after.1 - before.1, 100);
-    let layers_b = h.video_layers_from(b, a);
-    assert_eq!(layers_b.len(), 1, "bob got layers {layers_b:?}");
-    assert_eq!(
-        h.video_layers_from(c, a),
-        layers_b,
-        "both subscribers get the same layer"
+    assert_eq!(layers_since(&h, b, a, skip_b).0, vec![2], "bob's layers");
+    assert_eq!(layers_since(&h, c, a, skip_c).0, vec![2], "carol's layers");
+    assert!(
+        layers_since(&h, b, a, 0).1,
+        "a switch landed on a delta frame"
     );
     let drops = &h.room.stats().drops;
     let not_selected = drops
@@ -467,4 +473,53 @@ fn downlink_estimate_moves_the_subscriber_down_and_back_up() {
             > 0,
         "{drops:?}"
     );
+}
+
+#[test]
+fn subscriber_on_a_layer_the_publisher_stops_moves_to_one_still_sent() {
+    let mut h = Harness::new();
+    let a = h.join_with("alice", true, true);
+    let b = h.join("bob", false);
+    connect_all(&mut h, &[a], &[(b, a)]);
+    time_to_layer(&mut h, b, a, 2, Duration::from_secs(2));
+    // The publisher drops its top layer (as a browser short of CPU does).
+    h.clients[a].stopped_slots.push(2);
+    let moved = time_to_layer(&mut h, b, a, 1, Duration::from_secs(3));
+    eprintln!("top layer stopped: medium after {moved:?}");
+    assert!(moved <= Duration::from_millis(1600), "took {moved:?}");
+    // It comes back: the subscriber returns to it.
+    h.clients[a].stopped_slots.clear();
+    time_to_layer(&mut h, b, a, 2, Duration::from_secs(3));
+    let (seqs, _) = h.video_rtp_from(b, a);
+    for w in seqs.windows(2) {
+        assert_eq!(w[1], w[0].wrapping_add(1), "hole in bob's stream");
+    }
+}
+
+#[test]
+fn a_track_removed_by_renegotiation_is_unpublished() {
+    let mut h = Harness::new();
+    let a = h.join("alice", true);
+    let b = h.join("bob", false);
+    connect_all(&mut h, &[a], &[(b, a)]);
+    let video = h.video_track_sid(a);
+    let alice = h.client_sid(a);
+    h.unpublish_video(a);
+    let unpublished: Vec<String> = h.clients[b]
+        .signals
+        .iter()
+        .filter_map(|s| match s {
+            ServerMessage::TrackUnpublished {
+                participant_sid,
+                track_sid,
+            } if *participant_sid == alice => Some(track_sid.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(unpublished, vec![video], "only the video track ends");
+    // Audio goes on.
+    let audio_before = h.received_from(b, a).1;
+    pump(&mut h, &[a], 20);
+    assert!(h.received_from(b, a).1 >= audio_before + 20);
+    assert_eq!(h.room.participants()[0].tracks.len(), 1);
 }

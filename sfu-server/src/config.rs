@@ -73,6 +73,10 @@ pub struct Config {
     /// Default participant cap per room (0 = no cap).
     #[arg(long, env = "SFU_MAX_PARTICIPANTS", default_value_t = 0)]
     pub max_participants: usize,
+    /// Serve the browser SDK and demo page from this directory instead of
+    /// the copies built into the binary (for working on them).
+    #[arg(long, env = "SFU_WEB_DIR")]
+    pub web_dir: Option<std::path::PathBuf>,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "SFU_LOG", default_value = "info,rtc_dtls=error")]
     pub log: String,

@@ -115,7 +115,7 @@ pub fn router(state: AppState) -> Router {
 /// in the API's error shape.
 async fn fallback(uri: axum::http::Uri) -> Response {
     let name = uri.path().trim_start_matches('/');
-    if ASSETS.iter().any(|(n, _)| *n == name) {
+    if ASSETS.iter().any(|(n, _)| *n == name) || (WEB_DIR.get().is_some() && plain_name(name)) {
         return asset(name).await;
     }
     ApiError::not_found("no such endpoint").into_response()
@@ -127,9 +127,27 @@ async fn asset_owned(name: String) -> Response {
     asset(&name).await
 }
 
+/// When set (`--web-dir`), web assets are read from this directory on each
+/// request instead of the copies built into the binary: for working on the
+/// SDK and demo without rebuilding.
+pub static WEB_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// A file name with no directory part, so it cannot leave the web directory.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\'])
+}
+
 async fn asset(name: &str) -> Response {
-    let Some((_, body)) = ASSETS.iter().find(|(n, _)| *n == name) else {
-        return ApiError::not_found(format!("no asset {name}")).into_response();
+    let from_disk = match WEB_DIR.get() {
+        Some(dir) if plain_name(name) => tokio::fs::read(dir.join(name)).await.ok(),
+        _ => None,
+    };
+    let body: std::borrow::Cow<'static, [u8]> = match from_disk {
+        Some(bytes) => bytes.into(),
+        None => match ASSETS.iter().find(|(n, _)| *n == name) {
+            Some((_, body)) => (*body).into(),
+            None => return ApiError::not_found(format!("no asset {name}")).into_response(),
+        },
     };
     let mime = match name.rsplit('.').next() {
         Some("html") => "text/html; charset=utf-8",
@@ -143,7 +161,7 @@ async fn asset(name: &str) -> Response {
             (header::CONTENT_TYPE, mime),
             (header::CACHE_CONTROL, "no-cache"),
         ],
-        *body,
+        body,
     )
         .into_response()
 }
@@ -202,6 +220,8 @@ struct CreateRoom {
     name: String,
     #[serde(default)]
     max_participants: Option<usize>,
+    #[serde(default)]
+    empty_timeout_secs: Option<u64>,
 }
 
 async fn create_room(
@@ -215,7 +235,11 @@ async fn create_room(
     }
     let Json(body) = body?;
     valid_name("room name", &body.name)?;
-    match state.rooms.create(&body.name, body.max_participants) {
+    let empty_timeout = body.empty_timeout_secs.map(std::time::Duration::from_secs);
+    match state
+        .rooms
+        .create(&body.name, body.max_participants, empty_timeout)
+    {
         Ok(handle) => Ok((StatusCode::CREATED, Json(room_json(&handle))).into_response()),
         Err(CreateError::Exists) => Err(ApiError::new(
             StatusCode::CONFLICT,

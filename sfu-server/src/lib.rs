@@ -61,6 +61,9 @@ impl Drop for RunningServer {
 /// Binds the sockets and starts serving in the background.
 pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let (keys, dev_mode) = config.keys()?;
+    if let Some(dir) = &config.web_dir {
+        let _ = http::WEB_DIR.set(dir.clone());
+    }
     let socket = UdpSocket::bind(config.media_addr)
         .await
         .with_context(|| format!("binding media UDP socket {}", config.media_addr))?;

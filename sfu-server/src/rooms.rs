@@ -138,11 +138,12 @@ impl Rooms {
         &self,
         name: &str,
         max_participants: Option<usize>,
+        empty_timeout: Option<Duration>,
     ) -> Result<RoomHandle, CreateError> {
         match self.inner.entry(name.to_owned()) {
             dashmap::mapref::entry::Entry::Occupied(_) => Err(CreateError::Exists),
             dashmap::mapref::entry::Entry::Vacant(slot) => {
-                let handle = self.spawn(name, max_participants);
+                let handle = self.spawn(name, max_participants, empty_timeout);
                 slot.insert(handle.clone());
                 Ok(handle)
             }
@@ -153,7 +154,7 @@ impl Rooms {
     pub fn get_or_create(&self, name: &str) -> RoomHandle {
         self.inner
             .entry(name.to_owned())
-            .or_insert_with(|| self.spawn(name, None))
+            .or_insert_with(|| self.spawn(name, None, None))
             .clone()
     }
 
@@ -183,7 +184,12 @@ impl Rooms {
         }
     }
 
-    fn spawn(&self, name: &str, max_participants: Option<usize>) -> RoomHandle {
+    fn spawn(
+        &self,
+        name: &str,
+        max_participants: Option<usize>,
+        empty_timeout: Option<Duration>,
+    ) -> RoomHandle {
         let seed = rand::random::<u64>();
         let sid = format!("RM_{}", sfu_core::SeededRng::new(seed ^ 0x5EED).string(12));
         let max_participants = max_participants.unwrap_or(self.defaults.max_participants);
@@ -216,7 +222,7 @@ impl Rooms {
             routes: self.routes.clone(),
             registry: self.inner.clone(),
             handle: handle.clone(),
-            empty_timeout: self.defaults.empty_timeout,
+            empty_timeout: empty_timeout.unwrap_or(self.defaults.empty_timeout),
             empty_since: Some(Instant::now()),
             metrics: self.metrics.clone(),
             reported: Default::default(),

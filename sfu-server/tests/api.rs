@@ -590,9 +590,7 @@ async fn signalling_rejects_bad_tokens_and_bad_messages_without_harm() {
 #[tokio::test]
 async fn room_lifecycle_full_duplicate_delete_and_empty_timeout() {
     use reqwest::Method;
-    let mut config = common::test_config();
-    config.empty_room_timeout = 1;
-    let server = sfu_server::start(&config).await.unwrap();
+    let server = start_server().await;
     let api = Api::new(&server);
     let all = admin_token(&server, "", true, true, true);
 
@@ -651,7 +649,7 @@ async fn room_lifecycle_full_duplicate_delete_and_empty_timeout() {
             Method::POST,
             "/v1/rooms",
             Some(&all),
-            Some(json!({"name":"brief"})),
+            Some(json!({"name":"brief","emptyTimeoutSecs":1})),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED);

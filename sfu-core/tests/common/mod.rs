@@ -106,6 +106,8 @@ pub struct Client {
     pub keyframe_requests: Vec<u32>,
     /// Keyframe requests already answered with a keyframe.
     pub keyframes_sent_for: usize,
+    /// Stream slots (simulcast layers) this publisher has stopped sending.
+    pub stopped_slots: Vec<u8>,
     pub seq: u16,
 }
 
@@ -195,6 +197,7 @@ impl Harness {
             track_receivers: HashMap::new(),
             keyframe_requests: Vec::new(),
             keyframes_sent_for: 0,
+            stopped_slots: Vec::new(),
             seq: 0,
         };
         if publish {
@@ -549,6 +552,31 @@ impl Harness {
             .collect()
     }
 
+    /// Client `index` stops publishing its video track: removes the sender
+    /// and sends a new publisher offer, as a browser's `removeTrack` does.
+    pub fn unpublish_video(&mut self, index: usize) {
+        let now = self.now;
+        let c = &mut self.clients[index];
+        let Some(pc) = c.publisher.as_mut() else {
+            return;
+        };
+        let (sender, _, _) = c.senders[0];
+        pc.remove_track(sender).unwrap();
+        c.senders.retain(|(s, _, _)| *s != sender);
+        let offer = pc.create_offer(None).unwrap();
+        pc.set_local_description(now, offer).unwrap();
+        let sdp = pc.local_description().unwrap().sdp;
+        let id = c.id;
+        self.pending.push_back((
+            id,
+            ClientMessage::Offer {
+                target: Target::Publisher,
+                sdp,
+            },
+        ));
+        self.settle();
+    }
+
     /// Client `index`'s subscriber connection reports a downlink estimate
     /// (REMB), as a browser's receive-side bandwidth estimator does.
     pub fn send_remb(&mut self, index: usize, bps: u64) {
@@ -639,6 +667,9 @@ impl Harness {
         };
         for (i, (sender, ssrc, pt)) in c.senders.iter().enumerate() {
             if video_only && *pt == OPUS_PAYLOAD_TYPE {
+                continue;
+            }
+            if *pt != OPUS_PAYLOAD_TYPE && c.stopped_slots.contains(&(i as u8)) {
                 continue;
             }
             // VP8 payload descriptor (start of partition) + tagged body:

@@ -37,6 +37,7 @@ pub fn test_config() -> Config {
         api_secret: None,
         empty_room_timeout: 300,
         max_participants: 0,
+        web_dir: None,
         log: "warn".into(),
     }
 }
