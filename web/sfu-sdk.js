@@ -287,6 +287,9 @@ export class Room {
         this._emit('trackMuted', { participant: p, trackSid: msg.trackSid, muted: msg.muted });
         return;
       }
+      case 'publishedLayers':
+        await this._setActiveLayers(msg.trackSid, msg.layers);
+        return;
       case 'pong':
         if (typeof msg.ts === 'number') this.rtt = Date.now() - msg.ts;
         return;
@@ -485,6 +488,30 @@ export class Room {
     const tracks = new Set(this.localStream?.getTracks() || []);
     for (const s of this.publisherPc?.getSenders() || []) if (s.track) tracks.add(s.track);
     return [...tracks];
+  }
+
+  /**
+   * Dynacast: the server says which simulcast layers of one of our tracks
+   * anyone receives; encoding the others would only waste CPU and uplink.
+   * @param {string} trackSid
+   * @param {{rid: string, active: boolean}[]} layers
+   */
+  async _setActiveLayers(trackSid, layers) {
+    let cid = null;
+    for (const [c, sid] of this.localTrackSids) if (sid === trackSid) cid = c;
+    const sender = this.publisherPc?.getSenders().find((s) => s.track && s.track.id === cid);
+    if (!sender) return;
+    const params = sender.getParameters();
+    let changed = false;
+    for (const enc of params.encodings || []) {
+      const want = layers.find((l) => l.rid === enc.rid);
+      if (want && enc.active !== want.active) {
+        enc.active = want.active;
+        changed = true;
+      }
+    }
+    if (changed) await sender.setParameters(params);
+    this._emit('publishedLayers', { trackSid, layers });
   }
 
   async _setEnabled(kind, enabled) {

@@ -33,8 +33,8 @@ use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use sfu_signal::negotiation::{Negotiator, State as NegotiationState};
 use sfu_signal::{
-    ClientMessage, ErrorCode, IceCandidate, IceServer, LeaveReason, ParticipantInfo, Quality,
-    RoomRef, ServerMessage, Target, TrackInfo, TrackKind, PROTOCOL_VERSION,
+    ClientMessage, ErrorCode, IceCandidate, IceServer, LayerState, LeaveReason, ParticipantInfo,
+    Quality, RoomRef, ServerMessage, Target, TrackInfo, TrackKind, PROTOCOL_VERSION,
 };
 
 use crate::allocator::{self, RateMeter, VideoDemand};
@@ -50,6 +50,9 @@ const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
 /// A layer with no packet for this long, while another layer of its track
 /// still arrives, is taken as stopped by the publisher.
 const LAYER_TIMEOUT: Duration = Duration::from_millis(1000);
+/// A simulcast layer nobody has wanted for this long is switched off at
+/// the publisher.
+const DYNACAST_GRACE: Duration = Duration::from_secs(3);
 /// How often subscribers' allocations are revisited.
 const ALLOCATION_INTERVAL: Duration = Duration::from_millis(500);
 /// Requests for a newly connected subscriber wait at most this long.
@@ -326,6 +329,10 @@ struct PublishedTrack {
     layers: Vec<PubLayer>,
     muted: bool,
     subscribers: Vec<ParticipantId>,
+    /// Dynacast: layers the publisher was told not to send, and since when
+    /// each active layer has been wanted by nobody.
+    disabled: Vec<Layer>,
+    unwanted_since: Vec<(Layer, Instant)>,
 }
 
 impl PublishedTrack {
@@ -826,6 +833,7 @@ impl Room {
                     }
                 }
                 self.apply_preference(id, key);
+                self.update_dynacast(now, key);
                 self.keyframe_for_subscriber(now, id, key, true);
                 Ok(())
             }
@@ -1220,6 +1228,10 @@ impl Room {
         if now >= self.next_allocation {
             self.next_allocation = now + ALLOCATION_INTERVAL;
             self.retire_stopped_layers(now);
+            let keys: Vec<TrackKey> = self.tracks.keys().copied().collect();
+            for key in keys {
+                self.update_dynacast(now, key);
+            }
             let estimated: Vec<ParticipantId> = self
                 .participants
                 .iter()
@@ -1411,6 +1423,8 @@ impl Room {
             layers: Vec::new(),
             muted: false,
             subscribers: Vec::new(),
+            disabled: Vec::new(),
+            unwanted_since: Vec::new(),
         };
         self.tracks.insert(key, track);
         self.add_layer(key, init.rid.as_deref(), init.ssrc);
@@ -1750,6 +1764,86 @@ impl Room {
         for sub in sized_subscribers {
             self.apply_preference(sub, key);
         }
+    }
+
+    /// Dynacast: tells the publisher of a simulcast track which layers
+    /// anyone receives. A layer someone wants is enabled at once; one nobody
+    /// wants is disabled after [`DYNACAST_GRACE`]. The lowest layer always
+    /// stays on, so a new subscriber starts fast.
+    fn update_dynacast(&mut self, now: Instant, key: TrackKey) {
+        let Some(track) = self.tracks.get(&key) else {
+            return;
+        };
+        if track.kind != TrackKind::Video || !track.layers.iter().any(|l| l.rid.is_some()) {
+            return;
+        }
+        let mut sent: Vec<Layer> = track.layers.iter().map(|l| l.layer).collect();
+        sent.sort_unstable();
+        let Some(lowest) = sent.first().copied() else {
+            return;
+        };
+        let mut wanted = vec![lowest];
+        for sub in &track.subscribers {
+            let Some(down) = self
+                .participants
+                .get(sub)
+                .and_then(|p| p.down_tracks.get(&key))
+            else {
+                continue;
+            };
+            let limit = match (down.forwarder.preference(), down.forwarder.allocation()) {
+                (Preference::MaxLayer(a), Preference::MaxLayer(b)) => a.min(b),
+                _ => continue,
+            };
+            let layer = sent.iter().rev().find(|l| **l <= limit).unwrap_or(&lowest);
+            if !wanted.contains(layer) {
+                wanted.push(*layer);
+            }
+        }
+        let Some(track) = self.tracks.get_mut(&key) else {
+            return;
+        };
+        let mut changed = false;
+        for layer in sent {
+            let disabled = track.disabled.contains(&layer);
+            if wanted.contains(&layer) {
+                track.unwanted_since.retain(|(l, _)| *l != layer);
+                if disabled {
+                    track.disabled.retain(|l| *l != layer);
+                    changed = true;
+                }
+            } else if !disabled {
+                match track.unwanted_since.iter().find(|(l, _)| *l == layer) {
+                    None => track.unwanted_since.push((layer, now)),
+                    Some((_, since)) if now.saturating_duration_since(*since) >= DYNACAST_GRACE => {
+                        track.unwanted_since.retain(|(l, _)| *l != layer);
+                        track.disabled.push(layer);
+                        changed = true;
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if !changed {
+            return;
+        }
+        let layers = track
+            .layers
+            .iter()
+            .filter_map(|l| {
+                l.rid.as_ref().map(|rid| LayerState {
+                    rid: rid.clone(),
+                    active: !track.disabled.contains(&l.layer),
+                })
+            })
+            .collect();
+        let message = ServerMessage::PublishedLayers {
+            track_sid: track.sid.clone(),
+            layers,
+        };
+        tracing::debug!(track = %track.sid, disabled = ?track.disabled, "dynacast");
+        let publisher = track.publisher;
+        self.signal(publisher, message);
     }
 
     /// Takes layers that stopped arriving out of what subscribers may get,

@@ -523,3 +523,62 @@ fn a_track_removed_by_renegotiation_is_unpublished() {
     assert!(h.received_from(b, a).1 >= audio_before + 20);
     assert_eq!(h.room.participants()[0].tracks.len(), 1);
 }
+
+#[test]
+fn dynacast_switches_off_layers_nobody_receives_and_back_on_when_wanted() {
+    use sfu_core::signal::{ClientMessage, Quality};
+    let mut h = Harness::new();
+    let a = h.join_with("alice", true, true);
+    let b = h.join("bob", false);
+    connect_all(&mut h, &[a], &[(b, a)]);
+    let track = h.video_track_sid(a);
+    let ask = |quality| ClientMessage::UpdateSubscription {
+        track_sid: track.clone(),
+        quality: Some(quality),
+        max_width: None,
+        max_height: None,
+        paused: None,
+    };
+    let layer_messages = |h: &Harness| {
+        h.clients[a]
+            .signals
+            .iter()
+            .filter_map(|s| match s {
+                ServerMessage::PublishedLayers { layers, .. } => Some(
+                    layers
+                        .iter()
+                        .map(|l| (l.rid.clone(), l.active))
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    h.signal(b, ask(Quality::Low));
+    pump(&mut h, &[a], 100); // 2 s: within the grace period nothing changes
+    assert!(layer_messages(&h).is_empty(), "{:?}", layer_messages(&h));
+    pump(&mut h, &[a], 100); // past 3 s
+    let off = vec![
+        ("q".to_string(), true),
+        ("h".to_string(), false),
+        ("f".to_string(), false),
+    ];
+    assert_eq!(layer_messages(&h).last(), Some(&off));
+    assert_eq!(h.clients[a].stopped_slots, vec![1, 2]);
+    // The low layer still reaches bob.
+    assert_eq!(last_layer(&h, b, a), Some(0));
+    // Bob wants high again: it is switched back on at once.
+    h.signal(b, ask(Quality::High));
+    let on = vec![
+        ("q".to_string(), true),
+        ("h".to_string(), false),
+        ("f".to_string(), true),
+    ];
+    assert_eq!(layer_messages(&h).last(), Some(&on));
+    let back = time_to_layer(&mut h, b, a, 2, Duration::from_secs(2));
+    eprintln!("dynacast: high layer back at the subscriber after {back:?}");
+    let (seqs, _) = h.video_rtp_from(b, a);
+    for w in seqs.windows(2) {
+        assert_eq!(w[1], w[0].wrapping_add(1), "hole in bob's stream");
+    }
+}

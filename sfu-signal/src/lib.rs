@@ -158,6 +158,13 @@ pub enum ClientMessage {
     Leave,
 }
 
+/// Whether one simulcast layer (by rid) should be sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerState {
+    pub rid: String,
+    pub active: bool,
+}
+
 /// Simulcast quality a subscriber asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -215,6 +222,13 @@ pub enum ServerMessage {
         participant_sid: String,
         track_sid: String,
         muted: bool,
+    },
+    /// To a publisher: which simulcast layers of its track anyone receives.
+    /// The client should stop encoding inactive ones (dynacast).
+    #[serde(rename_all = "camelCase")]
+    PublishedLayers {
+        track_sid: String,
+        layers: Vec<LayerState>,
     },
     Pong {
         ts: f64,

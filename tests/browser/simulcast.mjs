@@ -68,17 +68,46 @@ async function main() {
   await viewer.evaluate((sid) => window.sfuRoom.setSubscription(sid, { quality: 'low' }), trackSid);
   const low = await waitWidth(320, 5_000);
   run.check('asking for low gives 320-wide frames within 5 s', low !== null, `after ${low} ms`);
+
+  // Dynacast: nobody receives medium or high now, so after its grace period
+  // the server tells the publisher to stop encoding them.
+  const encodings = () => publisher.evaluate(() => {
+    const sender = window.sfuRoom.publisherPc.getSenders().find((s) => s.track && s.track.kind === 'video');
+    return Object.fromEntries(sender.getParameters().encodings.map((e) => [e.rid, e.active]));
+  });
+  const fBytes = () => publisher.evaluate(async () => {
+    let bytes = 0;
+    (await window.sfuRoom.publisherPc.getStats()).forEach((s) => {
+      if (s.type === 'outbound-rtp' && s.kind === 'video' && s.rid === 'f') bytes = s.bytesSent;
+    });
+    return bytes;
+  });
+  let off = null;
+  const offStart = Date.now();
+  while (Date.now() - offStart < 8_000) {
+    const e = await encodings();
+    if (e.q === true && e.h === false && e.f === false) {
+      off = Date.now() - offStart;
+      break;
+    }
+    await sleep(200);
+  }
+  run.check('dynacast switches off the unwatched layers at the publisher', off !== null, `after ${off} ms: ${JSON.stringify(await encodings())}`);
+  const f1 = await fBytes();
   await sleep(1000);
+  const f2 = await fBytes();
+  run.check('the publisher stops sending the switched-off high layer', f2 - f1 < 5_000, `${f2 - f1} bytes in 1 s`);
+
   await viewer.evaluate((sid) => window.sfuRoom.setSubscription(sid, { quality: 'high' }), trackSid);
   const high = await waitWidth(1280, 5_000);
-  run.check('asking for high gives 1280-wide frames within 5 s', high !== null, `after ${high} ms`);
+  run.check('asking for high gives 1280-wide frames within 5 s (layer switched back on)', high !== null, `after ${high} ms`);
   const before = lastDecoded;
   await sleep(1000);
   sampling = false;
   await sampler;
   run.check('framesDecoded keeps growing', lastDecoded > before, `${before} -> ${lastDecoded}`);
   run.check('no freeze longer than 1 s', longestFreeze <= 1000, `longest ${longestFreeze} ms`);
-  console.log(`switch_ms low=${low} high=${high}`);
+  console.log(`switch_ms low=${low} high=${high} (high re-enabled at the publisher by dynacast); dynacast off after ${off} ms`);
   await run.finish(0);
 }
 

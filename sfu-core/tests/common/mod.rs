@@ -422,6 +422,15 @@ impl Harness {
                     },
                 ));
             }
+            ServerMessage::PublishedLayers { layers, .. } => {
+                // Like the SDK: stop encoding the layers nobody receives.
+                client.stopped_slots = layers
+                    .iter()
+                    .filter(|l| !l.active)
+                    .filter_map(|l| ["q", "h", "f"].iter().position(|r| *r == l.rid))
+                    .map(|slot| slot as u8)
+                    .collect();
+            }
             ServerMessage::Candidate { target, candidate } => {
                 let pc = match target {
                     Target::Subscriber => Some(&mut client.subscriber),
