@@ -536,7 +536,7 @@ export class Room {
    * Says what this client wants of a track it receives (simulcast layer,
    * largest useful size, paused).
    * @param {string} trackSid
-   * @param {{quality?: 'low'|'medium'|'high', maxWidth?: number, maxHeight?: number, paused?: boolean}} wishes
+   * @param {{quality?: 'low'|'medium'|'high', maxWidth?: number, maxHeight?: number, maxFps?: number, paused?: boolean}} wishes
    */
   setSubscription(trackSid, wishes) {
     const msg = { type: 'updateSubscription', trackSid };
@@ -545,6 +545,7 @@ export class Room {
       msg.maxWidth = Math.round(wishes.maxWidth);
       msg.maxHeight = Math.round(wishes.maxHeight);
     }
+    if (wishes.maxFps) msg.maxFps = Math.round(wishes.maxFps);
     if (typeof wishes.paused === 'boolean') msg.paused = wishes.paused;
     this._send(msg);
   }

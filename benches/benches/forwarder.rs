@@ -34,6 +34,8 @@ fn decide_and_rewrite(c: &mut Criterion) {
                 padding_only: false,
                 picture_id: Some((seq & 0x7FFF) as u16),
                 tl0_pic_idx: Some(seq as u8),
+                tid: Some(0),
+                frame_start: true,
             };
             let now = start + Duration::from_micros(seq);
             match f.decide(black_box(&info), now) {
@@ -64,6 +66,8 @@ fn decide_and_rewrite(c: &mut Criterion) {
                 padding_only: false,
                 picture_id: None,
                 tl0_pic_idx: None,
+                tid: None,
+                frame_start: true,
             };
             black_box(f.decide(black_box(&info), start))
         })

@@ -28,6 +28,10 @@ pub struct PacketInfo {
     pub padding_only: bool,
     pub picture_id: Option<u16>,
     pub tl0_pic_idx: Option<u8>,
+    /// VP8 temporal layer of the frame, when the stream has them.
+    pub tid: Option<u8>,
+    /// First packet of a frame.
+    pub frame_start: bool,
 }
 
 /// How to rewrite a forwarded packet.
@@ -66,6 +70,10 @@ pub struct Forwarder {
     available: Vec<Layer>,
     target: Option<Layer>,
     current: Option<Layer>,
+    /// Highest temporal layer wanted, and the one forwarded now (moves up
+    /// only at a base-layer frame, down at any frame).
+    max_temporal: u8,
+    current_temporal: u8,
     munger: Munger,
 }
 
@@ -78,6 +86,8 @@ impl Forwarder {
             available: Vec::new(),
             target: None,
             current: None,
+            max_temporal: u8::MAX,
+            current_temporal: u8::MAX,
             munger: Munger::new(),
         }
     }
@@ -102,6 +112,15 @@ impl Forwarder {
             self.current = None;
         }
         self.retarget();
+    }
+
+    /// The highest VP8 temporal layer to forward (frame rate limit).
+    pub fn set_max_temporal(&mut self, max: u8) {
+        self.max_temporal = max;
+    }
+
+    pub fn max_temporal(&self) -> u8 {
+        self.max_temporal
     }
 
     pub fn allocation(&self) -> Preference {
@@ -199,6 +218,7 @@ impl Forwarder {
             // target at its next keyframe.
             self.munger.switch(&input, now, self.clock_rate);
             self.current = Some(p.layer);
+            self.current_temporal = self.max_temporal;
             switched = true;
         } else if p.layer == target && self.current != Some(target) {
             if !p.keyframe {
@@ -209,6 +229,7 @@ impl Forwarder {
             }
             self.munger.switch(&input, now, self.clock_rate);
             self.current = Some(target);
+            self.current_temporal = self.max_temporal;
             switched = true;
         } else if Some(p.layer) != self.current {
             return Verdict::Drop(DropReason::LayerNotSelected);
@@ -216,6 +237,24 @@ impl Forwarder {
         if p.padding_only {
             self.munger.drop_packet(p.ext_seq);
             return Verdict::Drop(DropReason::Padding);
+        }
+        if let Some(tid) = p.tid {
+            if p.frame_start && !switched {
+                if self.max_temporal < self.current_temporal {
+                    self.current_temporal = self.max_temporal;
+                } else if self.max_temporal > self.current_temporal && tid == 0 {
+                    // Base-layer frames reference only base-layer frames:
+                    // from here on the higher layers decode.
+                    self.current_temporal = self.max_temporal;
+                }
+            }
+            if tid > self.current_temporal {
+                self.munger.drop_packet(p.ext_seq);
+                if let Some(pid) = p.picture_id {
+                    self.munger.drop_picture(pid);
+                }
+                return Verdict::Drop(DropReason::TemporalLayer);
+            }
         }
         match self.munger.rewrite(&input, now) {
             Ok(MungeOutput {
@@ -269,6 +308,8 @@ mod tests {
                 padding_only: false,
                 picture_id: Some((self.seq[l] % 32_768) as u16),
                 tl0_pic_idx: Some(self.seq[l] as u8),
+                tid: None,
+                frame_start: true,
             }
         }
     }
@@ -444,5 +485,71 @@ mod tests {
         let b = fwd(f.decide(&s.packet(0, true), now));
         assert!(b.switched);
         assert_eq!(b.seq, a.wrapping_add(1), "the pause leaves no hole");
+    }
+
+    #[test]
+    fn temporal_layers_drop_down_at_once_and_climb_at_a_base_frame() {
+        let mut f = Forwarder::new(90_000);
+        let now = t0();
+        f.set_available(&[0]);
+        let mut s = Source::new();
+        let pattern = [0u8, 2, 1, 2];
+        let frame = |s: &mut Source, n: usize| {
+            let mut p = s.packet(0, n == 0);
+            p.tid = Some(pattern[n % 4]);
+            p
+        };
+        let first = fwd(f.decide(&frame(&mut s, 0), now));
+        let mut last = first;
+        for n in 1..4 {
+            last = fwd(f.decide(&frame(&mut s, n), now));
+        }
+        // 15 fps: only temporal layers 0 and 1.
+        f.set_max_temporal(1);
+        let mut forwarded = Vec::new();
+        for n in 4..12 {
+            let p = frame(&mut s, n);
+            match f.decide(&p, now) {
+                Verdict::Forward(r) => {
+                    assert_eq!(
+                        r.seq,
+                        last.seq.wrapping_add(1),
+                        "no hole for dropped frames"
+                    );
+                    assert_eq!(r.picture_id, Some((last.picture_id.unwrap() + 1) % 32_768));
+                    last = r;
+                    forwarded.push(p.tid.unwrap());
+                }
+                Verdict::Drop(reason) => {
+                    assert_eq!(reason, DropReason::TemporalLayer);
+                    assert_eq!(p.tid, Some(2));
+                }
+            }
+        }
+        assert_eq!(forwarded, vec![0, 1, 0, 1]);
+        // Back to full rate: T2 frames come back only after the next
+        // base-layer frame (frames 12..: tids 0, 2, 1, 2, 0, 2).
+        f.set_max_temporal(u8::MAX);
+        let tids: Vec<(u8, bool)> = (12..18)
+            .map(|n| {
+                let p = frame(&mut s, n);
+                (
+                    p.tid.unwrap(),
+                    matches!(f.decide(&p, now), Verdict::Forward(_)),
+                )
+            })
+            .collect();
+        assert_eq!(
+            tids,
+            vec![
+                (0, true),
+                (2, true),
+                (1, true),
+                (2, true),
+                (0, true),
+                (2, true)
+            ],
+            "frame 12 is a base frame: full rate from there"
+        );
     }
 }

@@ -7,6 +7,8 @@
 //! is handled once, by the caller's extender.
 
 use std::collections::VecDeque;
+
+use crate::seq::Extender;
 use std::time::{Duration, Instant};
 
 /// Input packets this far behind the newest are too late to place.
@@ -42,23 +44,101 @@ pub enum MungeRefusal {
     NotStarted,
 }
 
-const PICTURE_ID_MOD: u16 = 1 << 15;
+const PICTURE_ID_BITS: u32 = 15;
+
+/// Maps an extended input counter (sequence numbers, picture ids) of the
+/// current source to a continuous output counter: output continues where
+/// the previous source left off, and inputs the forwarder dropped leave no
+/// gap.
+#[derive(Debug, Clone, Default)]
+struct Renumber {
+    started: bool,
+    /// Inputs below this belong to a previous source or are too late.
+    base_in: u64,
+    highest_in: u64,
+    offset: u64,
+    /// Dropped inputs at or above `base_in`, ascending.
+    dropped: VecDeque<u64>,
+    highest_out: u64,
+}
+
+impl Renumber {
+    /// Maps `first` (the new source's first input) to one past the last
+    /// output, or to itself if nothing was output yet.
+    fn start(&mut self, first: u64) {
+        let out = if self.started {
+            self.highest_out + 1
+        } else {
+            first
+        };
+        self.offset = first.wrapping_sub(out);
+        self.base_in = first;
+        self.highest_in = first;
+        self.dropped.clear();
+        self.started = true;
+    }
+
+    fn drop_input(&mut self, input: u64) {
+        if !self.started || input < self.base_in {
+            return;
+        }
+        if let Err(at) = self.dropped.binary_search(&input) {
+            self.dropped.insert(at, input);
+        }
+        self.note_highest(input);
+    }
+
+    fn note_highest(&mut self, input: u64) {
+        if input > self.highest_in {
+            self.highest_in = input;
+        }
+        // Drops that no reordered input can precede any more are folded
+        // into the offset.
+        let floor = self.highest_in.saturating_sub(REORDER_WINDOW);
+        while self.dropped.front().is_some_and(|d| *d < floor) {
+            self.dropped.pop_front();
+            self.offset = self.offset.wrapping_add(1);
+        }
+        self.base_in = self.base_in.max(floor);
+    }
+
+    fn is_dropped(&self, input: u64) -> bool {
+        self.dropped.binary_search(&input).is_ok()
+    }
+
+    /// The output for an input of the current source.
+    fn map(&mut self, input: u64) -> Result<u64, MungeRefusal> {
+        if !self.started {
+            return Err(MungeRefusal::NotStarted);
+        }
+        if input < self.base_in {
+            return Err(MungeRefusal::TooOld);
+        }
+        if self.is_dropped(input) {
+            return Err(MungeRefusal::AlreadyDropped);
+        }
+        self.note_highest(input);
+        let before = self.dropped.partition_point(|d| *d < input) as u64;
+        // The offset may be "negative" (a new source numbered below the
+        // output): wrapping arithmetic keeps the difference exact.
+        let out = input.wrapping_sub(self.offset).wrapping_sub(before);
+        if out > self.highest_out {
+            self.highest_out = out;
+        }
+        Ok(out)
+    }
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct Munger {
-    started: bool,
-    /// Inputs below this belong to a previous layer or are too late.
-    base_in: u64,
-    highest_in: u64,
-    seq_offset: u64,
-    /// Dropped input sequence numbers at or above `base_in`, ascending.
-    dropped: VecDeque<u64>,
-    highest_out: u64,
+    seq: Renumber,
+    /// Picture ids, extended from 15 bits per source.
+    pid: Renumber,
+    pid_in: Extender<PICTURE_ID_BITS>,
     ts_offset: u32,
     last_out_ts: u32,
+    highest_out_seq: u64,
     last_out_at: Option<Instant>,
-    pid_offset: u16,
-    last_out_pid: u16,
     tl0_offset: u8,
     last_out_tl0: u8,
 }
@@ -69,7 +149,7 @@ impl Munger {
     }
 
     pub fn is_started(&self) -> bool {
-        self.started
+        self.seq.started
     }
 
     /// Starts mapping a new source (the first layer, or a switch to another)
@@ -77,17 +157,9 @@ impl Munger {
     /// output continues one past the last packet sent; the timestamp moves
     /// forward by the time elapsed since then.
     pub fn switch(&mut self, first: &MungeInput, now: Instant, clock_rate: u32) {
-        let out_seq = if self.started {
-            self.highest_out + 1
-        } else {
-            first.ext_seq
-        };
-        self.seq_offset = first.ext_seq.wrapping_sub(out_seq);
-        self.base_in = first.ext_seq;
-        self.highest_in = first.ext_seq;
-        self.dropped.clear();
-
-        let out_ts = match (self.started, self.last_out_at) {
+        let started = self.seq.started;
+        self.seq.start(first.ext_seq);
+        let out_ts = match (started, self.last_out_at) {
             (true, Some(at)) => {
                 let elapsed = now
                     .saturating_duration_since(at)
@@ -98,53 +170,33 @@ impl Munger {
             _ => first.timestamp,
         };
         self.ts_offset = first.timestamp.wrapping_sub(out_ts);
-
         if let Some(pid) = first.picture_id {
-            let out = if self.started {
-                (self.last_out_pid + 1) % PICTURE_ID_MOD
-            } else {
-                pid
-            };
-            self.pid_offset = (pid + PICTURE_ID_MOD - out) % PICTURE_ID_MOD;
+            self.pid_in = Extender::new();
+            let ext = self.pid_in.extend(pid as u64);
+            self.pid.start(ext);
         }
         if let Some(tl0) = first.tl0_pic_idx {
-            let out = if self.started {
+            let out = if started {
                 self.last_out_tl0.wrapping_add(1)
             } else {
                 tl0
             };
             self.tl0_offset = tl0.wrapping_sub(out);
         }
-        self.started = true;
     }
 
     /// Records that the forwarder dropped this input packet of the current
     /// source: later packets close the gap it leaves.
     pub fn drop_packet(&mut self, ext_seq: u64) {
-        if !self.started || ext_seq < self.base_in {
-            return;
-        }
-        match self.dropped.binary_search(&ext_seq) {
-            Ok(_) => {}
-            Err(at) => self.dropped.insert(at, ext_seq),
-        }
-        self.note_highest(ext_seq);
+        self.seq.drop_input(ext_seq);
     }
 
-    fn note_highest(&mut self, ext_seq: u64) {
-        if ext_seq > self.highest_in {
-            self.highest_in = ext_seq;
-        }
-        // Drops that no reordered packet can precede any more are folded
-        // into the offset.
-        let floor = self.highest_in.saturating_sub(REORDER_WINDOW);
-        while self.dropped.front().is_some_and(|d| *d < floor) {
-            self.dropped.pop_front();
-            self.seq_offset = self.seq_offset.wrapping_add(1);
-            self.base_in = self.base_in.max(floor);
-        }
-        if self.base_in < floor {
-            self.base_in = floor;
+    /// Records that the forwarder dropped a whole picture (a frame of a
+    /// temporal layer not forwarded): later picture ids close the gap.
+    pub fn drop_picture(&mut self, picture_id: u16) {
+        if self.pid.started {
+            let ext = self.pid_in.extend(picture_id as u64);
+            self.pid.drop_input(ext);
         }
     }
 
@@ -154,40 +206,24 @@ impl Munger {
         input: &MungeInput,
         now: Instant,
     ) -> Result<MungeOutput, MungeRefusal> {
-        if !self.started {
-            return Err(MungeRefusal::NotStarted);
-        }
-        if input.ext_seq < self.base_in {
-            return Err(MungeRefusal::TooOld);
-        }
-        let before = self.dropped.partition_point(|d| *d < input.ext_seq);
-        if self.dropped.get(before) == Some(&input.ext_seq) {
-            return Err(MungeRefusal::AlreadyDropped);
-        }
-        self.note_highest(input.ext_seq);
-        let before = self.dropped.partition_point(|d| *d < input.ext_seq) as u64;
-        // The offset may be "negative" (a new source numbered below the
-        // output): wrapping arithmetic keeps the difference exact.
-        let out_seq = input
-            .ext_seq
-            .wrapping_sub(self.seq_offset)
-            .wrapping_sub(before);
+        let out_seq = self.seq.map(input.ext_seq)?;
         let out_ts = input.timestamp.wrapping_sub(self.ts_offset);
-        if out_seq > self.highest_out || self.last_out_at.is_none() {
-            self.highest_out = out_seq;
+        let newest = out_seq > self.highest_out_seq || self.last_out_at.is_none();
+        if newest {
+            self.highest_out_seq = out_seq;
             self.last_out_ts = out_ts;
             self.last_out_at = Some(now);
         }
-        let picture_id = input.picture_id.map(|pid| {
-            let out = (pid + PICTURE_ID_MOD - self.pid_offset) % PICTURE_ID_MOD;
-            if out_seq == self.highest_out {
-                self.last_out_pid = out;
+        let picture_id = match input.picture_id {
+            Some(pid) if self.pid.started => {
+                let ext = self.pid_in.extend(pid as u64);
+                Some((self.pid.map(ext)? & ((1 << PICTURE_ID_BITS) - 1)) as u16)
             }
-            out
-        });
+            _ => input.picture_id,
+        };
         let tl0_pic_idx = input.tl0_pic_idx.map(|tl0| {
             let out = tl0.wrapping_sub(self.tl0_offset);
-            if out_seq == self.highest_out {
+            if newest {
                 self.last_out_tl0 = out;
             }
             out
@@ -380,6 +416,6 @@ mod tests {
                 assert_eq!(out.seq as u64, (W + s / 2) & 0xFFFF);
             }
         }
-        assert!(m.dropped.len() <= REORDER_WINDOW as usize);
+        assert!(m.seq.dropped.len() <= REORDER_WINDOW as usize);
     }
 }

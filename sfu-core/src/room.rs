@@ -91,6 +91,8 @@ pub enum DropReason {
     WaitingForKeyframe,
     /// A packet with no media (padding).
     Padding,
+    /// A frame of a temporal layer above what the subscriber wants.
+    TemporalLayer,
     /// From before the last layer switch or too late to place.
     TooOld,
     /// Already dropped once and not to be forwarded now.
@@ -104,7 +106,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::UnknownSource,
         DropReason::UnknownUfrag,
         DropReason::UnknownTrack,
@@ -114,6 +116,7 @@ impl DropReason {
         DropReason::LayerNotSelected,
         DropReason::WaitingForKeyframe,
         DropReason::Padding,
+        DropReason::TemporalLayer,
         DropReason::TooOld,
         DropReason::Duplicate,
         DropReason::NotNegotiated,
@@ -133,6 +136,7 @@ impl DropReason {
             DropReason::LayerNotSelected => "layer_not_selected",
             DropReason::WaitingForKeyframe => "waiting_for_keyframe",
             DropReason::Padding => "padding",
+            DropReason::TemporalLayer => "temporal_layer",
             DropReason::TooOld => "too_old",
             DropReason::Duplicate => "duplicate",
             DropReason::NotNegotiated => "not_negotiated",
@@ -249,7 +253,18 @@ struct Conn {
 struct SubscriptionPref {
     quality: Option<Layer>,
     max_dimensions: Option<(u32, u32)>,
+    max_fps: Option<u32>,
     paused: bool,
+}
+
+/// The highest VP8 temporal layer that keeps a camera stream (30 fps, three
+/// temporal layers at 7.5 / 15 / 30 fps) within a frame-rate limit.
+fn temporal_for_fps(fps: u32) -> u8 {
+    match fps {
+        0..=10 => 0,
+        11..=20 => 1,
+        _ => u8::MAX,
+    }
 }
 
 struct DownTrack {
@@ -801,6 +816,7 @@ impl Room {
                 quality,
                 max_width,
                 max_height,
+                max_fps,
                 paused,
             } => {
                 let key = self
@@ -830,6 +846,10 @@ impl Room {
                     }
                     if let Some(paused) = paused {
                         down.pref.paused = paused;
+                    }
+                    if let Some(fps) = max_fps {
+                        down.pref.max_fps = Some(fps);
+                        down.forwarder.set_max_temporal(temporal_for_fps(fps));
                     }
                 }
                 self.apply_preference(id, key);
@@ -1641,6 +1661,8 @@ impl Room {
             padding_only: packet.payload.is_empty(),
             picture_id: vp8.and_then(|d| d.picture_id.map(|(id, _)| id)),
             tl0_pic_idx: vp8.and_then(|d| d.tl0_pic_idx),
+            tid: vp8.and_then(|d| d.tid),
+            frame_start: vp8.is_none_or(|d| d.frame_start),
         };
         // The subscriber negotiated its own extension ids; the publisher's
         // (mid, rid, ...) must not leak through. Stripped once, so the

@@ -237,6 +237,7 @@ fn subscribers_get_the_layer_they_ask_for_switching_only_on_keyframes() {
         quality: Some(quality),
         max_width: None,
         max_height: None,
+        max_fps: None,
         paused: None,
     };
     h.signal(b, ask(Quality::Low));
@@ -296,6 +297,7 @@ fn subscribers_get_the_layer_they_ask_for_switching_only_on_keyframes() {
         quality: None,
         max_width: None,
         max_height: None,
+        max_fps: None,
         paused: Some(true),
     };
     h.signal(b, pause);
@@ -311,6 +313,7 @@ fn subscribers_get_the_layer_they_ask_for_switching_only_on_keyframes() {
         quality: None,
         max_width: None,
         max_height: None,
+        max_fps: None,
         paused: Some(false),
     };
     h.signal(b, resume);
@@ -537,6 +540,7 @@ fn dynacast_switches_off_layers_nobody_receives_and_back_on_when_wanted() {
         quality: Some(quality),
         max_width: None,
         max_height: None,
+        max_fps: None,
         paused: None,
     };
     let layer_messages = |h: &Harness| {

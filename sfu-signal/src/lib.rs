@@ -148,6 +148,9 @@ pub enum ClientMessage {
         max_width: Option<u32>,
         #[serde(default)]
         max_height: Option<u32>,
+        /// Frame-rate limit, met by dropping VP8 temporal layers.
+        #[serde(default)]
+        max_fps: Option<u32>,
         #[serde(default)]
         paused: Option<bool>,
     },
@@ -333,6 +336,7 @@ mod tests {
             r#"{"type":"mute","trackSid":"TR_1","muted":true}"#,
             r#"{"type":"updateSubscription","trackSid":"TR_1","quality":"low"}"#,
             r#"{"type":"updateSubscription","trackSid":"TR_1","maxWidth":640,"maxHeight":360,"paused":false}"#,
+            r#"{"type":"updateSubscription","trackSid":"TR_1","maxFps":15}"#,
             r#"{"type":"ping","ts":12.5}"#,
             r#"{"type":"leave"}"#,
         ];

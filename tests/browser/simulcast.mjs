@@ -101,6 +101,27 @@ async function main() {
   await viewer.evaluate((sid) => window.sfuRoom.setSubscription(sid, { quality: 'high' }), trackSid);
   const high = await waitWidth(1280, 5_000);
   run.check('asking for high gives 1280-wide frames within 5 s (layer switched back on)', high !== null, `after ${high} ms`);
+  // Frame-rate limit: Chromium's VP8 simulcast has three temporal layers,
+  // so asking for at most 10 fps leaves the base layer (a quarter of the
+  // frame rate).
+  const fpsNow = () => viewer.evaluate(async () => {
+    let fps = 0;
+    (await window.sfuRoom.subscriberPc.getStats()).forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'video' && s.framesDecoded) fps = s.framesPerSecond || 0;
+    });
+    return fps;
+  });
+  await sleep(2000);
+  const fullFps = await fpsNow();
+  await viewer.evaluate((sid) => window.sfuRoom.setSubscription(sid, { maxFps: 10 }), trackSid);
+  await sleep(3000);
+  const limitedFps = await fpsNow();
+  run.check('maxFps 10 drops temporal layers', fullFps > 0 && limitedFps > 0 && limitedFps <= fullFps * 0.6,
+    `${fullFps} fps -> ${limitedFps} fps`);
+  await viewer.evaluate((sid) => window.sfuRoom.setSubscription(sid, { maxFps: 60 }), trackSid);
+  await sleep(3000);
+  const restoredFps = await fpsNow();
+  run.check('lifting the limit restores the frame rate', restoredFps >= fullFps * 0.8, `${restoredFps} fps`);
   const before = lastDecoded;
   await sleep(1000);
   sampling = false;
