@@ -24,6 +24,7 @@ use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind,
@@ -119,14 +120,17 @@ pub fn build_peer_connection(
     let mut engine = media_engine()?;
     configure_simulcast_extension_headers(&mut engine)?;
     let mut registry = configure_twcc_receiver_only(Registry::new(), &mut engine)?;
-    registry = configure_rtcp_reports(registry);
     match role {
-        // Publisher connections ask the client to resend what got lost.
+        // Publisher connections report reception and ask the client to
+        // resend what got lost.
         ConnRole::Answering => {
-            registry = registry.with(Slot::NackGenerator, NackGeneratorBuilder::new().build());
+            registry = configure_rtcp_reports(registry)
+                .with(Slot::NackGenerator, NackGeneratorBuilder::new().build());
         }
         // Subscriber connections have no NACK responder of their own (the
-        // room answers NACKs from its shared per-layer packet cache). They
+        // room answers NACKs from its shared per-layer packet cache) and no
+        // sender-report generator (the room sends reports that carry the
+        // publisher's clock through its timestamp rewriting). They
         // number what they send for transport-wide feedback and run a
         // delay-based estimator on it; the estimate feeds the allocator.
         // No pacer: the allocator keeps the rate within the estimate.
@@ -163,7 +167,8 @@ pub fn build_peer_connection(
         .build(now)
 }
 
-/// Marks inbound PLI, FIR, NACK and REMB for delivery to the application. The
+/// Marks inbound PLI, FIR, NACK, REMB and sender reports for delivery to the
+/// application. The
 /// engine stops all inbound RTCP at the end of its chain unless told
 /// otherwise; the room passes keyframe requests to publishers and answers
 /// NACKs from its packet cache.
@@ -192,6 +197,7 @@ fn is_for_the_room(packet: &dyn rtc::rtcp::Packet) -> bool {
         || any.is::<FullIntraRequest>()
         || any.is::<TransportLayerNack>()
         || any.is::<ReceiverEstimatedMaximumBitrate>()
+        || any.is::<SenderReport>()
 }
 
 impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackTap {

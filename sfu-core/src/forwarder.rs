@@ -22,6 +22,8 @@ pub struct PacketInfo {
     pub layer: Layer,
     pub ext_seq: u64,
     pub timestamp: u32,
+    /// Capture time from the layer's sender report (NTP format), if known.
+    pub capture_ntp: Option<u64>,
     /// First packet of a keyframe.
     pub keyframe: bool,
     /// No media payload (padding only).
@@ -112,6 +114,12 @@ impl Forwarder {
             self.current = None;
         }
         self.retarget();
+    }
+
+    /// The output timestamp an input timestamp of the current layer maps
+    /// to (for sender reports), if a layer is being forwarded.
+    pub fn output_timestamp(&self, input: u32) -> Option<u32> {
+        self.current.map(|_| self.munger.output_timestamp(input))
     }
 
     /// The highest VP8 temporal layer to forward (frame rate limit).
@@ -208,6 +216,7 @@ impl Forwarder {
         let input = MungeInput {
             ext_seq: p.ext_seq,
             timestamp: p.timestamp,
+            capture_ntp: p.capture_ntp,
             picture_id: p.picture_id,
             tl0_pic_idx: p.tl0_pic_idx,
         };
@@ -304,6 +313,7 @@ mod tests {
                 layer,
                 ext_seq: self.seq[l],
                 timestamp: (self.seq[l] as u32).wrapping_mul(3000),
+                capture_ntp: None,
                 keyframe,
                 padding_only: false,
                 picture_id: Some((self.seq[l] % 32_768) as u16),

@@ -19,6 +19,9 @@ const REORDER_WINDOW: u64 = 1000;
 pub struct MungeInput {
     pub ext_seq: u64,
     pub timestamp: u32,
+    /// When the packet's frame was captured, in the publisher's NTP clock
+    /// (64-bit NTP format), from its layer's sender report.
+    pub capture_ntp: Option<u64>,
     /// VP8 picture id (15-bit space) and TL0PICIDX, when present.
     pub picture_id: Option<u16>,
     pub tl0_pic_idx: Option<u8>,
@@ -139,6 +142,7 @@ pub struct Munger {
     last_out_ts: u32,
     highest_out_seq: u64,
     last_out_at: Option<Instant>,
+    last_out_ntp: Option<u64>,
     tl0_offset: u8,
     last_out_tl0: u8,
 }
@@ -160,6 +164,19 @@ impl Munger {
         let started = self.seq.started;
         self.seq.start(first.ext_seq);
         let out_ts = match (started, self.last_out_at) {
+            // Both sources' sender reports place the frames on one clock:
+            // the new frame goes exactly as far after the last one as it
+            // was captured.
+            (true, _)
+                if first
+                    .capture_ntp
+                    .zip(self.last_out_ntp)
+                    .is_some_and(|(new, last)| new > last) =>
+            {
+                let gap = first.capture_ntp.unwrap_or(0) - self.last_out_ntp.unwrap_or(0);
+                let ticks = ((gap as u128 * clock_rate as u128 + (1 << 31)) >> 32).max(1);
+                self.last_out_ts.wrapping_add(ticks as u32)
+            }
             (true, Some(at)) => {
                 let elapsed = now
                     .saturating_duration_since(at)
@@ -183,6 +200,11 @@ impl Munger {
             };
             self.tl0_offset = tl0.wrapping_sub(out);
         }
+    }
+
+    /// The output timestamp an input timestamp of the current source maps to.
+    pub fn output_timestamp(&self, input: u32) -> u32 {
+        input.wrapping_sub(self.ts_offset)
     }
 
     /// Records that the forwarder dropped this input packet of the current
@@ -213,6 +235,7 @@ impl Munger {
             self.highest_out_seq = out_seq;
             self.last_out_ts = out_ts;
             self.last_out_at = Some(now);
+            self.last_out_ntp = input.capture_ntp;
         }
         let picture_id = match input.picture_id {
             Some(pid) if self.pid.started => {
@@ -245,6 +268,7 @@ mod tests {
         MungeInput {
             ext_seq,
             timestamp,
+            capture_ntp: None,
             picture_id: Some(pid),
             tl0_pic_idx: Some(tl0),
         }
@@ -417,5 +441,35 @@ mod tests {
             }
         }
         assert!(m.seq.dropped.len() <= REORDER_WINDOW as usize);
+    }
+
+    #[test]
+    fn sender_reports_align_timestamps_across_a_switch() {
+        let mut m = Munger::new();
+        let now = t0();
+        let ntp = |ms: u64| (ms << 32) / 1000;
+        let mut a = input(W, 90_000, 1, 1);
+        a.capture_ntp = Some(ntp(10_000));
+        m.switch(&a, now, 90_000);
+        assert_eq!(m.rewrite(&a, now).unwrap().timestamp, 90_000);
+        // The next layer's first frame was captured 100 ms later; it arrives
+        // 400 ms later (the elapsed-time guess would say 36 000 ticks).
+        let mut b = input(W + 500, 5_000_000, 77, 9);
+        b.capture_ntp = Some(ntp(10_100));
+        let later = now + Duration::from_millis(400);
+        m.switch(&b, later, 90_000);
+        let out = m.rewrite(&b, later).unwrap();
+        assert!(
+            (out.timestamp as i64 - (90_000 + 9_000)).abs() <= 1,
+            "{}",
+            out.timestamp
+        );
+        // Without sender reports, elapsed time is the guess.
+        let mut c = input(W + 900, 7_000_000, 5, 5);
+        c.capture_ntp = None;
+        let much_later = later + Duration::from_millis(200);
+        m.switch(&c, much_later, 90_000);
+        let out_c = m.rewrite(&c, much_later).unwrap();
+        assert_eq!(out_c.timestamp, out.timestamp.wrapping_add(18_000));
     }
 }

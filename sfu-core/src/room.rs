@@ -24,6 +24,7 @@ use rtc::peer_connection::RTCPeerConnection;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -53,6 +54,8 @@ const LAYER_TIMEOUT: Duration = Duration::from_millis(1000);
 /// A simulcast layer nobody has wanted for this long is switched off at
 /// the publisher.
 const DYNACAST_GRACE: Duration = Duration::from_secs(3);
+/// How often each down track gets a sender report.
+const SENDER_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often subscribers' allocations are revisited.
 const ALLOCATION_INTERVAL: Duration = Duration::from_millis(500);
 /// Requests for a newly connected subscriber wait at most this long.
@@ -276,6 +279,9 @@ struct DownTrack {
     sent: SentLog,
     /// When the allocator last changed this track's allocation.
     last_upgrade: Option<Instant>,
+    /// Sent so far, for sender reports.
+    packets_sent: u32,
+    octets_sent: u32,
     payload_type: Option<u8>,
     /// The subscriber offer that first carried this track.
     offer_gen: Option<u64>,
@@ -320,6 +326,9 @@ struct PubLayer {
     /// subscribers on a layer that stopped must move to one that did not.
     last_packet_at: Option<Instant>,
     active: bool,
+    /// The publisher's last sender report for this layer: NTP time, RTP
+    /// time, and when it arrived.
+    sender_report: Option<(u64, u32, Instant)>,
 }
 
 /// Spatial layer of a simulcast stream from its rid: the usual names for
@@ -391,6 +400,8 @@ pub struct Room {
     /// When subscribers with an estimate are next reallocated (upgrades
     /// wait for this tick; downgrades happen as estimates arrive).
     next_allocation: Instant,
+    /// When down tracks next get sender reports.
+    next_sender_reports: Instant,
 }
 
 impl Room {
@@ -411,6 +422,7 @@ impl Room {
             stats: RoomStats::default(),
             last_now: now,
             next_allocation: now + ALLOCATION_INTERVAL,
+            next_sender_reports: now + SENDER_REPORT_INTERVAL,
         }
     }
 
@@ -1075,6 +1087,8 @@ impl Room {
                     pref: SubscriptionPref::default(),
                     sent: SentLog::new(),
                     last_upgrade: None,
+                    packets_sent: 0,
+                    octets_sent: 0,
                     payload_type: None,
                     offer_gen: None,
                     negotiated: false,
@@ -1251,6 +1265,10 @@ impl Room {
             let keys: Vec<TrackKey> = self.tracks.keys().copied().collect();
             for key in keys {
                 self.update_dynacast(now, key);
+            }
+            if now >= self.next_sender_reports {
+                self.next_sender_reports = now + SENDER_REPORT_INTERVAL;
+                self.send_sender_reports(now);
             }
             let estimated: Vec<ParticipantId> = self
                 .participants
@@ -1539,6 +1557,7 @@ impl Room {
             rate: RateMeter::default(),
             last_packet_at: None,
             active: true,
+            sender_report: None,
         });
         let available = track.available();
         for sub in &track.subscribers {
@@ -1575,6 +1594,24 @@ impl Room {
                 let mut wanted = Vec::new();
                 for packet in &packets {
                     let any = packet.as_any();
+                    if let Some(sr) = any.downcast_ref::<SenderReport>() {
+                        let published = self
+                            .participants
+                            .get(&participant)
+                            .filter(|p| p.publisher == Some(conn))
+                            .map(|p| p.published.values().copied().collect::<Vec<_>>())
+                            .unwrap_or_default();
+                        for key in published {
+                            if let Some(layer) = self
+                                .tracks
+                                .get_mut(&key)
+                                .and_then(|t| t.layers.iter_mut().find(|l| l.ssrc == sr.ssrc))
+                            {
+                                layer.sender_report = Some((sr.ntp_time, sr.rtp_time, now));
+                            }
+                        }
+                        continue;
+                    }
                     if let Some(remb) = any.downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
                         let from_subscriber = self
                             .participants
@@ -1653,10 +1690,16 @@ impl Room {
                 None => (false, None),
             },
         };
+        let capture_ntp = source.sender_report.map(|(ntp, rtp, _)| {
+            let ticks = packet.header.timestamp.wrapping_sub(rtp) as i32 as i64;
+            let offset = (ticks << 32) / track.codec.clock_rate.max(1) as i64;
+            ntp.wrapping_add(offset as u64)
+        });
         let info = PacketInfo {
             layer: source.layer,
             ext_seq,
             timestamp: packet.header.timestamp,
+            capture_ntp,
             keyframe,
             padding_only: packet.payload.is_empty(),
             picture_id: vp8.and_then(|d| d.picture_id.map(|(id, _)| id)),
@@ -1752,6 +1795,8 @@ impl Room {
                         ext_seq,
                         rewrite,
                     });
+                    down.packets_sent = down.packets_sent.wrapping_add(1);
+                    down.octets_sent = down.octets_sent.wrapping_add(bytes as u32);
                     if !c.dirty {
                         c.dirty = true;
                         dirty.push(conn);
@@ -1785,6 +1830,71 @@ impl Room {
         }
         for sub in sized_subscribers {
             self.apply_preference(sub, key);
+        }
+    }
+
+    /// Sends every down track a sender report that maps its (rewritten)
+    /// timestamps to the publisher's NTP clock, extrapolated from the
+    /// publisher's last report for the layer it forwards. Audio and video
+    /// of one publisher then line up at the subscriber (lip sync) across
+    /// layer switches.
+    fn send_sender_reports(&mut self, now: Instant) {
+        let Room {
+            tracks,
+            participants,
+            conns,
+            dirty,
+            ..
+        } = self;
+        for p in participants.values_mut() {
+            let Some(conn) = p.subscriber else {
+                continue;
+            };
+            let Some(c) = conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
+                continue;
+            };
+            if !c.connected {
+                continue;
+            }
+            let mut wrote = false;
+            for (key, down) in p.down_tracks.iter() {
+                let Some(track) = tracks.get(key) else {
+                    continue;
+                };
+                let Some(layer) = down.forwarder.current() else {
+                    continue;
+                };
+                let Some((ntp, rtp, at)) = track
+                    .layers
+                    .iter()
+                    .find(|l| l.layer == layer)
+                    .and_then(|l| l.sender_report)
+                else {
+                    continue;
+                };
+                let elapsed = now.saturating_duration_since(at);
+                let clock = track.codec.clock_rate as u128;
+                let rtp_now = rtp.wrapping_add((elapsed.as_micros() * clock / 1_000_000) as u32);
+                let ntp_now = ntp.wrapping_add(((elapsed.as_nanos() << 32) / 1_000_000_000) as u64);
+                let Some(rtp_out) = down.forwarder.output_timestamp(rtp_now) else {
+                    continue;
+                };
+                let report = SenderReport {
+                    ssrc: down.ssrc,
+                    ntp_time: ntp_now,
+                    rtp_time: rtp_out,
+                    packet_count: down.packets_sent,
+                    octet_count: down.octets_sent,
+                    ..Default::default()
+                };
+                if let Some(mut sender) = c.pc.rtp_sender(down.sender) {
+                    wrote |= sender.write_rtcp(now, vec![Box::new(report)]).is_ok();
+                }
+            }
+            if wrote && !c.dirty {
+                c.dirty = true;
+                dirty.push(conn);
+            }
         }
     }
 

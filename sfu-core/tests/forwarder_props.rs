@@ -109,6 +109,7 @@ proptest! {
                 layer: e.layer,
                 ext_seq: l.seq,
                 timestamp: l.ts,
+                capture_ntp: None,
                 keyframe: e.keyframe && !e.padding,
                 padding_only: e.padding,
                 picture_id: (!e.padding).then_some(l.pid),

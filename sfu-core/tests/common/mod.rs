@@ -22,6 +22,7 @@ use rtc::peer_connection::transport::{
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
@@ -106,6 +107,9 @@ pub struct Client {
     pub keyframe_requests: Vec<u32>,
     /// Keyframe requests already answered with a keyframe.
     pub keyframes_sent_for: usize,
+    /// Sender reports received on the subscriber connection:
+    /// (SSRC, NTP time, RTP time).
+    pub sender_reports: Vec<(u32, u64, u32)>,
     /// Stream slots (simulcast layers) this publisher has stopped sending.
     pub stopped_slots: Vec<u8>,
     pub seq: u16,
@@ -197,6 +201,7 @@ impl Harness {
             track_receivers: HashMap::new(),
             keyframe_requests: Vec::new(),
             keyframes_sent_for: 0,
+            sender_reports: Vec::new(),
             stopped_slots: Vec::new(),
             seq: 0,
         };
@@ -363,6 +368,9 @@ impl Harness {
                                         p.as_any().downcast_ref::<PictureLossIndication>()
                                     {
                                         c.keyframe_requests.push(pli.media_ssrc);
+                                    }
+                                    if let Some(sr) = p.as_any().downcast_ref::<SenderReport>() {
+                                        c.sender_reports.push((sr.ssrc, sr.ntp_time, sr.rtp_time));
                                     }
                                 }
                             }
@@ -713,7 +721,11 @@ impl Harness {
                 marker: true,
                 payload_type: *pt,
                 sequence_number: seq,
-                timestamp: seq as u32 * 3000,
+                // One frame per 20 ms on the codec's clock, from a base of
+                // its own per stream (as encoders pick random ones).
+                timestamp: ssrc
+                    .wrapping_mul(2_654_435_761)
+                    .wrapping_add(seq as u32 * if *pt == OPUS_PAYLOAD_TYPE { 960 } else { 1800 }),
                 ssrc: *ssrc,
                 ..Default::default()
             };
