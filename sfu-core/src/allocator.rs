@@ -58,6 +58,46 @@ impl RateMeter {
     }
 }
 
+/// A downlink estimate from the loss subscribers report in their receiver
+/// reports (the loss-based half of GCC): heavy loss cuts the estimate below
+/// what was being sent, low loss lets it grow from there. It costs nothing
+/// per packet, unlike a delay-based estimator fed by per-packet feedback.
+#[derive(Debug, Clone)]
+pub struct LossEstimator {
+    estimate: u64,
+}
+
+/// Loss above this fraction means the link is congested.
+pub const LOSS_CONGESTED: f64 = 0.10;
+/// Loss below this fraction lets the estimate grow.
+pub const LOSS_CLEAR: f64 = 0.02;
+/// Growth per clear report (about one a second).
+pub const LOSS_GROWTH: f64 = 1.08;
+
+impl LossEstimator {
+    pub fn new(initial: u64) -> LossEstimator {
+        LossEstimator { estimate: initial }
+    }
+
+    pub fn estimate(&self) -> u64 {
+        self.estimate
+    }
+
+    /// A receiver report's loss fraction (0..1), with the rate we were
+    /// sending to this subscriber; returns the new estimate.
+    pub fn on_report(&mut self, loss: f64, sending: u64, min: u64, max: u64) -> u64 {
+        if loss > LOSS_CONGESTED {
+            let cut = (sending as f64 * (1.0 - 0.5 * loss)) as u64;
+            self.estimate = self.estimate.min(cut);
+        } else if loss < LOSS_CLEAR {
+            let grown = (self.estimate.max(sending) as f64 * LOSS_GROWTH) as u64;
+            self.estimate = self.estimate.max(grown);
+        }
+        self.estimate = self.estimate.clamp(min, max);
+        self.estimate
+    }
+}
+
 /// One video track as the allocator sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VideoDemand {
@@ -223,6 +263,19 @@ mod tests {
             current,
             last_upgrade: None,
         }
+    }
+
+    #[test]
+    fn loss_cuts_below_the_sending_rate_and_clear_reports_grow_it() {
+        let mut e = LossEstimator::new(4_000_000);
+        // 20% loss while sending 2 Mbit/s: 10% below that.
+        assert_eq!(e.on_report(0.20, 2_000_000, 50_000, 50_000_000), 1_800_000);
+        // Moderate loss holds.
+        assert_eq!(e.on_report(0.05, 1_800_000, 50_000, 50_000_000), 1_800_000);
+        // Clear reports grow it 8% each.
+        assert_eq!(e.on_report(0.0, 1_000_000, 50_000, 50_000_000), 1_944_000);
+        // Never below the floor.
+        assert_eq!(e.on_report(0.9, 10_000, 50_000, 50_000_000), 50_000);
     }
 
     #[test]

@@ -3,13 +3,10 @@
 //! the interceptor that lets keyframe requests and NACKs reach the room.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use rtc::interceptor::{
-    Attribute, CongestionControlBuilder, Gcc, Interceptor, NackGeneratorBuilder, Packet, Registry,
-    Slot, StreamInfo, TaggedPacket, TwccSenderBuilder,
+    Attribute, Interceptor, NackGeneratorBuilder, Packet, Registry, Slot, StreamInfo, TaggedPacket,
 };
 use rtc::peer_connection::configuration::interceptor_registry::{
     configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
@@ -115,7 +112,6 @@ pub fn build_peer_connection(
     ufrag: &str,
     pwd: &str,
     role: ConnRole,
-    estimate: Option<DownlinkEstimate>,
 ) -> Result<RTCPeerConnection, RtcError> {
     let mut engine = media_engine()?;
     configure_simulcast_extension_headers(&mut engine)?;
@@ -130,29 +126,12 @@ pub fn build_peer_connection(
         // Subscriber connections have no NACK responder of their own (the
         // room answers NACKs from its shared per-layer packet cache) and no
         // sender-report generator (the room sends reports that carry the
-        // publisher's clock through its timestamp rewriting). They
-        // number what they send for transport-wide feedback and run a
-        // delay-based estimator on it; the estimate feeds the allocator.
-        // No pacer: the allocator keeps the rate within the estimate.
-        ConnRole::Offering => {
-            registry = registry
-                .with(Slot::TwccSender, TwccSenderBuilder::new().build())
-                .with(
-                    Slot::CongestionControl,
-                    CongestionControlBuilder::new(Gcc::new(
-                        INITIAL_DOWNLINK_ESTIMATE as f64,
-                        MIN_DOWNLINK_ESTIMATE as f64,
-                        MAX_DOWNLINK_ESTIMATE as f64,
-                    ))
-                    .build(),
-                );
-        }
+        // publisher's clock through its timestamp rewriting). Their
+        // bandwidth estimate comes from the loss their NACKs report, and
+        // REMB, at no per-packet cost.
+        ConnRole::Offering => {}
     }
-    let tap = FeedbackTap {
-        estimate,
-        ..Default::default()
-    };
-    let registry = registry.with(Slot::Custom(14_000), tap);
+    let registry = registry.with(Slot::Custom(14_000), FeedbackTap::default());
     let mut settings = SettingEngineBuilder::new()
         .with_lite(true)
         .with_ice_credentials(ufrag.to_owned(), pwd.to_owned());
@@ -176,17 +155,10 @@ pub fn build_peer_connection(
 pub struct FeedbackTap {
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
-    /// Where the congestion controller's estimate is passed on, if any.
-    estimate: Option<DownlinkEstimate>,
 }
 
-/// The send-side bandwidth estimate of one subscriber connection, in bits
-/// per second, written by its interceptor chain and read by the room (0
-/// until the first estimate).
-pub type DownlinkEstimate = Arc<AtomicU64>;
-
-/// The estimator starts here and falls when feedback shows congestion, so
-/// a new subscriber is not held at low quality while it ramps up.
+/// A subscriber's downlink estimate starts here, so it is not held at low
+/// quality while it ramps up, and falls when its receiver reports loss.
 pub const INITIAL_DOWNLINK_ESTIMATE: u64 = 4_000_000;
 pub const MIN_DOWNLINK_ESTIMATE: u64 = 50_000;
 pub const MAX_DOWNLINK_ESTIMATE: u64 = 50_000_000;
@@ -208,14 +180,6 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackTap {
     type Time = Instant;
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), RtcError> {
-        if let (Some(out), Some(Attribute::TargetBitrateChanged { bits_per_second })) = (
-            &self.estimate,
-            msg.message.get(&Attribute::TargetBitrateChanged {
-                bits_per_second: 0.0,
-            }),
-        ) {
-            out.store(*bits_per_second as u64, Ordering::Relaxed);
-        }
         if let Packet::Rtcp(packets) = &msg.message.packet {
             if packets.iter().any(|p| is_for_the_room(p.as_ref())) {
                 msg.message.add(Attribute::DeliverToApplication);

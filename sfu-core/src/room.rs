@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -38,9 +37,12 @@ use sfu_signal::{
     Quality, RoomRef, ServerMessage, Target, TrackInfo, TrackKind, PROTOCOL_VERSION,
 };
 
-use crate::allocator::{self, RateMeter, VideoDemand};
+use crate::allocator::{self, LossEstimator, RateMeter, VideoDemand};
 use crate::cache::{PacketCache, SentEntry, SentLog};
-use crate::engine::{build_peer_connection, opus_codec, vp8_codec, ConnRole, DownlinkEstimate};
+use crate::engine::{
+    build_peer_connection, opus_codec, vp8_codec, ConnRole, INITIAL_DOWNLINK_ESTIMATE,
+    MAX_DOWNLINK_ESTIMATE, MIN_DOWNLINK_ESTIMATE,
+};
 use crate::forwarder::{Forwarder, Layer, PacketInfo, Preference, Verdict};
 use crate::ids::{ConnId, ParticipantId, SeededRng, TrackKey};
 use crate::seq::SeqExtender;
@@ -245,10 +247,6 @@ struct Conn {
     /// The engine's next timer, as of the last time this connection was
     /// drained (every change to a connection drains it).
     next_timeout: Option<Instant>,
-    /// Subscriber connections: the congestion controller's estimate, and
-    /// the value last acted on.
-    estimate: Option<DownlinkEstimate>,
-    last_estimate: u64,
 }
 
 /// A subscriber's wishes for one track, as last sent.
@@ -302,10 +300,16 @@ struct Participant {
     down_tracks: BTreeMap<TrackKey, DownTrack>,
     negotiation: Negotiator,
     /// Downlink estimate of the subscriber connection, bits per second:
-    /// the lower of the receiver's REMB and our own delay-based estimate.
+    /// the lower of the receiver's REMB and the loss-based estimate.
     estimate: Option<u64>,
     remb: Option<u64>,
-    gcc: Option<u64>,
+    loss: LossEstimator,
+    loss_estimate: Option<u64>,
+    /// What the room sends this subscriber (bits), and packets sent and
+    /// NACKed in the last second (counted as 8-bit "bytes" in the meters).
+    sent_rate: RateMeter,
+    sent_packets: RateMeter,
+    nacked_packets: RateMeter,
 }
 
 /// One simulcast layer (or the only stream) of a published track.
@@ -326,6 +330,9 @@ struct PubLayer {
     /// subscribers on a layer that stopped must move to one that did not.
     last_packet_at: Option<Instant>,
     active: bool,
+    /// The highest bitrate measured while the layer was sent, for
+    /// allocating it while dynacast has it switched off.
+    last_bitrate: u64,
     /// The publisher's last sender report for this layer: NTP time, RTP
     /// time, and when it arrived.
     sender_report: Option<(u64, u32, Instant)>,
@@ -545,7 +552,11 @@ impl Room {
                 negotiation: Negotiator::default(),
                 estimate: None,
                 remb: None,
-                gcc: None,
+                loss: LossEstimator::new(INITIAL_DOWNLINK_ESTIMATE),
+                loss_estimate: None,
+                sent_rate: RateMeter::default(),
+                sent_packets: RateMeter::default(),
+                nacked_packets: RateMeter::default(),
             },
         );
 
@@ -616,8 +627,7 @@ impl Room {
             Target::Publisher => ConnRole::Answering,
             Target::Subscriber => ConnRole::Offering,
         };
-        let estimate = (target == Target::Subscriber).then(DownlinkEstimate::default);
-        let mut pc = build_peer_connection(now, &ufrag, &pwd, role, estimate.clone())?;
+        let mut pc = build_peer_connection(now, &ufrag, &pwd, role)?;
         let addr = self.config.media_addr;
         let candidate = CandidateHostConfig {
             base_config: CandidateConfig {
@@ -634,8 +644,6 @@ impl Room {
         let next_timeout = pc.poll_timeout();
         let conn = Box::new(Conn {
             next_timeout,
-            estimate,
-            last_estimate: 0,
             pc,
             participant,
             target,
@@ -1269,6 +1277,7 @@ impl Room {
             if now >= self.next_sender_reports {
                 self.next_sender_reports = now + SENDER_REPORT_INTERVAL;
                 self.send_sender_reports(now);
+                self.update_loss_estimates(now);
             }
             let estimated: Vec<ParticipantId> = self
                 .participants
@@ -1334,17 +1343,6 @@ impl Room {
                 }
             }
             c.next_timeout = c.pc.poll_timeout();
-            let estimate = c.estimate.as_ref().map(|e| e.load(Ordering::Relaxed));
-            let new_estimate = match estimate {
-                Some(e) if e != 0 && e != c.last_estimate => {
-                    c.last_estimate = e;
-                    Some(e)
-                }
-                _ => None,
-            };
-            if let Some(bps) = new_estimate {
-                self.set_gcc_estimate(now, participant, bps);
-            }
             for event in events {
                 self.on_event(now, id, participant, target, event);
             }
@@ -1557,6 +1555,7 @@ impl Room {
             rate: RateMeter::default(),
             last_packet_at: None,
             active: true,
+            last_bitrate: 0,
             sender_report: None,
         });
         let available = track.available();
@@ -1625,10 +1624,15 @@ impl Room {
                     if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
                         if let Some((sub, key)) = self.down_by_ssrc.get(&nack.media_ssrc).copied() {
                             if sub == participant {
+                                let mut count = 0;
                                 for pair in &nack.nacks {
                                     for seq in pair.packet_list() {
                                         self.retransmit(now, sub, key, seq);
+                                        count += 1;
                                     }
+                                }
+                                if let Some(p) = self.participants.get_mut(&sub) {
+                                    p.nacked_packets.add(now, count);
                                 }
                             }
                         }
@@ -1797,6 +1801,8 @@ impl Room {
                     });
                     down.packets_sent = down.packets_sent.wrapping_add(1);
                     down.octets_sent = down.octets_sent.wrapping_add(bytes as u32);
+                    p.sent_rate.add(now, bytes as usize + 40);
+                    p.sent_packets.add(now, 1);
                     if !c.dirty {
                         c.dirty = true;
                         dirty.push(conn);
@@ -2022,15 +2028,40 @@ impl Room {
     fn set_estimate(&mut self, now: Instant, sub: ParticipantId, bps: u64) {
         if let Some(p) = self.participants.get_mut(&sub) {
             p.remb = Some(bps);
-            p.estimate = p.remb.into_iter().chain(p.gcc).min();
+            p.estimate = p.remb.into_iter().chain(p.loss_estimate).min();
         }
         self.allocate(now, sub);
     }
 
-    fn set_gcc_estimate(&mut self, now: Instant, sub: ParticipantId, bps: u64) {
+    /// Once a second: the share of packets each subscriber NACKed in the
+    /// last second is its downlink loss, which moves its loss-based
+    /// estimate.
+    fn update_loss_estimates(&mut self, now: Instant) {
+        let subs: Vec<(ParticipantId, f64)> = self
+            .participants
+            .iter_mut()
+            .filter_map(|(id, p)| {
+                // The meters count one "byte" per packet, so bps / 8 is packets.
+                let sent = p.sent_packets.bps(now) / 8;
+                let nacked = p.nacked_packets.bps(now) / 8;
+                (sent >= 10).then(|| (*id, (nacked as f64 / sent as f64).min(1.0)))
+            })
+            .collect();
+        for (sub, loss) in subs {
+            self.on_receiver_loss(now, sub, loss);
+        }
+    }
+
+    /// New loss figure for a subscriber's downlink.
+    fn on_receiver_loss(&mut self, now: Instant, sub: ParticipantId, loss: f64) {
         if let Some(p) = self.participants.get_mut(&sub) {
-            p.gcc = Some(bps);
-            p.estimate = p.remb.into_iter().chain(p.gcc).min();
+            let sending = p.sent_rate.bps(now);
+            let estimate =
+                p.loss
+                    .on_report(loss, sending, MIN_DOWNLINK_ESTIMATE, MAX_DOWNLINK_ESTIMATE);
+            p.loss_estimate = Some(estimate);
+            tracing::debug!(subscriber = ?sub, loss, sending, estimate, "loss estimate");
+            p.estimate = p.remb.into_iter().chain(p.loss_estimate).min();
         }
         self.allocate(now, sub);
     }
@@ -2063,17 +2094,37 @@ impl Room {
                     .sum::<u64>();
                 continue;
             }
+            // Layers sent, and layers switched off by dynacast (they come
+            // back when allocated), at the bitrate last seen.
+            let disabled = &track.disabled;
             let mut layers: Vec<(Layer, u64)> = track
                 .layers
                 .iter_mut()
-                .filter(|l| l.active)
-                .map(|l| (l.layer, l.rate.bps(now)))
+                .filter(|l| l.active || disabled.contains(&l.layer))
+                .map(|l| {
+                    if l.active {
+                        let bps = l.rate.bps(now);
+                        l.last_bitrate = l.last_bitrate.max(bps);
+                        (l.layer, bps.max(l.last_bitrate / 2))
+                    } else {
+                        (l.layer, l.last_bitrate)
+                    }
+                })
                 .collect();
             layers.sort_unstable();
+            let wanted = match down.forwarder.preference() {
+                Preference::Paused => None,
+                Preference::MaxLayer(max) => layers
+                    .iter()
+                    .rev()
+                    .map(|(l, _)| *l)
+                    .find(|l| *l <= max)
+                    .or(layers.first().map(|(l, _)| *l)),
+            };
             keys.push(*key);
             demands.push(VideoDemand {
                 layers,
-                wanted: down.forwarder.wanted(),
+                wanted,
                 current: down.forwarder.allocation(),
                 last_upgrade: down.last_upgrade,
             });

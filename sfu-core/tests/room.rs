@@ -406,11 +406,17 @@ fn five_percent_downlink_loss_is_recovered_by_retransmission() {
     assert!(residual < 0.005, "residual loss {:.3}%", residual * 100.0);
 }
 
-/// The layer (slot) of the last video packet `to` received from `from`.
+/// The layer (slot) of the last five video packets `to` received from
+/// `from`, if they agree (a late retransmission of an older layer's packet
+/// does not count as a change of layer).
 fn last_layer(h: &Harness, to: usize, from: usize) -> Option<u8> {
-    h.video_payloads_from(to, from)
-        .last()
-        .map(|p| p[common::PAYLOAD_SLOT])
+    let payloads = h.video_payloads_from(to, from);
+    let recent = &payloads[payloads.len().saturating_sub(5)..];
+    let layer = recent.last()?[common::PAYLOAD_SLOT];
+    recent
+        .iter()
+        .all(|p| p[common::PAYLOAD_SLOT] == layer)
+        .then_some(layer)
 }
 
 /// Pumps media until `to` receives layer `want` from `from`; the virtual
@@ -679,4 +685,25 @@ fn sender_reports_keep_audio_and_video_in_sync_across_layer_switches() {
     }
     assert!(before < 5.0, "{before} ms");
     assert!(after < 5.0, "{after} ms");
+}
+
+#[test]
+fn heavy_downlink_loss_moves_the_subscriber_down_and_it_recovers() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("SFU_TEST_LOG").unwrap_or_default())
+        .with_test_writer()
+        .try_init();
+    let mut h = Harness::new();
+    let a = h.join_with("alice", true, true);
+    let b = h.join("bob", false);
+    connect_all(&mut h, &[a], &[(b, a)]);
+    time_to_layer(&mut h, b, a, 2, Duration::from_secs(2));
+    // A congested path: a third of what goes to bob is lost.
+    let sub_addr = h.clients[b].sub_addr;
+    h.downlink_loss.insert(sub_addr, 0.33);
+    let down = time_to_layer(&mut h, b, a, 1, Duration::from_secs(6));
+    eprintln!("33% downlink loss: medium after {down:?}");
+    h.downlink_loss.clear();
+    let up = time_to_layer(&mut h, b, a, 2, Duration::from_secs(20));
+    eprintln!("loss gone: high again after {up:?}");
 }
