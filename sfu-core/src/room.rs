@@ -244,6 +244,9 @@ struct Conn {
     dirty: bool,
     /// ICE and DTLS are up: media written now reaches the client.
     connected: bool,
+    /// Something other than our own writes touched the connection since it
+    /// was last drained (input, timers, signalling).
+    fed: bool,
     /// The engine's next timer, as of the last time this connection was
     /// drained (every change to a connection drains it).
     next_timeout: Option<Instant>,
@@ -651,6 +654,7 @@ impl Room {
             addrs: Vec::new(),
             dirty: false,
             connected: false,
+            fed: false,
         });
         let id = match self.conns.iter().position(Option::is_none) {
             Some(free) => {
@@ -672,8 +676,12 @@ impl Room {
         self.conns.get_mut(id.0).and_then(Option::as_deref_mut)
     }
 
+    /// Schedules a connection for a full drain (events, application
+    /// messages and datagrams). Paths that only write media to a connection
+    /// mark it dirty without `fed`, and its drain only collects datagrams.
     fn mark_dirty(&mut self, id: ConnId) {
         if let Some(conn) = self.conn_mut(id) {
+            conn.fed = true;
             if !conn.dirty {
                 conn.dirty = true;
                 self.dirty.push(id);
@@ -1321,6 +1329,18 @@ impl Room {
             let target = c.target;
             let mut events = Vec::new();
             let mut messages = Vec::new();
+            if !std::mem::take(&mut c.fed) {
+                // Only our writes: the forwarding fast path. Sending media
+                // sets no timer on a subscriber connection (it runs no
+                // per-packet interceptors), so its next timeout stands.
+                while let Some(out) = c.pc.poll_write() {
+                    self.outputs.push_back(Output::Transmit(Transmit {
+                        destination: out.transport.peer_addr,
+                        contents: out.message,
+                    }));
+                }
+                continue;
+            }
             loop {
                 let mut progressed = false;
                 while let Some(event) = c.pc.poll_event() {
