@@ -1,8 +1,190 @@
-//! Load tester for the SFU (synthetic publishers and subscribers over the
-//! public REST and WebSocket API). The scenario runner is not built yet;
-//! this binary only reports that.
+//! `loadtest`: synthetic publishers and subscribers against a running
+//! server. See `loadtest --help`.
 
-fn main() {
-    eprintln!("loadtest: scenarios are not implemented yet; see the project's issue tracker");
-    std::process::exit(2);
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use clap::Parser;
+use loadtest::scenario::{run, Scenario};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "loadtest",
+    about = "Load test an SFU server over its public API"
+)]
+struct Args {
+    /// Server base URL.
+    #[arg(long, default_value = "http://127.0.0.1:7880")]
+    url: String,
+    #[arg(long, env = "SFU_API_KEY", default_value = "devkey")]
+    api_key: String,
+    #[arg(
+        long,
+        env = "SFU_API_SECRET",
+        default_value = "devsecret",
+        hide_env_values = true
+    )]
+    api_secret: String,
+    /// A named scenario: meeting (N publishers), livestream (1 -> N), audio (1 -> N, audio only).
+    #[arg(long)]
+    preset: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    rooms: usize,
+    /// Publishers per room (they also receive each other).
+    #[arg(long, default_value_t = 2)]
+    publishers: usize,
+    /// Receive-only participants per room.
+    #[arg(long, default_value_t = 2)]
+    subscribers: usize,
+    /// Seconds of media.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Video bitrate per publisher, e.g. 500k or 1.5M.
+    #[arg(long, default_value = "500k")]
+    video_bitrate: String,
+    #[arg(long)]
+    audio_only: bool,
+    /// Drop this share of outgoing RTP before the wire, e.g. 5%.
+    #[arg(long, default_value = "0%")]
+    uplink_loss: String,
+    /// Milliseconds between joins.
+    #[arg(long, default_value_t = 0)]
+    ramp_ms: u64,
+    /// Write every figure as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Exit non-zero when total loss exceeds this percentage.
+    #[arg(long)]
+    max_loss: Option<f64>,
+    /// Exit non-zero when p99 one-way latency exceeds this.
+    #[arg(long)]
+    max_p99_ms: Option<f64>,
+}
+
+fn parse_rate(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1_000.0),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1_000_000.0),
+        _ => (t, 1.0),
+    };
+    Ok((num.parse::<f64>()? * mult) as u64)
+}
+
+fn parse_share(text: &str) -> anyhow::Result<f64> {
+    let t = text.trim();
+    match t.strip_suffix('%') {
+        Some(p) => Ok(p.parse::<f64>()? / 100.0),
+        None => Ok(t.parse::<f64>()?),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let mut s = Scenario {
+        url: a.url.trim_end_matches('/').to_owned(),
+        api_key: a.api_key,
+        api_secret: a.api_secret,
+        rooms: a.rooms,
+        publishers: a.publishers,
+        subscribers: a.subscribers,
+        duration: Duration::from_secs(a.duration),
+        video_bitrate: parse_rate(&a.video_bitrate)?,
+        audio_only: a.audio_only,
+        uplink_loss: parse_share(&a.uplink_loss)?,
+        ramp: Duration::from_millis(a.ramp_ms),
+        ..Default::default()
+    };
+    match a.preset.as_deref() {
+        None => {}
+        Some("meeting") => s.subscribers = 0,
+        Some("livestream") => s.publishers = 1,
+        Some("audio") => {
+            s.publishers = 1;
+            s.audio_only = true;
+        }
+        Some(other) => anyhow::bail!("unknown preset {other} (meeting, livestream, audio)"),
+    }
+    let tty = std::io::stderr().is_terminal();
+    let report = run(&s, |p| {
+        let line = format!(
+            "{:>5.1}s  clients {:>4}  received {:>9} packets  {:>8.0} kbit/s",
+            p.elapsed_s,
+            p.connected,
+            p.packets_received,
+            p.received_bitrate_bps / 1000.0
+        );
+        if tty {
+            eprint!("\r{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    })
+    .await?;
+    if tty {
+        eprintln!();
+    }
+    println!(
+        "{:<12} {:<12} {:<6} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9}",
+        "publisher",
+        "receiver",
+        "kind",
+        "expected",
+        "received",
+        "loss%",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "first ms"
+    );
+    for t in &report.tracks {
+        println!(
+            "{:<12} {:<12} {:<6} {:>8} {:>8} {:>7.2} {:>8.1} {:>8.1} {:>8.1} {:>9.0}",
+            t.publisher,
+            t.receiver,
+            t.kind,
+            t.expected,
+            t.received,
+            t.loss_pct,
+            t.latency_p50_ms,
+            t.latency_p95_ms,
+            t.latency_p99_ms,
+            t.first_packet_ms
+        );
+    }
+    println!(
+        "total: {} participants, {} packets sent, {} received, loss {:.2}%, latency p50 {:.1} ms p95 {:.1} ms p99 {:.1} ms, {:.0} kbit/s received",
+        report.participants,
+        report.packets_sent,
+        report.packets_received,
+        report.loss_pct,
+        report.latency_p50_ms,
+        report.latency_p95_ms,
+        report.latency_p99_ms,
+        report.received_bitrate_bps / 1000.0
+    );
+    if let Some(path) = a.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    }
+    let mut failed = false;
+    if let Some(max) = a.max_loss {
+        if report.loss_pct > max {
+            eprintln!("loss {:.2}% exceeds --max-loss {max}%", report.loss_pct);
+            failed = true;
+        }
+    }
+    if let Some(max) = a.max_p99_ms {
+        if report.latency_p99_ms > max {
+            eprintln!(
+                "p99 latency {:.1} ms exceeds --max-p99-ms {max}",
+                report.latency_p99_ms
+            );
+            failed = true;
+        }
+    }
+    if failed {
+        std::process::exit(1);
+    }
+    Ok(())
 }

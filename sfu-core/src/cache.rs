@@ -75,6 +75,7 @@ pub struct SentEntry {
 /// sequence number.
 pub struct SentLog {
     slots: Vec<Option<SentEntry>>,
+    nacked: Vec<bool>,
 }
 
 impl Default for SentLog {
@@ -87,16 +88,32 @@ impl SentLog {
     pub fn new() -> SentLog {
         SentLog {
             slots: vec![None; SENT_LOG],
+            nacked: vec![false; SENT_LOG],
         }
     }
 
     pub fn record(&mut self, entry: SentEntry) {
-        self.slots[entry.rewrite.seq as usize % SENT_LOG] = Some(entry);
+        let i = entry.rewrite.seq as usize % SENT_LOG;
+        self.slots[i] = Some(entry);
+        self.nacked[i] = false;
     }
 
     /// What went out as output sequence number `seq`, if still logged.
     pub fn lookup(&self, seq: u16) -> Option<SentEntry> {
         self.slots[seq as usize % SENT_LOG].filter(|e| e.rewrite.seq == seq)
+    }
+
+    /// Notes a NACK for `seq`; true the first time that packet is NACKed
+    /// (receivers repeat NACKs until the packet arrives; loss counts once).
+    pub fn first_nack(&mut self, seq: u16) -> bool {
+        let i = seq as usize % SENT_LOG;
+        match (&self.slots[i], self.nacked[i]) {
+            (Some(e), false) if e.rewrite.seq == seq => {
+                self.nacked[i] = true;
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -175,5 +192,9 @@ mod tests {
         log.record(entry(1024, 12)); // same slot as 0
         assert_eq!(log.lookup(0), None);
         assert_eq!(log.lookup(1024).unwrap().ext_seq, 12);
+        // Repeated NACKs for one packet count once; unknown ones not at all.
+        assert!(log.first_nack(1024));
+        assert!(!log.first_nack(1024));
+        assert!(!log.first_nack(5));
     }
 }

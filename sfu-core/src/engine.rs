@@ -160,7 +160,6 @@ pub struct FeedbackTap {
 /// A subscriber's downlink estimate starts here, so it is not held at low
 /// quality while it ramps up, and falls when its receiver reports loss.
 pub const INITIAL_DOWNLINK_ESTIMATE: u64 = 4_000_000;
-pub const MIN_DOWNLINK_ESTIMATE: u64 = 50_000;
 pub const MAX_DOWNLINK_ESTIMATE: u64 = 50_000_000;
 
 fn is_for_the_room(packet: &dyn rtc::rtcp::Packet) -> bool {

@@ -41,7 +41,7 @@ use crate::allocator::{self, LossEstimator, RateMeter, VideoDemand};
 use crate::cache::{PacketCache, SentEntry, SentLog};
 use crate::engine::{
     build_peer_connection, opus_codec, vp8_codec, ConnRole, INITIAL_DOWNLINK_ESTIMATE,
-    MAX_DOWNLINK_ESTIMATE, MIN_DOWNLINK_ESTIMATE,
+    MAX_DOWNLINK_ESTIMATE,
 };
 use crate::forwarder::{Forwarder, Layer, PacketInfo, Preference, Verdict};
 use crate::ids::{ConnId, ParticipantId, SeededRng, TrackKey};
@@ -56,6 +56,10 @@ const LAYER_TIMEOUT: Duration = Duration::from_millis(1000);
 /// A simulcast layer nobody has wanted for this long is switched off at
 /// the publisher.
 const DYNACAST_GRACE: Duration = Duration::from_secs(3);
+/// Loss alone never takes a subscriber below this: enough for the low
+/// layers of a few tracks. Loss can come from a receiver's own trouble as
+/// much as from the link; pausing video takes an explicit estimate (REMB).
+const MIN_LOSS_ESTIMATE: u64 = 300_000;
 /// How often each down track gets a sender report.
 const SENDER_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often subscribers' allocations are revisited.
@@ -1648,7 +1652,12 @@ impl Room {
                                 for pair in &nack.nacks {
                                     for seq in pair.packet_list() {
                                         self.retransmit(now, sub, key, seq);
-                                        count += 1;
+                                        let first = self
+                                            .participants
+                                            .get_mut(&sub)
+                                            .and_then(|p| p.down_tracks.get_mut(&key))
+                                            .is_some_and(|d| d.sent.first_nack(seq));
+                                        count += usize::from(first);
                                     }
                                 }
                                 if let Some(p) = self.participants.get_mut(&sub) {
@@ -2078,7 +2087,7 @@ impl Room {
             let sending = p.sent_rate.bps(now);
             let estimate =
                 p.loss
-                    .on_report(loss, sending, MIN_DOWNLINK_ESTIMATE, MAX_DOWNLINK_ESTIMATE);
+                    .on_report(loss, sending, MIN_LOSS_ESTIMATE, MAX_DOWNLINK_ESTIMATE);
             p.loss_estimate = Some(estimate);
             tracing::debug!(subscriber = ?sub, loss, sending, estimate, "loss estimate");
             p.estimate = p.remb.into_iter().chain(p.loss_estimate).min();

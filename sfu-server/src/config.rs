@@ -78,7 +78,7 @@ pub struct Config {
     #[arg(long, env = "SFU_WEB_DIR")]
     pub web_dir: Option<std::path::PathBuf>,
     /// Log filter (tracing env-filter syntax).
-    #[arg(long, env = "SFU_LOG", default_value = "info,rtc_dtls=error")]
+    #[arg(long, env = "SFU_LOG", default_value = "info,rtc=error,rtc_dtls=error")]
     pub log: String,
 }
 

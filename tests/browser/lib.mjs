@@ -42,7 +42,7 @@ export class Run {
     if (!bin) throw new Error('set SFU_URL or SFU_BIN');
     this.server = spawn(bin, ['--http-addr', '127.0.0.1:0', '--media-addr', '127.0.0.1:0'], {
       stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, SFU_API_KEY: '', SFU_API_SECRET: '', SFU_LOG: process.env.SFU_LOG || 'warn,rtc_dtls=error' },
+      env: { ...process.env, SFU_API_KEY: '', SFU_API_SECRET: '', SFU_LOG: process.env.SFU_LOG || 'warn,rtc=error,rtc_dtls=error' },
     });
     this.server.stderr.on('data', (d) => process.stderr.write(`[server] ${d}`));
     // Never leave the server behind, however this process ends.

@@ -1,0 +1,513 @@
+//! A signalling + WebRTC client built on the `webrtc` crate, speaking the
+//! server's documented protocol: one per synthetic participant.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use rtc::interceptor::Slot;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    register_default_interceptors, MediaEngine, PeerConnection, PeerConnectionBuilder,
+    PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceCandidateInit,
+    RTCPeerConnectionIceEvent, RTCSessionDescription, Registry,
+};
+
+use crate::loss::UplinkLoss;
+use crate::payload::{self, now_us};
+use sfu_core::engine::FeedbackTap;
+use sfu_core::engine::{
+    opus_codec, vp8_codec, OPUS_PAYLOAD_TYPE as OPUS_PT, VP8_PAYLOAD_TYPE as VP8_PT,
+};
+use std::sync::atomic::{AtomicBool, Ordering};
+use webrtc::media_stream::track_local::TrackLocalEvent;
+
+/// Largest video payload per packet.
+pub const MAX_PAYLOAD: usize = 1100;
+/// Opus-sized audio payload.
+pub const AUDIO_PAYLOAD: usize = 80;
+
+/// What a client publishes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PublishOptions {
+    pub publish: bool,
+    pub audio_only: bool,
+    /// Share of outgoing RTP dropped before the wire (after the sender
+    /// buffered it), so the server's NACKs and our retransmissions are
+    /// exercised.
+    pub uplink_loss: f64,
+}
+
+/// What a subscriber has received, by publisher participant sid.
+#[derive(Default, Debug)]
+pub struct Inbox {
+    pub messages: Vec<serde_json::Value>,
+    /// (publisher sid, kind) -> payload sequence numbers received.
+    pub media: HashMap<(String, String), Vec<u32>>,
+    /// (publisher sid, kind) -> one-way latency of each packet, µs.
+    pub latency_us: HashMap<(String, String), Vec<u64>>,
+    /// (publisher sid, kind) -> when the first packet arrived (µs since the
+    /// Unix epoch).
+    pub first_at_us: HashMap<(String, String), u64>,
+    /// Payload bytes received.
+    pub bytes: u64,
+    pub corrupted: usize,
+    pub open_tracks: HashMap<String, String>,
+}
+
+pub struct Client {
+    pub identity: String,
+    pub sid: String,
+    pub index: u8,
+    ws_tx: mpsc::UnboundedSender<String>,
+    pub inbox: Arc<Mutex<Inbox>>,
+    publisher: Arc<dyn PeerConnection>,
+    subscriber: Arc<dyn PeerConnection>,
+    video: Option<Arc<TrackLocalStaticRTP>>,
+    audio: Option<Arc<TrackLocalStaticRTP>>,
+    /// Frames sent (also the audio sequence).
+    seq: u32,
+    /// The server asked for a keyframe (PLI/FIR) since the last frame.
+    keyframe_wanted: Arc<AtomicBool>,
+    video_seq: u32,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+struct Trickle {
+    target: &'static str,
+    ws_tx: mpsc::UnboundedSender<String>,
+    inbox: Arc<Mutex<Inbox>>,
+    receive: bool,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Trickle {
+    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        if let Ok(init) = event.candidate.to_json() {
+            let msg = serde_json::json!({
+                "type": "candidate", "target": self.target,
+                "candidate": {"candidate": init.candidate, "sdpMid": init.sdp_mid, "sdpMLineIndex": init.sdp_mline_index}
+            });
+            let _ = self.ws_tx.send(msg.to_string());
+        }
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        if !self.receive {
+            return;
+        }
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move {
+            let stream = track.stream_id().await;
+            let kind = track.kind().await.to_string();
+            let track_id = track.track_id().await;
+            inbox
+                .lock()
+                .unwrap()
+                .open_tracks
+                .insert(track_id, stream.clone());
+            while let Some(event) = track.poll().await {
+                if let TrackRemoteEvent::OnRtpPacket(packet) = event {
+                    let now = now_us();
+                    let mut inbox = inbox.lock().unwrap();
+                    let Some(tag) = payload::parse(&packet.payload) else {
+                        inbox.corrupted += 1;
+                        continue;
+                    };
+                    let key = (stream.clone(), kind.clone());
+                    inbox.bytes += packet.payload.len() as u64;
+                    inbox.first_at_us.entry(key.clone()).or_insert(now);
+                    inbox
+                        .latency_us
+                        .entry(key.clone())
+                        .or_default()
+                        .push(now.saturating_sub(tag.sent_us));
+                    inbox.media.entry(key).or_default().push(tag.seq);
+                }
+            }
+        });
+    }
+}
+
+async fn peer(handler: Arc<Trickle>, uplink_loss: f64, seed: u64) -> Arc<dyn PeerConnection> {
+    let mut engine = MediaEngine::default();
+    engine
+        .register_codec(
+            rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters {
+                rtp_codec: vp8_codec(),
+                payload_type: 96,
+            },
+            RtpCodecKind::Video,
+        )
+        .unwrap();
+    engine
+        .register_codec(
+            rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters {
+                rtp_codec: opus_codec(),
+                payload_type: 111,
+            },
+            RtpCodecKind::Audio,
+        )
+        .unwrap();
+    let mut registry = register_default_interceptors(Registry::new(), &mut engine)
+        .unwrap()
+        // Keyframe requests reach the application, which answers them.
+        .with(Slot::Custom(14_000), FeedbackTap::default());
+    if uplink_loss > 0.0 {
+        registry = registry.with(Slot::Custom(500), UplinkLoss::new(uplink_loss, seed));
+    }
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(engine)
+        .with_interceptor_registry(registry)
+        .with_handler(handler)
+        .with_udp_addrs(vec!["127.0.0.1:0"])
+        .build()
+        .await
+        .expect("peer connection");
+    Arc::new(pc)
+}
+
+fn local_track(kind: RtpCodecKind, identity: &str, ssrc: u32) -> Arc<TrackLocalStaticRTP> {
+    let codec = match kind {
+        RtpCodecKind::Video => vp8_codec(),
+        _ => opus_codec(),
+    };
+    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        format!("{identity}-stream"),
+        format!("{identity}-{kind}"),
+        format!("{identity}-{kind}"),
+        kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            codec,
+            ..Default::default()
+        }],
+    )))
+}
+
+/// A read-only handle on what a client received.
+#[derive(Clone)]
+pub struct View {
+    pub sid: String,
+    pub identity: String,
+    pub inbox: Arc<Mutex<Inbox>>,
+}
+
+impl View {
+    pub fn received(&self, publisher_sid: &str, kind: &str) -> Vec<u32> {
+        self.inbox
+            .lock()
+            .unwrap()
+            .media
+            .get(&(publisher_sid.to_owned(), kind.to_owned()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn has_message(&self, pred: impl Fn(&serde_json::Value) -> bool) -> bool {
+        self.inbox.lock().unwrap().messages.iter().any(pred)
+    }
+
+    pub fn messages_of(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.inbox
+            .lock()
+            .unwrap()
+            .messages
+            .iter()
+            .filter(|m| m["type"] == kind)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Client {
+    pub fn view(&self) -> View {
+        View {
+            sid: self.sid.clone(),
+            identity: self.identity.clone(),
+            inbox: self.inbox.clone(),
+        }
+    }
+
+    pub fn seq_now(&self) -> u32 {
+        self.seq
+    }
+
+    /// Connects to `ws_base` (`ws://host:port`) with a join token, waits for
+    /// `joined`, and if `publish.publish` offers a VP8 and an Opus track.
+    pub async fn join(
+        ws_base: &str,
+        token: &str,
+        identity: &str,
+        index: u8,
+        publish: PublishOptions,
+    ) -> anyhow::Result<Client> {
+        let url = format!("{ws_base}/v1/rtc?access_token={token}");
+        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let (mut sink, mut stream) = ws.split();
+        let (ws_tx, mut ws_rx) = mpsc::unbounded_channel::<String>();
+        let inbox = Arc::new(Mutex::new(Inbox::default()));
+        let writer = tokio::spawn(async move {
+            while let Some(text) = ws_rx.recv().await {
+                if sink.send(Message::Text(text.into())).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let publisher = peer(
+            Arc::new(Trickle {
+                target: "publisher",
+                ws_tx: ws_tx.clone(),
+                inbox: inbox.clone(),
+                receive: false,
+            }),
+            publish.uplink_loss,
+            index as u64 + 1,
+        )
+        .await;
+        let subscriber = peer(
+            Arc::new(Trickle {
+                target: "subscriber",
+                ws_tx: ws_tx.clone(),
+                inbox: inbox.clone(),
+                receive: true,
+            }),
+            0.0,
+            0,
+        )
+        .await;
+
+        // Reader: apply answers/offers/candidates, keep every message.
+        let (joined_tx, mut joined_rx) = mpsc::unbounded_channel::<String>();
+        let reader = {
+            let inbox = inbox.clone();
+            let publisher = publisher.clone();
+            let subscriber = subscriber.clone();
+            let ws_tx = ws_tx.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(Message::Text(text))) = stream.next().await {
+                    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+                        continue;
+                    };
+                    inbox.lock().unwrap().messages.push(v.clone());
+                    let sdp = v["sdp"].as_str().unwrap_or_default().to_owned();
+                    match (v["type"].as_str(), v["target"].as_str()) {
+                        (Some("joined"), _) => {
+                            let _ = joined_tx.send(
+                                v["participant"]["sid"]
+                                    .as_str()
+                                    .unwrap_or_default()
+                                    .to_owned(),
+                            );
+                        }
+                        (Some("answer"), Some("publisher")) => {
+                            if let Ok(answer) = RTCSessionDescription::answer(sdp) {
+                                let _ = publisher.set_remote_description(answer).await;
+                            }
+                        }
+                        (Some("offer"), Some("subscriber")) => {
+                            let Ok(offer) = RTCSessionDescription::offer(sdp) else {
+                                continue;
+                            };
+                            if subscriber.set_remote_description(offer).await.is_err() {
+                                continue;
+                            }
+                            let Ok(answer) = subscriber.create_answer(None).await else {
+                                continue;
+                            };
+                            if subscriber.set_local_description(answer).await.is_err() {
+                                continue;
+                            }
+                            if let Some(local) = subscriber.local_description().await {
+                                let msg = serde_json::json!({"type":"answer","target":"subscriber","sdp":local.sdp});
+                                let _ = ws_tx.send(msg.to_string());
+                            }
+                        }
+                        (Some("candidate"), Some(target)) => {
+                            let c = &v["candidate"];
+                            let init = RTCIceCandidateInit {
+                                candidate: c["candidate"].as_str().unwrap_or_default().to_owned(),
+                                sdp_mid: c["sdpMid"].as_str().map(str::to_owned),
+                                sdp_mline_index: c["sdpMLineIndex"].as_u64().map(|i| i as u16),
+                                ..Default::default()
+                            };
+                            let pc = if target == "publisher" {
+                                &publisher
+                            } else {
+                                &subscriber
+                            };
+                            let _ = pc.add_ice_candidate(init).await;
+                        }
+                        _ => {}
+                    }
+                }
+            })
+        };
+        let sid = tokio::time::timeout(Duration::from_secs(10), joined_rx.recv())
+            .await
+            .map_err(|_| anyhow::anyhow!("no joined message within 10 s"))?
+            .ok_or_else(|| anyhow::anyhow!("signalling closed before joined"))?;
+
+        let mut client = Client {
+            identity: identity.to_owned(),
+            sid,
+            index,
+            ws_tx,
+            inbox,
+            publisher,
+            subscriber,
+            video: None,
+            audio: None,
+            seq: 0,
+            video_seq: 0,
+            keyframe_wanted: Arc::new(AtomicBool::new(false)),
+            tasks: vec![writer, reader],
+        };
+        if publish.publish {
+            let video = local_track(RtpCodecKind::Video, identity, 0x1000 + index as u32);
+            let audio = local_track(RtpCodecKind::Audio, identity, 0x2000 + index as u32);
+            if !publish.audio_only {
+                client
+                    .publisher
+                    .add_track(video.clone() as Arc<dyn TrackLocal>)
+                    .await?;
+                // Answer keyframe requests as an encoder would.
+                let wanted = client.keyframe_wanted.clone();
+                let track = video.clone();
+                client.tasks.push(tokio::spawn(async move {
+                    while let Some(event) = track.poll().await {
+                        if let TrackLocalEvent::OnRtcpPacket(packets) = event {
+                            let pli = packets.iter().any(|p| {
+                                let any = p.as_any();
+                                any.is::<rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication>()
+                                    || any.is::<rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest>()
+                            });
+                            if pli {
+                                wanted.store(true, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }));
+                client.video = Some(video);
+            }
+            client
+                .publisher
+                .add_track(audio.clone() as Arc<dyn TrackLocal>)
+                .await?;
+            client.audio = Some(audio);
+            let offer = client.publisher.create_offer(None).await?;
+            client.publisher.set_local_description(offer).await?;
+            let sdp = client
+                .publisher
+                .local_description()
+                .await
+                .ok_or_else(|| anyhow::anyhow!("no local description"))?
+                .sdp;
+            client.send(serde_json::json!({"type":"offer","target":"publisher","sdp":sdp}));
+        }
+        Ok(client)
+    }
+
+    pub fn send(&self, v: serde_json::Value) {
+        let _ = self.ws_tx.send(v.to_string());
+    }
+
+    pub fn send_raw(&self, text: &str) {
+        let _ = self.ws_tx.send(text.to_owned());
+    }
+
+    /// Sends one video frame of `video_bytes` (split into packets of at
+    /// most 1100 bytes; a keyframe every `keyframe_every` frames) and one
+    /// audio packet. Every payload carries this client's index, a sequence
+    /// number and the send time.
+    pub async fn send_media(&mut self, video_bytes: usize, keyframe_every: u32) {
+        self.seq += 1;
+        let frame = self.seq;
+        if let Some(track) = &self.video {
+            let keyframe = (keyframe_every > 0 && frame % keyframe_every == 1)
+                || self.keyframe_wanted.swap(false, Ordering::Relaxed);
+            let packets = video_bytes.div_ceil(MAX_PAYLOAD).max(1);
+            for i in 0..packets {
+                self.video_seq = self.video_seq.wrapping_add(1);
+                let size = (video_bytes / packets).max(payload::HEADER + 1);
+                let body = payload::build(
+                    payload::Tag {
+                        index: self.index,
+                        seq: self.video_seq,
+                        kind: 0,
+                        keyframe,
+                        frame_start: i == 0,
+                        sent_us: now_us(),
+                    },
+                    size,
+                );
+                let packet = rtc::rtp::Packet {
+                    header: rtc::rtp::Header {
+                        version: 2,
+                        marker: i + 1 == packets,
+                        payload_type: VP8_PT,
+                        sequence_number: self.video_seq as u16,
+                        timestamp: frame.wrapping_mul(3000),
+                        ssrc: 0x1000 + self.index as u32,
+                        ..Default::default()
+                    },
+                    payload: Bytes::from(body),
+                };
+                let _ = track.write_rtp(packet).await;
+            }
+        }
+        if let Some(track) = &self.audio {
+            let body = payload::build(
+                payload::Tag {
+                    index: self.index,
+                    seq: frame,
+                    kind: 1,
+                    keyframe: false,
+                    frame_start: true,
+                    sent_us: now_us(),
+                },
+                AUDIO_PAYLOAD,
+            );
+            let packet = rtc::rtp::Packet {
+                header: rtc::rtp::Header {
+                    version: 2,
+                    marker: true,
+                    payload_type: OPUS_PT,
+                    sequence_number: frame as u16,
+                    timestamp: frame.wrapping_mul(960),
+                    ssrc: 0x2000 + self.index as u32,
+                    ..Default::default()
+                },
+                payload: Bytes::from(body),
+            };
+            let _ = track.write_rtp(packet).await;
+        }
+    }
+
+    /// Video packets sent so far.
+    pub fn video_packets_sent(&self) -> u32 {
+        self.video_seq
+    }
+
+    pub async fn close(self) {
+        let _ = self.publisher.close().await;
+        let _ = self.subscriber.close().await;
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}

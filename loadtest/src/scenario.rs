@@ -1,0 +1,345 @@
+//! A run: rooms, publishers and subscribers, media for a while, then the
+//! figures.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::client::{Client, PublishOptions};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// `http://host:port` of the server.
+    pub url: String,
+    pub api_key: String,
+    pub api_secret: String,
+    pub rooms: usize,
+    /// Per room; each also receives the others.
+    pub publishers: usize,
+    /// Per room, receive only.
+    pub subscribers: usize,
+    pub duration: Duration,
+    /// Video bits per second per publisher.
+    pub video_bitrate: u64,
+    pub fps: u32,
+    pub audio_only: bool,
+    pub uplink_loss: f64,
+    /// Seconds between joins (0: all at once).
+    pub ramp: Duration,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Scenario {
+            url: "http://127.0.0.1:7880".into(),
+            api_key: "devkey".into(),
+            api_secret: "devsecret".into(),
+            rooms: 1,
+            publishers: 2,
+            subscribers: 2,
+            duration: Duration::from_secs(10),
+            video_bitrate: 500_000,
+            fps: 30,
+            audio_only: false,
+            uplink_loss: 0.0,
+            ramp: Duration::ZERO,
+        }
+    }
+}
+
+/// Figures for one stream at one receiver.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrackReport {
+    pub room: String,
+    pub publisher: String,
+    pub receiver: String,
+    pub kind: String,
+    /// Packets the publisher sent from the first one this receiver got.
+    pub expected: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub loss_pct: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p95_ms: f64,
+    pub latency_p99_ms: f64,
+    pub first_packet_ms: f64,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub participants: usize,
+    pub connected: usize,
+    pub seconds: f64,
+    pub packets_sent: u64,
+    /// Distinct packets received, of those counted (sent within the run).
+    pub packets_received: u64,
+    /// Every packet that arrived, tail and duplicates included (what the
+    /// server's forwarded counter should show).
+    pub packets_delivered: u64,
+    pub loss_pct: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p95_ms: f64,
+    pub latency_p99_ms: f64,
+    pub received_bitrate_bps: f64,
+    pub tracks: Vec<TrackReport>,
+}
+
+/// One line of progress, once a second.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub elapsed_s: f64,
+    pub connected: usize,
+    pub packets_received: u64,
+    pub received_bitrate_bps: f64,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+/// An admin token for the REST API, signed with the API secret.
+pub fn admin_token(key: &str, secret: &str) -> anyhow::Result<String> {
+    let now = crate::payload::now_us() / 1_000_000;
+    let claims = json!({
+        "iss": key, "sub": "loadtest", "exp": now + 3600, "nbf": now.saturating_sub(10),
+        "video": {"roomCreate": true, "roomList": true, "roomAdmin": true}
+    });
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+struct Member {
+    room: String,
+    client: Client,
+    publisher: bool,
+}
+
+/// Runs the scenario, reporting progress once a second.
+pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::Result<Report> {
+    let http = reqwest::Client::new();
+    let admin = admin_token(&s.api_key, &s.api_secret)?;
+    let ws_base = s.url.replacen("http", "ws", 1);
+    let run_id = crate::payload::now_us() % 1_000_000;
+    let mut members: Vec<Member> = Vec::new();
+    let mut index: u8 = 0;
+    for r in 0..s.rooms {
+        let room = format!("loadtest-{run_id}-{r}");
+        let resp = http
+            .post(format!("{}/v1/rooms", s.url))
+            .bearer_auth(&admin)
+            .json(&json!({ "name": room }))
+            .send()
+            .await
+            .context("creating a room")?;
+        anyhow::ensure!(
+            resp.status().is_success() || resp.status().as_u16() == 409,
+            "creating room {room}: HTTP {}",
+            resp.status()
+        );
+        for p in 0..s.publishers + s.subscribers {
+            let publisher = p < s.publishers;
+            let identity = format!("{}{p}", if publisher { "pub" } else { "sub" });
+            let minted: serde_json::Value = http
+                .post(format!("{}/v1/tokens", s.url))
+                .bearer_auth(&admin)
+                .json(&json!({"room": room, "identity": identity, "canPublish": publisher}))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let token = minted["token"].as_str().context("token in reply")?;
+            let options = PublishOptions {
+                publish: publisher,
+                audio_only: s.audio_only,
+                uplink_loss: s.uplink_loss,
+            };
+            let client = Client::join(&ws_base, token, &identity, index, options)
+                .await
+                .with_context(|| format!("joining {room} as {identity}"))?;
+            index = index.wrapping_add(1);
+            members.push(Member {
+                room: room.clone(),
+                client,
+                publisher,
+            });
+            if !s.ramp.is_zero() {
+                tokio::time::sleep(s.ramp).await;
+            }
+        }
+    }
+
+    // Media: every publisher sends a frame per tick, all paced by one timer.
+    let frame_bytes = (s.video_bitrate / 8 / s.fps.max(1) as u64) as usize;
+    let keyframe_every = s.fps * 2;
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / s.fps.max(1));
+    let mut next_report = start + Duration::from_secs(1);
+    while start.elapsed() < s.duration {
+        tick.tick().await;
+        for m in members.iter_mut().filter(|m| m.publisher) {
+            m.client.send_media(frame_bytes, keyframe_every).await;
+        }
+        if Instant::now() >= next_report {
+            next_report += Duration::from_secs(1);
+            let received: u64 = members
+                .iter()
+                .map(|m| {
+                    m.client
+                        .inbox
+                        .lock()
+                        .map(|i| i.media.values().map(|v| v.len() as u64).sum::<u64>())
+                        .unwrap_or(0)
+                })
+                .sum();
+            let bytes: u64 = members
+                .iter()
+                .map(|m| m.client.inbox.lock().map(|i| i.bytes).unwrap_or(0))
+                .sum();
+            progress(&Progress {
+                elapsed_s: start.elapsed().as_secs_f64(),
+                connected: members.len(),
+                packets_received: received,
+                received_bitrate_bps: bytes as f64 * 8.0 / start.elapsed().as_secs_f64(),
+            });
+        }
+    }
+    // What counts is what was sent up to now. Media goes on a little longer
+    // so that losses near the end are noticed (a gap shows only when a
+    // later packet arrives) and retransmitted, then the stragglers land.
+    let seconds = start.elapsed().as_secs_f64();
+    let counted: std::collections::HashMap<String, (u32, u32)> = members
+        .iter()
+        .map(|m| {
+            (
+                m.client.sid.clone(),
+                (m.client.video_packets_sent(), m.client.seq_now()),
+            )
+        })
+        .collect();
+    let tail = Instant::now();
+    while tail.elapsed() < Duration::from_millis(300) {
+        tick.tick().await;
+        for m in members.iter_mut().filter(|m| m.publisher) {
+            m.client.send_media(frame_bytes, keyframe_every).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    let mut tracks = Vec::new();
+    let mut all_latency: Vec<u64> = Vec::new();
+    let mut packets_sent = 0;
+    let mut total_bytes = 0;
+    let mut packets_delivered = 0;
+    for m in members.iter().filter(|m| m.publisher) {
+        let (video, audio) = counted[&m.client.sid];
+        packets_sent += video as u64 + audio as u64;
+    }
+    for receiver in &members {
+        let inbox = receiver
+            .client
+            .inbox
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?;
+        total_bytes += inbox.bytes;
+        packets_delivered += inbox.media.values().map(|v| v.len() as u64).sum::<u64>();
+        for sender in members
+            .iter()
+            .filter(|m| m.publisher && m.room == receiver.room)
+        {
+            if sender.client.sid == receiver.client.sid {
+                continue;
+            }
+            let (video_sent, audio_sent) = counted[&sender.client.sid];
+            for (kind, sent) in [("video", video_sent), ("audio", audio_sent)] {
+                if kind == "video" && s.audio_only {
+                    continue;
+                }
+                let key = (sender.client.sid.clone(), kind.to_owned());
+                let seqs: HashSet<u32> = inbox
+                    .media
+                    .get(&key)
+                    .map(|v| v.iter().copied().filter(|q| *q <= sent).collect())
+                    .unwrap_or_default();
+                let first = seqs.iter().min().copied().unwrap_or(sent + 1);
+                let expected = (sent + 1).saturating_sub(first) as u64;
+                let received = seqs.len() as u64;
+                let lost = expected.saturating_sub(received);
+                if lost > 0 && std::env::var("LOADTEST_DEBUG").is_ok() {
+                    let missing: Vec<u32> = (first..=sent).filter(|q| !seqs.contains(q)).collect();
+                    eprintln!(
+                        "{} -> {} {kind}: missing {missing:?} of {first}..={sent}",
+                        sender.client.identity, receiver.client.identity
+                    );
+                }
+                let mut latency = inbox.latency_us.get(&key).cloned().unwrap_or_default();
+                latency.sort_unstable();
+                all_latency.extend_from_slice(&latency);
+                tracks.push(TrackReport {
+                    room: receiver.room.clone(),
+                    publisher: sender.client.identity.clone(),
+                    receiver: receiver.client.identity.clone(),
+                    kind: kind.to_owned(),
+                    expected,
+                    received,
+                    lost,
+                    loss_pct: if expected > 0 {
+                        lost as f64 * 100.0 / expected as f64
+                    } else {
+                        100.0
+                    },
+                    latency_p50_ms: percentile(&latency, 0.50),
+                    latency_p95_ms: percentile(&latency, 0.95),
+                    latency_p99_ms: percentile(&latency, 0.99),
+                    first_packet_ms: inbox
+                        .first_at_us
+                        .get(&key)
+                        .map(|t| t.saturating_sub(start_us(start)) as f64 / 1000.0)
+                        .unwrap_or(f64::NAN),
+                });
+            }
+        }
+    }
+    all_latency.sort_unstable();
+    let expected: u64 = tracks.iter().map(|t| t.expected).sum();
+    let lost: u64 = tracks.iter().map(|t| t.lost).sum();
+    let report = Report {
+        participants: members.len(),
+        connected: members.len(),
+        seconds,
+        packets_sent,
+        packets_received: tracks.iter().map(|t| t.received).sum(),
+        packets_delivered,
+        loss_pct: if expected > 0 {
+            lost as f64 * 100.0 / expected as f64
+        } else {
+            100.0
+        },
+        latency_p50_ms: percentile(&all_latency, 0.50),
+        latency_p95_ms: percentile(&all_latency, 0.95),
+        latency_p99_ms: percentile(&all_latency, 0.99),
+        received_bitrate_bps: total_bytes as f64 * 8.0 / seconds,
+        tracks,
+    };
+    for m in members {
+        m.client.close().await;
+    }
+    Ok(report)
+}
+
+/// The Unix time in µs of an `Instant` taken during this run.
+fn start_us(start: Instant) -> u64 {
+    crate::payload::now_us().saturating_sub(start.elapsed().as_micros() as u64)
+}
