@@ -2083,11 +2083,31 @@ impl Room {
 
     /// New loss figure for a subscriber's downlink.
     fn on_receiver_loss(&mut self, now: Instant, sub: ParticipantId, loss: f64) {
-        if let Some(p) = self.participants.get_mut(&sub) {
+        let Room {
+            tracks,
+            participants,
+            ..
+        } = self;
+        if let Some(p) = participants.get_mut(&sub) {
+            // Loss alone never pauses video: the floor is at least what the
+            // lowest layer of every track (and all audio) takes.
+            let mut lowest: u64 = 0;
+            for key in p.down_tracks.keys() {
+                if let Some(t) = tracks.get_mut(key) {
+                    lowest += t
+                        .layers
+                        .iter_mut()
+                        .filter(|l| l.active)
+                        .map(|l| l.rate.bps(now))
+                        .min()
+                        .unwrap_or(0);
+                }
+            }
+            let floor = MIN_LOSS_ESTIMATE.max(lowest * 12 / 10);
             let sending = p.sent_rate.bps(now);
-            let estimate =
-                p.loss
-                    .on_report(loss, sending, MIN_LOSS_ESTIMATE, MAX_DOWNLINK_ESTIMATE);
+            let estimate = p
+                .loss
+                .on_report(loss, sending, floor, MAX_DOWNLINK_ESTIMATE);
             p.loss_estimate = Some(estimate);
             tracing::debug!(subscriber = ?sub, loss, sending, estimate, "loss estimate");
             p.estimate = p.remb.into_iter().chain(p.loss_estimate).min();
