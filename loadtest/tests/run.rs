@@ -7,17 +7,7 @@ use std::time::Duration;
 use loadtest::scenario::{run, Report, Scenario};
 
 async fn server() -> sfu_server::RunningServer {
-    let config = sfu_server::config::Config {
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        media_addr: "127.0.0.1:0".parse().unwrap(),
-        public_ip: None,
-        api_key: None,
-        api_secret: None,
-        empty_room_timeout: 300,
-        max_participants: 0,
-        web_dir: None,
-        log: "warn".into(),
-    };
+    let config = sfu_server::config::Config::ephemeral();
     sfu_server::start(&config).await.expect("server starts")
 }
 

@@ -83,6 +83,22 @@ pub struct Config {
 }
 
 impl Config {
+    /// Development mode on loopback with ports chosen by the system: for
+    /// tests and for embedding the server in another program.
+    pub fn ephemeral() -> Config {
+        Config {
+            http_addr: "127.0.0.1:0".parse().expect("literal address"),
+            media_addr: "127.0.0.1:0".parse().expect("literal address"),
+            public_ip: None,
+            api_key: None,
+            api_secret: None,
+            empty_room_timeout: 300,
+            max_participants: 0,
+            web_dir: None,
+            log: "warn".into(),
+        }
+    }
+
     /// The signing keys, and whether they are the development defaults.
     pub fn keys(&self) -> anyhow::Result<(Keys, bool)> {
         let nonempty = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());

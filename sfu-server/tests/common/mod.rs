@@ -11,17 +11,7 @@ use sfu_server::config::Config;
 use sfu_server::RunningServer;
 
 pub fn test_config() -> Config {
-    Config {
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        media_addr: "127.0.0.1:0".parse().unwrap(),
-        public_ip: None,
-        api_key: None,
-        api_secret: None,
-        empty_room_timeout: 300,
-        max_participants: 0,
-        web_dir: None,
-        log: "warn".into(),
-    }
+    Config::ephemeral()
 }
 
 pub async fn start_server() -> RunningServer {
