@@ -133,7 +133,8 @@ impl DropReason {
         DropReason::EngineRejected,
     ];
 
-    /// Stable name for metrics labels.
+    /// Stable name for metrics labels. (`ALL` lists the reasons in
+    /// declaration order, so `reason as usize` indexes it.)
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::UnknownSource => "unknown_source",
@@ -230,12 +231,18 @@ pub struct RoomStats {
     pub retransmissions: u64,
     /// NACKed packets no longer (or never) in the cache.
     pub retransmissions_missed: u64,
-    pub drops: HashMap<DropReason, u64>,
+    /// Indexed like [`DropReason::ALL`]; see [`RoomStats::dropped`].
+    pub drops: [u64; DropReason::ALL.len()],
 }
 
 impl RoomStats {
+    /// Packets dropped for this reason so far.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize]
+    }
+
     fn drop(&mut self, reason: DropReason) {
-        *self.drops.entry(reason).or_default() += 1;
+        self.drops[reason as usize] += 1;
     }
 }
 
@@ -2320,5 +2327,17 @@ impl Room {
             }
         }
         self.mark_dirty(conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DropReason;
+
+    #[test]
+    fn drop_reasons_index_all_in_order() {
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "{reason:?}");
+        }
     }
 }

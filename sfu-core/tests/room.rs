@@ -140,12 +140,11 @@ fn simulcast_publisher_reaches_each_subscriber_as_one_layer() {
         layers_since(&h, b, a, 0).1,
         "a switch landed on a delta frame"
     );
-    let drops = &h.room.stats().drops;
-    let not_selected = drops
-        .get(&sfu_core::DropReason::LayerNotSelected)
-        .copied()
-        .unwrap_or(0);
-    assert!(not_selected >= 200, "{drops:?}");
+    let not_selected = h
+        .room
+        .stats()
+        .dropped(sfu_core::DropReason::LayerNotSelected);
+    assert!(not_selected >= 200, "{not_selected}");
     // The announced track says it is simulcast.
     let published = h.clients[b].signals.iter().find_map(|s| match s {
         ServerMessage::TrackPublished { track, .. }
@@ -473,15 +472,7 @@ fn downlink_estimate_moves_the_subscriber_down_and_back_up() {
     for w in seqs.windows(2) {
         assert_eq!(w[1], w[0].wrapping_add(1), "hole in bob's stream");
     }
-    let drops = &h.room.stats().drops;
-    assert!(
-        drops
-            .get(&sfu_core::DropReason::Bandwidth)
-            .copied()
-            .unwrap_or(0)
-            > 0,
-        "{drops:?}"
-    );
+    assert!(h.room.stats().dropped(sfu_core::DropReason::Bandwidth) > 0);
 }
 
 #[test]

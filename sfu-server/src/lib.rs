@@ -3,6 +3,7 @@
 //! `sfu_core::Room`.
 
 pub mod auth;
+pub mod batch;
 pub mod config;
 pub mod http;
 pub mod media;

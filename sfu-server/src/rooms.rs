@@ -18,6 +18,7 @@ use sfu_core::{DropReason, JoinRequest, Output, ParticipantId, Room, RoomConfig,
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::batch::SendBatch;
 use crate::media::RouteUpdate;
 use crate::metrics::Metrics;
 
@@ -228,6 +229,7 @@ impl Rooms {
             reported: Default::default(),
             last_report: Instant::now(),
             reported_conns: 0,
+            batch: SendBatch::default(),
         };
         self.metrics.rooms.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(worker.run());
@@ -250,6 +252,8 @@ struct Worker {
     reported: sfu_core::RoomStats,
     last_report: Instant,
     reported_conns: usize,
+    /// Datagrams of this flush, sent together.
+    batch: SendBatch,
 }
 
 impl Worker {
@@ -356,11 +360,7 @@ impl Worker {
         let deadline;
         loop {
             match self.room.poll_output() {
-                Output::Transmit(t) => {
-                    if let Err(e) = self.socket.send_to(&t.contents, t.destination).await {
-                        tracing::debug!(error = %e, to = %t.destination, "media send failed");
-                    }
-                }
+                Output::Transmit(t) => self.batch.push(t.destination, t.contents),
                 Output::Signal {
                     participant,
                     message,
@@ -405,6 +405,9 @@ impl Worker {
                 }
             }
         }
+        if !self.batch.is_empty() {
+            self.batch.flush(&self.socket).await;
+        }
         let count = self.room.participant_count();
         self.handle.participants.store(count, Ordering::Relaxed);
         if count == 0 && self.empty_since.is_none() {
@@ -437,11 +440,11 @@ impl Worker {
             Ordering::Relaxed,
         );
         for (i, reason) in DropReason::ALL.iter().enumerate() {
-            let now = stats.drops.get(reason).copied().unwrap_or(0);
-            let before = self.reported.drops.get(reason).copied().unwrap_or(0);
+            let now = stats.dropped(*reason);
+            let before = self.reported.dropped(*reason);
             m.drops[i].fetch_add((now - before) as usize, Ordering::Relaxed);
         }
-        self.reported.drops = stats.drops.clone();
+        self.reported.drops = stats.drops;
         let conns = self.room.connection_count();
         if conns >= self.reported_conns {
             m.peer_connections
