@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use rtc::interceptor::Slot;
 use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp::extension::HeaderExtension;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
@@ -32,6 +33,25 @@ use sfu_core::engine::{
 use std::sync::atomic::{AtomicBool, Ordering};
 use webrtc::media_stream::track_local::TrackLocalEvent;
 
+/// A header extension value that is a plain string (mid, rid).
+struct Text(String);
+
+impl rtc::shared::marshal::MarshalSize for Text {
+    fn marshal_size(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl rtc::shared::marshal::Marshal for Text {
+    fn marshal_to(&self, buf: &mut [u8]) -> rtc::shared::error::Result<usize> {
+        let n = self.0.len();
+        buf.get_mut(..n)
+            .ok_or(rtc::shared::error::Error::ErrBufferTooSmall)?
+            .copy_from_slice(self.0.as_bytes());
+        Ok(n)
+    }
+}
+
 /// Largest video payload per packet.
 pub const MAX_PAYLOAD: usize = 1100;
 /// Opus-sized audio payload.
@@ -42,6 +62,9 @@ pub const AUDIO_PAYLOAD: usize = 80;
 pub struct PublishOptions {
     pub publish: bool,
     pub audio_only: bool,
+    /// Send video as three simulcast layers (rids q, h, f at 1/16, 1/4 and
+    /// the whole of the frame size).
+    pub simulcast: bool,
     /// Share of outgoing RTP dropped before the wire (after the sender
     /// buffered it), so the server's NACKs and our retransmissions are
     /// exercised.
@@ -61,6 +84,8 @@ pub struct Inbox {
     pub first_at_us: HashMap<(String, String), u64>,
     /// Payload bytes received.
     pub bytes: u64,
+    /// Packets of lower simulcast layers (not measured).
+    pub other_layers: u64,
     pub corrupted: usize,
     pub open_tracks: HashMap<String, String>,
 }
@@ -79,6 +104,10 @@ pub struct Client {
     seq: u32,
     /// The server asked for a keyframe (PLI/FIR) since the last frame.
     keyframe_wanted: Arc<AtomicBool>,
+    /// Video streams: rid (empty without simulcast) and SSRC, lowest first.
+    video_ssrcs: Vec<(String, u32)>,
+    /// Sequence numbers per simulcast layer.
+    layer_seq: Vec<u16>,
     video_seq: u32,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -124,6 +153,11 @@ impl PeerConnectionEventHandler for Trickle {
                         inbox.corrupted += 1;
                         continue;
                     };
+                    if tag.kind == 2 {
+                        // A lower simulcast layer: only the top one is measured.
+                        inbox.other_layers += 1;
+                        continue;
+                    }
                     let key = (stream.clone(), kind.clone());
                     inbox.bytes += packet.payload.len() as u64;
                     inbox.first_at_us.entry(key.clone()).or_insert(now);
@@ -178,24 +212,36 @@ async fn peer(handler: Arc<Trickle>, uplink_loss: f64, seed: u64) -> Arc<dyn Pee
     Arc::new(pc)
 }
 
-fn local_track(kind: RtpCodecKind, identity: &str, ssrc: u32) -> Arc<TrackLocalStaticRTP> {
+/// Simulcast rids, lowest first, and each layer's share of the frame size.
+const LAYERS: [(&str, usize); 3] = [("q", 16), ("h", 4), ("f", 1)];
+
+fn local_track(
+    kind: RtpCodecKind,
+    identity: &str,
+    ssrcs: &[(String, u32)],
+) -> Arc<TrackLocalStaticRTP> {
     let codec = match kind {
         RtpCodecKind::Video => vp8_codec(),
         _ => opus_codec(),
     };
+    let codings = ssrcs
+        .iter()
+        .map(|(rid, ssrc)| RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                rid: rid.clone(),
+                ssrc: Some(*ssrc),
+                ..Default::default()
+            },
+            codec: codec.clone(),
+            ..Default::default()
+        })
+        .collect();
     Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
         format!("{identity}-stream"),
         format!("{identity}-{kind}"),
         format!("{identity}-{kind}"),
         kind,
-        vec![RTCRtpEncodingParameters {
-            rtp_coding_parameters: RTCRtpCodingParameters {
-                ssrc: Some(ssrc),
-                ..Default::default()
-            },
-            codec,
-            ..Default::default()
-        }],
+        codings,
     )))
 }
 
@@ -375,11 +421,29 @@ impl Client {
             seq: 0,
             video_seq: 0,
             keyframe_wanted: Arc::new(AtomicBool::new(false)),
+            video_ssrcs: Vec::new(),
+            layer_seq: vec![0; LAYERS.len()],
             tasks: vec![writer, reader],
         };
         if publish.publish {
-            let video = local_track(RtpCodecKind::Video, identity, 0x1000 + index as u32);
-            let audio = local_track(RtpCodecKind::Audio, identity, 0x2000 + index as u32);
+            let video_ssrcs: Vec<(String, u32)> = if publish.simulcast {
+                LAYERS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (rid, _))| {
+                        (rid.to_string(), 0x1000 + 0x100 * i as u32 + index as u32)
+                    })
+                    .collect()
+            } else {
+                vec![(String::new(), 0x1000 + index as u32)]
+            };
+            let video = local_track(RtpCodecKind::Video, identity, &video_ssrcs);
+            let audio = local_track(
+                RtpCodecKind::Audio,
+                identity,
+                &[(String::new(), 0x2000 + index as u32)],
+            );
+            client.video_ssrcs = video_ssrcs;
             if !publish.audio_only {
                 client
                     .publisher
@@ -440,34 +504,62 @@ impl Client {
         if let Some(track) = &self.video {
             let keyframe = (keyframe_every > 0 && frame % keyframe_every == 1)
                 || self.keyframe_wanted.swap(false, Ordering::Relaxed);
-            let packets = video_bytes.div_ceil(MAX_PAYLOAD).max(1);
-            for i in 0..packets {
-                self.video_seq = self.video_seq.wrapping_add(1);
-                let size = (video_bytes / packets).max(payload::HEADER + 1);
-                let body = payload::build(
-                    payload::Tag {
-                        index: self.index,
-                        seq: self.video_seq,
-                        kind: 0,
-                        keyframe,
-                        frame_start: i == 0,
-                        sent_us: now_us(),
-                    },
-                    size,
-                );
-                let packet = rtc::rtp::Packet {
-                    header: rtc::rtp::Header {
-                        version: 2,
-                        marker: i + 1 == packets,
-                        payload_type: VP8_PT,
-                        sequence_number: self.video_seq as u16,
-                        timestamp: frame.wrapping_mul(3000),
-                        ssrc: 0x1000 + self.index as u32,
-                        ..Default::default()
-                    },
-                    payload: Bytes::from(body),
-                };
-                let _ = track.write_rtp(packet).await;
+            let simulcast = self.video_ssrcs.len() > 1;
+            for (layer, (rid, ssrc)) in self.video_ssrcs.iter().enumerate() {
+                let share = if simulcast { LAYERS[layer].1 } else { 1 };
+                let bytes = video_bytes / share;
+                let packets = bytes.div_ceil(MAX_PAYLOAD).max(1);
+                for i in 0..packets {
+                    // Only the top layer (or the only one) is measured.
+                    let measured = layer + 1 == self.video_ssrcs.len();
+                    if measured {
+                        self.video_seq = self.video_seq.wrapping_add(1);
+                    }
+                    self.layer_seq[layer] = self.layer_seq[layer].wrapping_add(1);
+                    let size = (bytes / packets).max(payload::HEADER + 1);
+                    let body = payload::build(
+                        payload::Tag {
+                            index: self.index,
+                            seq: if measured { self.video_seq } else { 0 },
+                            kind: if measured { 0 } else { 2 },
+                            keyframe,
+                            frame_start: i == 0,
+                            sent_us: now_us(),
+                        },
+                        size,
+                    );
+                    let packet = rtc::rtp::Packet {
+                        header: rtc::rtp::Header {
+                            version: 2,
+                            marker: i + 1 == packets,
+                            payload_type: VP8_PT,
+                            sequence_number: self.layer_seq[layer],
+                            timestamp: frame.wrapping_mul(3000),
+                            ssrc: *ssrc,
+                            ..Default::default()
+                        },
+                        payload: Bytes::from(body),
+                    };
+                    if simulcast {
+                        // Layers are told apart by the mid and rid
+                        // extensions, as a browser sends them.
+                        let ext = |uri: &'static str, value: &str| HeaderExtension::Custom {
+                            uri: uri.into(),
+                            extension: Box::new(Text(value.to_owned())),
+                        };
+                        let _ = track
+                            .write_rtp_with_extensions(
+                                packet,
+                                &[
+                                    ext("urn:ietf:params:rtp-hdrext:sdes:mid", "0"),
+                                    ext("urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id", rid),
+                                ],
+                            )
+                            .await;
+                    } else {
+                        let _ = track.write_rtp(packet).await;
+                    }
+                }
             }
         }
         if let Some(track) = &self.audio {

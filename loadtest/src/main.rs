@@ -44,6 +44,9 @@ struct Args {
     video_bitrate: String,
     #[arg(long)]
     audio_only: bool,
+    /// Publish video as three simulcast layers (q, h, f); the top layer is measured.
+    #[arg(long)]
+    simulcast: bool,
     /// Drop this share of outgoing RTP before the wire, e.g. 5%.
     #[arg(long, default_value = "0%")]
     uplink_loss: String,
@@ -92,13 +95,17 @@ async fn main() -> anyhow::Result<()> {
         duration: Duration::from_secs(a.duration),
         video_bitrate: parse_rate(&a.video_bitrate)?,
         audio_only: a.audio_only,
+        simulcast: a.simulcast,
         uplink_loss: parse_share(&a.uplink_loss)?,
         ramp: Duration::from_millis(a.ramp_ms),
         ..Default::default()
     };
     match a.preset.as_deref() {
         None => {}
-        Some("meeting") => s.subscribers = 0,
+        Some("meeting") => {
+            s.subscribers = 0;
+            s.simulcast = true;
+        }
         Some("livestream") => s.publishers = 1,
         Some("audio") => {
             s.publishers = 1;

@@ -27,6 +27,8 @@ pub struct Scenario {
     pub video_bitrate: u64,
     pub fps: u32,
     pub audio_only: bool,
+    /// Publish video as three simulcast layers (the top one is measured).
+    pub simulcast: bool,
     pub uplink_loss: f64,
     /// Seconds between joins (0: all at once).
     pub ramp: Duration,
@@ -45,6 +47,7 @@ impl Default for Scenario {
             video_bitrate: 500_000,
             fps: 30,
             audio_only: false,
+            simulcast: false,
             uplink_loss: 0.0,
             ramp: Duration::ZERO,
         }
@@ -164,6 +167,7 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
             let options = PublishOptions {
                 publish: publisher,
                 audio_only: s.audio_only,
+                simulcast: s.simulcast,
                 uplink_loss: s.uplink_loss,
             };
             let client = Client::join(&ws_base, token, &identity, index, options)

@@ -93,3 +93,31 @@ async fn injected_uplink_loss_is_recovered_for_video() {
         .sum();
     assert!(audio_lost > 0, "no loss was injected");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulcast_publishers_reach_subscribers_on_the_top_layer() {
+    let server = server().await;
+    let mut s = scenario(&server, 0.0);
+    s.simulcast = true;
+    s.video_bitrate = 800_000;
+    let report = run(&s, |_| {}).await.expect("runs");
+    print(&report);
+    for t in report.tracks.iter().filter(|t| t.kind == "video") {
+        assert!(t.received > 0 && t.lost == 0, "{t:?}");
+    }
+    // The server picked one layer per subscriber and dropped the others.
+    let text = reqwest::get(format!("{}/metrics", server.base_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let not_selected: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("sfu_rtp_packets_dropped_total{reason=\"layer_not_selected\"} ")
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(not_selected > 0, "{text}");
+}
