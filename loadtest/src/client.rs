@@ -86,6 +86,8 @@ pub struct Inbox {
     pub bytes: u64,
     /// Packets of lower simulcast layers (not measured).
     pub other_layers: u64,
+    /// Sum of all one-way latencies recorded, µs.
+    pub latency_sum_us: u64,
     pub corrupted: usize,
     pub open_tracks: HashMap<String, String>,
 }
@@ -161,11 +163,13 @@ impl PeerConnectionEventHandler for Trickle {
                     let key = (stream.clone(), kind.clone());
                     inbox.bytes += packet.payload.len() as u64;
                     inbox.first_at_us.entry(key.clone()).or_insert(now);
+                    let latency = now.saturating_sub(tag.sent_us);
+                    inbox.latency_sum_us += latency;
                     inbox
                         .latency_us
                         .entry(key.clone())
                         .or_default()
-                        .push(now.saturating_sub(tag.sent_us));
+                        .push(latency);
                     inbox.media.entry(key).or_default().push(tag.seq);
                 }
             }

@@ -4,6 +4,7 @@
 //! to first packet and bitrate per track.
 
 pub mod client;
+pub mod html;
 pub mod loss;
 pub mod payload;
 pub mod scenario;

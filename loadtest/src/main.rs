@@ -56,6 +56,9 @@ struct Args {
     /// Write every figure as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Write an HTML report with time-series charts here.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
     /// Exit non-zero when total loss exceeds this percentage.
     #[arg(long)]
     max_loss: Option<f64>,
@@ -116,11 +119,12 @@ async fn main() -> anyhow::Result<()> {
     let tty = std::io::stderr().is_terminal();
     let report = run(&s, |p| {
         let line = format!(
-            "{:>5.1}s  clients {:>4}  received {:>9} packets  {:>8.0} kbit/s",
+            "{:>5.1}s  clients {:>4}  received {:>9} packets  {:>8.0} kbit/s  latency {:>6.1} ms",
             p.elapsed_s,
             p.connected,
             p.packets_received,
-            p.received_bitrate_bps / 1000.0
+            p.received_bitrate_bps / 1000.0,
+            p.mean_latency_ms
         );
         if tty {
             eprint!("\r{line}");
@@ -173,6 +177,9 @@ async fn main() -> anyhow::Result<()> {
     );
     if let Some(path) = a.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    }
+    if let Some(path) = a.report {
+        std::fs::write(&path, loadtest::html::render(&report))?;
     }
     let mut failed = false;
     if let Some(max) = a.max_loss {

@@ -90,6 +90,8 @@ pub struct Report {
     pub latency_p99_ms: f64,
     pub received_bitrate_bps: f64,
     pub tracks: Vec<TrackReport>,
+    /// One sample a second.
+    pub timeline: Vec<Progress>,
 }
 
 /// One line of progress, once a second.
@@ -97,8 +99,13 @@ pub struct Report {
 pub struct Progress {
     pub elapsed_s: f64,
     pub connected: usize,
+    /// Packets received so far.
     pub packets_received: u64,
+    /// Over the last second: received bitrate, packets, and mean one-way
+    /// latency.
     pub received_bitrate_bps: f64,
+    pub packets_per_s: f64,
+    pub mean_latency_ms: f64,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -191,6 +198,9 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
     let start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1) / s.fps.max(1));
     let mut next_report = start + Duration::from_secs(1);
+    // (when, packets, bytes, latency sum) at the last progress sample.
+    let mut last = (start, 0u64, 0u64, 0u64);
+    let mut timeline: Vec<Progress> = Vec::new();
     while start.elapsed() < s.duration {
         tick.tick().await;
         for m in members.iter_mut().filter(|m| m.publisher) {
@@ -198,26 +208,31 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
         }
         if Instant::now() >= next_report {
             next_report += Duration::from_secs(1);
-            let received: u64 = members
-                .iter()
-                .map(|m| {
-                    m.client
-                        .inbox
-                        .lock()
-                        .map(|i| i.media.values().map(|v| v.len() as u64).sum::<u64>())
-                        .unwrap_or(0)
-                })
-                .sum();
-            let bytes: u64 = members
-                .iter()
-                .map(|m| m.client.inbox.lock().map(|i| i.bytes).unwrap_or(0))
-                .sum();
-            progress(&Progress {
+            let (mut received, mut bytes, mut latency_us) = (0u64, 0u64, 0u64);
+            for m in &members {
+                if let Ok(i) = m.client.inbox.lock() {
+                    received += i.media.values().map(|v| v.len() as u64).sum::<u64>();
+                    bytes += i.bytes;
+                    latency_us += i.latency_sum_us;
+                }
+            }
+            let seconds = last.0.elapsed().as_secs_f64().max(1e-3);
+            let packets = received - last.1;
+            let sample = Progress {
                 elapsed_s: start.elapsed().as_secs_f64(),
                 connected: members.len(),
                 packets_received: received,
-                received_bitrate_bps: bytes as f64 * 8.0 / start.elapsed().as_secs_f64(),
-            });
+                received_bitrate_bps: (bytes - last.2) as f64 * 8.0 / seconds,
+                packets_per_s: packets as f64 / seconds,
+                mean_latency_ms: if packets > 0 {
+                    (latency_us - last.3) as f64 / packets as f64 / 1000.0
+                } else {
+                    0.0
+                },
+            };
+            last = (Instant::now(), received, bytes, latency_us);
+            progress(&sample);
+            timeline.push(sample);
         }
     }
     // What counts is what was sent up to now. Media goes on a little longer
@@ -336,6 +351,7 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
         latency_p99_ms: percentile(&all_latency, 0.99),
         received_bitrate_bps: total_bytes as f64 * 8.0 / seconds,
         tracks,
+        timeline,
     };
     for m in members {
         m.client.close().await;
