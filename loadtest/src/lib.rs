@@ -6,5 +6,6 @@
 pub mod client;
 pub mod html;
 pub mod loss;
+pub mod metrics;
 pub mod payload;
 pub mod scenario;

@@ -251,10 +251,7 @@ pub fn allocate(
 mod tests {
     use super::*;
 
-    #[allow(clippy::disallowed_methods)]
-    fn t0() -> Instant {
-        Instant::now()
-    }
+    use crate::test_epoch as t0;
 
     fn track(current: Preference) -> VideoDemand {
         VideoDemand {

@@ -132,10 +132,7 @@ mod tests {
         }
     }
 
-    #[allow(clippy::disallowed_methods)]
-    fn t0() -> Instant {
-        Instant::now()
-    }
+    use crate::test_epoch as t0;
 
     #[test]
     fn cache_holds_recent_packets_and_forgets_old_ones() {

@@ -290,10 +290,7 @@ impl Forwarder {
 mod tests {
     use super::*;
 
-    #[allow(clippy::disallowed_methods)]
-    fn t0() -> Instant {
-        Instant::now()
-    }
+    use crate::test_epoch as t0;
 
     /// Per-layer packet source: each layer numbers its own packets.
     struct Source {

@@ -38,3 +38,11 @@ pub use room::{
     CoreError, DropReason, JoinRequest, Output, Room, RoomConfig, RoomEvent, RoomStats, Transmit,
 };
 pub use sfu_signal as signal;
+
+/// The origin of the virtual clock in unit tests: the one instant read from
+/// the real clock; every later instant is this plus a chosen duration.
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)]
+pub(crate) fn test_epoch() -> std::time::Instant {
+    std::time::Instant::now()
+}

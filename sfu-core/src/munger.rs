@@ -274,10 +274,7 @@ mod tests {
         }
     }
 
-    #[allow(clippy::disallowed_methods)]
-    fn t0() -> Instant {
-        Instant::now()
-    }
+    use crate::test_epoch as t0;
 
     /// One row: an action on the munger and what it must answer.
     enum Row {

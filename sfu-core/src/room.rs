@@ -1748,17 +1748,16 @@ impl Room {
             frame_start: vp8.is_none_or(|d| d.frame_start),
         };
         // The subscriber negotiated its own extension ids; the publisher's
-        // (mid, rid, ...) must not leak through. Stripped once, so the
-        // per-subscriber copies below allocate nothing for the header.
+        // (mid, rid, ...) must not leak through. Stripped once, before
+        // caching, so the per-subscriber copies and retransmissions
+        // allocate nothing for the header.
         packet.header.extension = false;
         packet.header.extensions.clear();
         packet.header.extension_profile = 0;
         packet.header.extensions_padding = 0;
-        if let Some(source) = track.layers.iter_mut().find(|l| l.ssrc == ssrc) {
-            source.cache.insert(ext_seq, now, &packet);
-            // Payload plus RTP/UDP/IP headers, as the subscriber's link sees it.
-            source.rate.add(now, packet.payload.len() + 40);
-        }
+        source.cache.insert(ext_seq, now, &packet);
+        // Payload plus RTP/UDP/IP headers, as the subscriber's link sees it.
+        source.rate.add(now, packet.payload.len() + 40);
         let bytes = packet.payload.len() as u64;
         // Layers some subscriber waits for a keyframe of (and whether it
         // receives nothing meanwhile).

@@ -19,6 +19,22 @@ fn pump(h: &mut Harness, publishers: &[usize], n: usize) {
     }
 }
 
+/// An `updateSubscription` for quality and pause only.
+fn wish(
+    track_sid: String,
+    quality: Option<sfu_core::signal::Quality>,
+    paused: Option<bool>,
+) -> sfu_core::signal::ClientMessage {
+    sfu_core::signal::ClientMessage::UpdateSubscription {
+        track_sid,
+        quality,
+        max_width: None,
+        max_height: None,
+        max_fps: None,
+        paused,
+    }
+}
+
 fn connected(h: &Harness, to: usize, from: usize) -> bool {
     let (v, a) = h.received_from(to, from);
     v > 0 && a > 0
@@ -224,21 +240,14 @@ fn layers_since(h: &Harness, to: usize, from: usize, skip: usize) -> (Vec<u8>, b
 
 #[test]
 fn subscribers_get_the_layer_they_ask_for_switching_only_on_keyframes() {
-    use sfu_core::signal::{ClientMessage, Quality};
+    use sfu_core::signal::Quality;
     let mut h = Harness::new();
     let a = h.join_with("alice", true, true);
     let b = h.join("bob", false);
     let c = h.join("carol", false);
     connect_all(&mut h, &[a], &[(b, a), (c, a)]);
     let track = h.video_track_sid(a);
-    let ask = |quality| ClientMessage::UpdateSubscription {
-        track_sid: track.clone(),
-        quality: Some(quality),
-        max_width: None,
-        max_height: None,
-        max_fps: None,
-        paused: None,
-    };
+    let ask = |quality| wish(track.clone(), Some(quality), None);
     h.signal(b, ask(Quality::Low));
     h.signal(c, ask(Quality::High));
     // The switch waits for a keyframe, which the request brings at once.
@@ -291,14 +300,7 @@ fn subscribers_get_the_layer_they_ask_for_switching_only_on_keyframes() {
         );
     }
     // Pausing stops the video; resuming brings it back.
-    let pause = ClientMessage::UpdateSubscription {
-        track_sid: track.clone(),
-        quality: None,
-        max_width: None,
-        max_height: None,
-        max_fps: None,
-        paused: Some(true),
-    };
+    let pause = wish(track.clone(), None, Some(true));
     h.signal(b, pause);
     let before = h.video_payloads_from(b, a).len();
     pump(&mut h, &[a], 20);
@@ -307,14 +309,7 @@ fn subscribers_get_the_layer_they_ask_for_switching_only_on_keyframes() {
         before,
         "paused track still flows"
     );
-    let resume = ClientMessage::UpdateSubscription {
-        track_sid: track,
-        quality: None,
-        max_width: None,
-        max_height: None,
-        max_fps: None,
-        paused: Some(false),
-    };
+    let resume = wish(track, None, Some(false));
     h.signal(b, resume);
     pump(&mut h, &[a], 20);
     assert!(
@@ -526,20 +521,13 @@ fn a_track_removed_by_renegotiation_is_unpublished() {
 
 #[test]
 fn dynacast_switches_off_layers_nobody_receives_and_back_on_when_wanted() {
-    use sfu_core::signal::{ClientMessage, Quality};
+    use sfu_core::signal::Quality;
     let mut h = Harness::new();
     let a = h.join_with("alice", true, true);
     let b = h.join("bob", false);
     connect_all(&mut h, &[a], &[(b, a)]);
     let track = h.video_track_sid(a);
-    let ask = |quality| ClientMessage::UpdateSubscription {
-        track_sid: track.clone(),
-        quality: Some(quality),
-        max_width: None,
-        max_height: None,
-        max_fps: None,
-        paused: None,
-    };
+    let ask = |quality| wish(track.clone(), Some(quality), None);
     let layer_messages = |h: &Harness| {
         h.clients[a]
             .signals
@@ -635,7 +623,7 @@ fn av_offset_ms(h: &Harness, to: usize, from: usize) -> f64 {
 
 #[test]
 fn sender_reports_keep_audio_and_video_in_sync_across_layer_switches() {
-    use sfu_core::signal::{ClientMessage, Quality};
+    use sfu_core::signal::Quality;
     let mut h = Harness::new();
     let a = h.join_with("alice", true, true);
     let b = h.join("bob", false);
@@ -643,17 +631,7 @@ fn sender_reports_keep_audio_and_video_in_sync_across_layer_switches() {
     pump(&mut h, &[a], 150);
     let before = av_offset_ms(&h, b, a);
     let track = h.video_track_sid(a);
-    h.signal(
-        b,
-        ClientMessage::UpdateSubscription {
-            track_sid: track,
-            quality: Some(Quality::Low),
-            max_width: None,
-            max_height: None,
-            max_fps: None,
-            paused: None,
-        },
-    );
+    h.signal(b, wish(track, Some(Quality::Low), None));
     pump(&mut h, &[a], 150);
     assert_eq!(last_layer(&h, b, a), Some(0));
     let after = av_offset_ms(&h, b, a);

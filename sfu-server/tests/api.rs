@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{start_server, wait_for, Client};
+use common::{eventually, start_server, wait_for, Client};
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -309,20 +309,15 @@ async fn rooms_crud_and_auth() {
         view.has_message(|m| m["type"] == "leave" && m["reason"] == "removed")
     })
     .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
+    eventually(Duration::from_secs(5), || async {
         let (_, got) = api
             .call(Method::GET, "/v1/rooms/standup", Some(&all), None)
             .await;
-        if got["numParticipants"] == 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "participant not removed: {got}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (got["numParticipants"] == 0)
+            .then_some(())
+            .ok_or(format!("participant not removed: {got}"))
+    })
+    .await;
 
     // Delete.
     assert_error(
@@ -653,20 +648,15 @@ async fn room_lifecycle_full_duplicate_delete_and_empty_timeout() {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
+    eventually(Duration::from_secs(5), || async {
         let (status, _) = api
             .call(Method::GET, "/v1/rooms/brief", Some(&all), None)
             .await;
-        if status == StatusCode::NOT_FOUND {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "empty room still open after 5 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (status == StatusCode::NOT_FOUND)
+            .then_some(())
+            .ok_or("empty room still open".to_owned())
+    })
+    .await;
     first.close().await;
     again.close().await;
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{start_server, wait_for, Client, View};
+use common::{eventually, start_server, wait_for, Client, View};
 
 const KINDS: [&str; 2] = ["video", "audio"];
 
@@ -141,23 +141,16 @@ async fn three_clients_exchange_media_late_joiner_receives_and_leave_is_seen() {
                 .sum::<usize>()
         })
         .sum();
-    let url = format!("{}/metrics", server.base_url());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
-        let forwarded: usize = text
-            .lines()
-            .find_map(|l| l.strip_prefix("sfu_rtp_packets_forwarded_total "))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        if forwarded >= received {
-            assert!(text.contains("sfu_rtp_packets_dropped_total{reason=\"not_negotiated\"}"));
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
+    let base = server.base_url();
+    eventually(Duration::from_secs(5), || async {
+        let m = loadtest::metrics::scrape(&base)
+            .await
+            .map_err(|e| e.to_string())?;
+        let forwarded = m["sfu_rtp_packets_forwarded_total"] as usize;
+        assert!(m.contains_key("sfu_rtp_packets_dropped_total{reason=\"not_negotiated\"}"));
+        (forwarded >= received).then_some(()).ok_or(format!(
             "metrics report {forwarded} forwarded, clients received {received}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        ))
+    })
+    .await;
 }

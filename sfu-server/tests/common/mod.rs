@@ -31,13 +31,37 @@ pub fn join_token(server: &RunningServer, room: &str, identity: &str) -> String 
 
 /// Polls `cond` until it holds or `limit` passes.
 pub async fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    eventually(limit, || {
+        let ok = cond();
+        async move {
+            if ok {
+                Ok(())
+            } else {
+                Err(what.to_owned())
+            }
+        }
+    })
+    .await
+}
+
+/// Polls an asynchronous check every 20 ms until it passes; after `limit`
+/// fails with the check's last complaint.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
     let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tick.tick().await;
+        match check().await {
+            Ok(()) => return,
+            Err(why) if tokio::time::Instant::now() >= deadline => {
+                panic!("not within {limit:?}: {why}")
+            }
+            Err(_) => {}
+        }
     }
 }
 
