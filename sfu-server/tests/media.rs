@@ -14,7 +14,10 @@ const KINDS: [&str; 2] = ["video", "audio"];
 async fn warm_up(publishers: &mut [&mut Client], subscribers: &[View]) {
     let sids: Vec<String> = publishers.iter().map(|p| p.sid.clone()).collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    // Frames go out at a steady cadence, as a camera's would.
+    let mut frames = tokio::time::interval(Duration::from_millis(20));
     loop {
+        frames.tick().await;
         for p in publishers.iter_mut() {
             p.send_media().await;
         }
@@ -30,7 +33,6 @@ async fn warm_up(publishers: &mut [&mut Client], subscribers: &[View]) {
             tokio::time::Instant::now() < deadline,
             "media did not start flowing within 15 s"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -41,11 +43,12 @@ async fn measure(publishers: &mut [&mut Client], subscribers: &[View], n: u32) {
         .iter()
         .map(|p| (p.sid.clone(), p.identity.clone(), p.seq_now()))
         .collect();
+    let mut frames = tokio::time::interval(Duration::from_millis(10));
     for _ in 0..n {
+        frames.tick().await;
         for p in publishers.iter_mut() {
             p.send_media().await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let got = |s: &View, sid: &str, kind: &str, start: u32| {
         s.received(sid, kind).iter().filter(|q| **q > start).count() as u32
