@@ -636,22 +636,34 @@ fn sender_reports_keep_audio_and_video_in_sync_across_layer_switches() {
     assert_eq!(last_layer(&h, b, a), Some(0));
     let after = av_offset_ms(&h, b, a);
     eprintln!("audio/video capture-time offset at the subscriber: {before:.2} ms, after a layer switch {after:.2} ms");
-    // Output timestamps follow capture time exactly, across the switch too
+    // Output timestamps follow capture time, across the switch too
     // (aligned by the sender reports of both layers): 1800 ticks a frame.
+    // Within a layer that is exact. At the switch the two layers' reports
+    // each map NTP to RTP time rounded to a whole tick at the publisher, so
+    // the aligned gap may be one tick (11 µs) off.
     let payloads = h.video_payloads_from(b, a);
     let (_, timestamps) = h.video_rtp_from(b, a);
     let tag =
         |p: &bytes::Bytes| u16::from_be_bytes([p[common::PAYLOAD_SEQ], p[common::PAYLOAD_SEQ + 1]]);
+    let mut switches = 0;
     for i in 100..payloads.len() {
         let frames = tag(&payloads[i]).wrapping_sub(tag(&payloads[i - 1])) as u32;
-        assert_eq!(
-            timestamps[i].wrapping_sub(timestamps[i - 1]),
-            frames * 1800,
-            "packet {i}: layer {} -> {}",
+        let (from, to) = (
             payloads[i - 1][common::PAYLOAD_SLOT],
-            payloads[i][common::PAYLOAD_SLOT]
+            payloads[i][common::PAYLOAD_SLOT],
         );
+        let step = timestamps[i].wrapping_sub(timestamps[i - 1]);
+        if from == to {
+            assert_eq!(step, frames * 1800, "packet {i}: layer {from}");
+        } else {
+            switches += 1;
+            assert!(
+                step.abs_diff(frames * 1800) <= 1,
+                "packet {i}: layer {from} -> {to}: {step} ticks for {frames} frames"
+            );
+        }
     }
+    assert_eq!(switches, 1, "one layer switch");
     assert!(before < 5.0, "{before} ms");
     assert!(after < 5.0, "{after} ms");
 }
