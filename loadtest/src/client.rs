@@ -52,6 +52,8 @@ impl rtc::shared::marshal::Marshal for Text {
     }
 }
 
+const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 /// Largest video payload per packet.
 pub const MAX_PAYLOAD: usize = 1100;
 /// Opus-sized audio payload.
@@ -112,24 +114,100 @@ pub struct Client {
     layer_seq: Vec<u16>,
     video_seq: u32,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Set when the target is Janus VideoRoom.
+    janus: Option<JanusPeer>,
 }
 
+/// A client's Janus session and its two VideoRoom handles.
+struct JanusPeer {
+    session: crate::janus::Session,
+    room: u64,
+    subscribe_handle: u64,
+}
+
+/// Applies candidates Janus trickles for one handle to `pc`, and says when
+/// Janus reports the connection up (`webrtcup`).
+fn follow_janus_handle(
+    pc: Arc<dyn PeerConnection>,
+    mut rx: mpsc::UnboundedReceiver<serde_json::Value>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::watch::Receiver<bool>,
+) {
+    let (up_tx, up_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        while let Some(v) = rx.recv().await {
+            match v["janus"].as_str() {
+                Some("trickle") if v["candidate"].get("candidate").is_some() => {
+                    let _ = pc.add_ice_candidate(candidate_init(&v["candidate"])).await;
+                }
+                Some("webrtcup") => {
+                    let _ = up_tx.send(true);
+                }
+                _ => {}
+            }
+        }
+    });
+    (task, up_rx)
+}
+
+/// Where this client's ICE candidates go: `{candidate, sdpMid,
+/// sdpMLineIndex}` in, the target's signalling format out.
+type CandidateSink = Box<dyn Fn(serde_json::Value) + Send + Sync>;
+
 struct Trickle {
-    target: &'static str,
-    ws_tx: mpsc::UnboundedSender<String>,
+    send: CandidateSink,
     inbox: Arc<Mutex<Inbox>>,
     receive: bool,
+    /// Key received media by the publisher index in the payload rather than
+    /// by the track's stream id (targets that do not carry the publisher's
+    /// identity in the stream id, such as Janus).
+    key_by_index: bool,
+}
+
+impl Trickle {
+    fn new(
+        send: CandidateSink,
+        inbox: &Arc<Mutex<Inbox>>,
+        receive: bool,
+        key_by_index: bool,
+    ) -> Arc<Trickle> {
+        Arc::new(Trickle {
+            send,
+            inbox: inbox.clone(),
+            receive,
+            key_by_index,
+        })
+    }
+}
+
+/// Our server's candidate message for one of the two connections.
+fn sfu_candidates(target: &'static str, ws_tx: &mpsc::UnboundedSender<String>) -> CandidateSink {
+    let ws_tx = ws_tx.clone();
+    Box::new(move |candidate| {
+        let msg =
+            serde_json::json!({"type": "candidate", "target": target, "candidate": candidate});
+        let _ = ws_tx.send(msg.to_string());
+    })
+}
+
+/// A candidate as the signalling messages carry it.
+fn candidate_init(c: &serde_json::Value) -> RTCIceCandidateInit {
+    RTCIceCandidateInit {
+        candidate: c["candidate"].as_str().unwrap_or_default().to_owned(),
+        sdp_mid: c["sdpMid"].as_str().map(str::to_owned),
+        sdp_mline_index: c["sdpMLineIndex"].as_u64().map(|i| i as u16),
+        ..Default::default()
+    }
 }
 
 #[async_trait::async_trait]
 impl PeerConnectionEventHandler for Trickle {
     async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
         if let Ok(init) = event.candidate.to_json() {
-            let msg = serde_json::json!({
-                "type": "candidate", "target": self.target,
-                "candidate": {"candidate": init.candidate, "sdpMid": init.sdp_mid, "sdpMLineIndex": init.sdp_mline_index}
-            });
-            let _ = self.ws_tx.send(msg.to_string());
+            (self.send)(serde_json::json!({
+                "candidate": init.candidate, "sdpMid": init.sdp_mid, "sdpMLineIndex": init.sdp_mline_index
+            }));
         }
     }
 
@@ -138,6 +216,7 @@ impl PeerConnectionEventHandler for Trickle {
             return;
         }
         let inbox = self.inbox.clone();
+        let key_by_index = self.key_by_index;
         tokio::spawn(async move {
             let stream = track.stream_id().await;
             let kind = track.kind().await.to_string();
@@ -160,7 +239,11 @@ impl PeerConnectionEventHandler for Trickle {
                         inbox.other_layers += 1;
                         continue;
                     }
-                    let key = (stream.clone(), kind.clone());
+                    let key = if key_by_index {
+                        (tag.index.to_string(), kind.clone())
+                    } else {
+                        (stream.clone(), kind.clone())
+                    };
                     inbox.bytes += packet.payload.len() as u64;
                     inbox.first_at_us.entry(key.clone()).or_insert(now);
                     let latency = now.saturating_sub(tag.sent_us);
@@ -177,7 +260,12 @@ impl PeerConnectionEventHandler for Trickle {
     }
 }
 
-async fn peer(handler: Arc<Trickle>, uplink_loss: f64, seed: u64) -> Arc<dyn PeerConnection> {
+async fn peer(
+    handler: Arc<Trickle>,
+    uplink_loss: f64,
+    seed: u64,
+    bind_ip: std::net::IpAddr,
+) -> Arc<dyn PeerConnection> {
     let mut engine = MediaEngine::default();
     engine
         .register_codec(
@@ -209,7 +297,7 @@ async fn peer(handler: Arc<Trickle>, uplink_loss: f64, seed: u64) -> Arc<dyn Pee
         .with_media_engine(engine)
         .with_interceptor_registry(registry)
         .with_handler(handler)
-        .with_udp_addrs(vec!["127.0.0.1:0"])
+        .with_udp_addrs(vec![std::net::SocketAddr::new(bind_ip, 0).to_string()])
         .build()
         .await
         .expect("peer connection");
@@ -319,25 +407,17 @@ impl Client {
             }
         });
         let publisher = peer(
-            Arc::new(Trickle {
-                target: "publisher",
-                ws_tx: ws_tx.clone(),
-                inbox: inbox.clone(),
-                receive: false,
-            }),
+            Trickle::new(sfu_candidates("publisher", &ws_tx), &inbox, false, false),
             publish.uplink_loss,
             index as u64 + 1,
+            LOOPBACK,
         )
         .await;
         let subscriber = peer(
-            Arc::new(Trickle {
-                target: "subscriber",
-                ws_tx: ws_tx.clone(),
-                inbox: inbox.clone(),
-                receive: true,
-            }),
+            Trickle::new(sfu_candidates("subscriber", &ws_tx), &inbox, true, false),
             0.0,
             0,
+            LOOPBACK,
         )
         .await;
 
@@ -388,13 +468,7 @@ impl Client {
                             }
                         }
                         (Some("candidate"), Some(target)) => {
-                            let c = &v["candidate"];
-                            let init = RTCIceCandidateInit {
-                                candidate: c["candidate"].as_str().unwrap_or_default().to_owned(),
-                                sdp_mid: c["sdpMid"].as_str().map(str::to_owned),
-                                sdp_mline_index: c["sdpMLineIndex"].as_u64().map(|i| i as u16),
-                                ..Default::default()
-                            };
+                            let init = candidate_init(&v["candidate"]);
                             let pc = if target == "publisher" {
                                 &publisher
                             } else {
@@ -428,66 +502,239 @@ impl Client {
             video_ssrcs: Vec::new(),
             layer_seq: vec![0; LAYERS.len()],
             tasks: vec![writer, reader],
+            janus: None,
         };
         if publish.publish {
-            let video_ssrcs: Vec<(String, u32)> = if publish.simulcast {
-                LAYERS
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (rid, _))| {
-                        (rid.to_string(), 0x1000 + 0x100 * i as u32 + index as u32)
-                    })
-                    .collect()
-            } else {
-                vec![(String::new(), 0x1000 + index as u32)]
-            };
-            let video = local_track(RtpCodecKind::Video, identity, &video_ssrcs);
-            let audio = local_track(
-                RtpCodecKind::Audio,
-                identity,
-                &[(String::new(), 0x2000 + index as u32)],
-            );
-            client.video_ssrcs = video_ssrcs;
-            if !publish.audio_only {
-                client
-                    .publisher
-                    .add_track(video.clone() as Arc<dyn TrackLocal>)
-                    .await?;
-                // Answer keyframe requests as an encoder would.
-                let wanted = client.keyframe_wanted.clone();
-                let track = video.clone();
-                client.tasks.push(tokio::spawn(async move {
-                    while let Some(event) = track.poll().await {
-                        if let TrackLocalEvent::OnRtcpPacket(packets) = event {
-                            let pli = packets.iter().any(|p| {
-                                let any = p.as_any();
-                                any.is::<rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication>()
-                                    || any.is::<rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest>()
-                            });
-                            if pli {
-                                wanted.store(true, Ordering::Relaxed);
-                            }
-                        }
-                    }
-                }));
-                client.video = Some(video);
-            }
-            client
-                .publisher
-                .add_track(audio.clone() as Arc<dyn TrackLocal>)
-                .await?;
-            client.audio = Some(audio);
-            let offer = client.publisher.create_offer(None).await?;
-            client.publisher.set_local_description(offer).await?;
-            let sdp = client
-                .publisher
-                .local_description()
-                .await
-                .ok_or_else(|| anyhow::anyhow!("no local description"))?
-                .sdp;
+            let sdp = client.offer_tracks(publish).await?;
             client.send(serde_json::json!({"type":"offer","target":"publisher","sdp":sdp}));
         }
         Ok(client)
+    }
+
+    /// Adds the synthetic video (unless audio only) and audio tracks to the
+    /// publish connection and returns its offer.
+    async fn offer_tracks(&mut self, publish: PublishOptions) -> anyhow::Result<String> {
+        let (identity, index) = (self.identity.clone(), self.index);
+        let client = self;
+        let video_ssrcs: Vec<(String, u32)> = if publish.simulcast {
+            LAYERS
+                .iter()
+                .enumerate()
+                .map(|(i, (rid, _))| (rid.to_string(), 0x1000 + 0x100 * i as u32 + index as u32))
+                .collect()
+        } else {
+            vec![(String::new(), 0x1000 + index as u32)]
+        };
+        let video = local_track(RtpCodecKind::Video, &identity, &video_ssrcs);
+        let audio = local_track(
+            RtpCodecKind::Audio,
+            &identity,
+            &[(String::new(), 0x2000 + index as u32)],
+        );
+        client.video_ssrcs = video_ssrcs;
+        if !publish.audio_only {
+            client
+                .publisher
+                .add_track(video.clone() as Arc<dyn TrackLocal>)
+                .await?;
+            // Answer keyframe requests as an encoder would.
+            let wanted = client.keyframe_wanted.clone();
+            let track = video.clone();
+            client.tasks.push(tokio::spawn(async move {
+                while let Some(event) = track.poll().await {
+                    if let TrackLocalEvent::OnRtcpPacket(packets) = event {
+                        let pli = packets.iter().any(|p| {
+                            let any = p.as_any();
+                            any.is::<rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication>()
+                                || any.is::<rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest>()
+                        });
+                        if pli {
+                            wanted.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }));
+            client.video = Some(video);
+        }
+        client
+            .publisher
+            .add_track(audio.clone() as Arc<dyn TrackLocal>)
+            .await?;
+        client.audio = Some(audio);
+        let offer = client.publisher.create_offer(None).await?;
+        client.publisher.set_local_description(offer).await?;
+        Ok(client
+            .publisher
+            .local_description()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("no local description"))?
+            .sdp)
+    }
+
+    /// Joins Janus VideoRoom `room` at `url` (`ws://host:port`) with its own
+    /// session, and if `publish.publish` publishes VP8 and Opus as feed
+    /// `feed`. Received media is keyed by publisher index (this client's
+    /// `sid` is its index). Its connections use host candidates on
+    /// `bind_ip`: Janus (libnice) gathers no loopback candidates, so that
+    /// must be an address of an interface Janus uses.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn join_janus(
+        url: &str,
+        bind_ip: std::net::IpAddr,
+        room: u64,
+        identity: &str,
+        index: u8,
+        feed: u64,
+        publish: PublishOptions,
+    ) -> anyhow::Result<Client> {
+        anyhow::ensure!(
+            !publish.simulcast,
+            "simulcast is not supported with the Janus target"
+        );
+        let session = crate::janus::Session::connect(url).await?;
+        let (publish_handle, publish_trickles) = session.attach().await?;
+        let (subscribe_handle, subscribe_trickles) = session.attach().await?;
+        let inbox = Arc::new(Mutex::new(Inbox::default()));
+        let publisher = peer(
+            Trickle::new(
+                Box::new(session.trickler(publish_handle)),
+                &inbox,
+                false,
+                true,
+            ),
+            publish.uplink_loss,
+            index as u64 + 1,
+            bind_ip,
+        )
+        .await;
+        let subscriber = peer(
+            Trickle::new(
+                Box::new(session.trickler(subscribe_handle)),
+                &inbox,
+                true,
+                true,
+            ),
+            0.0,
+            0,
+            bind_ip,
+        )
+        .await;
+        let (publish_task, mut publish_up) =
+            follow_janus_handle(publisher.clone(), publish_trickles);
+        let (subscribe_task, _) = follow_janus_handle(subscriber.clone(), subscribe_trickles);
+        let tasks = vec![publish_task, subscribe_task];
+        let mut client = Client {
+            identity: identity.to_owned(),
+            sid: index.to_string(),
+            index,
+            // Nothing is sent in our protocol to Janus.
+            ws_tx: mpsc::unbounded_channel().0,
+            inbox,
+            publisher,
+            subscriber,
+            video: None,
+            audio: None,
+            seq: 0,
+            video_seq: 0,
+            keyframe_wanted: Arc::new(AtomicBool::new(false)),
+            video_ssrcs: Vec::new(),
+            layer_seq: vec![0; LAYERS.len()],
+            tasks,
+            janus: None,
+        };
+        if publish.publish {
+            let (joined, _) = session
+                .message(
+                    publish_handle,
+                    serde_json::json!({
+                        "request": "join", "ptype": "publisher", "room": room,
+                        "id": feed, "display": identity,
+                    }),
+                    None,
+                )
+                .await?;
+            anyhow::ensure!(
+                joined["videoroom"] == "joined",
+                "joining Janus room {room}: {joined}"
+            );
+            let sdp = client.offer_tracks(publish).await?;
+            let (_, answer) = session
+                .message(
+                    publish_handle,
+                    serde_json::json!({"request": "publish"}),
+                    Some(serde_json::json!({"type": "offer", "sdp": sdp})),
+                )
+                .await?;
+            let answer = answer
+                .and_then(|j| j["sdp"].as_str().map(str::to_owned))
+                .ok_or_else(|| anyhow::anyhow!("Janus sent no answer to the publish offer"))?;
+            client
+                .publisher
+                .set_remote_description(RTCSessionDescription::answer(answer)?)
+                .await?;
+            // Janus lets subscribers attach to a feed only once its
+            // connection is up.
+            tokio::time::timeout(Duration::from_secs(10), publish_up.wait_for(|up| *up))
+                .await
+                .map_err(|_| anyhow::anyhow!("Janus publish connection not up within 10 s"))??;
+        }
+        client.janus = Some(JanusPeer {
+            session,
+            room,
+            subscribe_handle,
+        });
+        Ok(client)
+    }
+
+    /// Subscribes to Janus feeds (all on one connection): Janus offers,
+    /// this client answers and starts.
+    pub async fn subscribe_janus(&self, feeds: &[u64]) -> anyhow::Result<()> {
+        let janus = self
+            .janus
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("not a Janus client"))?;
+        let streams: Vec<serde_json::Value> = feeds
+            .iter()
+            .map(|f| serde_json::json!({"feed": f}))
+            .collect();
+        let (attached, offer) = janus
+            .session
+            .message(
+                janus.subscribe_handle,
+                serde_json::json!({
+                    "request": "join", "ptype": "subscriber", "room": janus.room,
+                    "streams": streams,
+                }),
+                None,
+            )
+            .await?;
+        let offer = offer
+            .and_then(|j| j["sdp"].as_str().map(str::to_owned))
+            .ok_or_else(|| anyhow::anyhow!("Janus sent no subscriber offer: {attached}"))?;
+        self.subscriber
+            .set_remote_description(RTCSessionDescription::offer(offer)?)
+            .await?;
+        let answer = self.subscriber.create_answer(None).await?;
+        self.subscriber.set_local_description(answer).await?;
+        let sdp = self
+            .subscriber
+            .local_description()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("no local description"))?
+            .sdp;
+        let (started, _) = janus
+            .session
+            .message(
+                janus.subscribe_handle,
+                serde_json::json!({"request": "start"}),
+                Some(serde_json::json!({"type": "answer", "sdp": sdp})),
+            )
+            .await?;
+        anyhow::ensure!(
+            started["started"] == "ok",
+            "starting Janus subscription: {started}"
+        );
+        Ok(())
     }
 
     pub fn send(&self, v: serde_json::Value) {
@@ -602,6 +849,9 @@ impl Client {
     pub async fn close(self) {
         let _ = self.publisher.close().await;
         let _ = self.subscriber.close().await;
+        if let Some(janus) = self.janus {
+            janus.session.close().await;
+        }
         for t in self.tasks {
             t.abort();
         }

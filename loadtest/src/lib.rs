@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod html;
+pub mod janus;
 pub mod loss;
 pub mod metrics;
 pub mod payload;

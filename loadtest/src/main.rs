@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use clap::Parser;
-use loadtest::scenario::{run, Scenario};
+use loadtest::scenario::{run, Scenario, Target};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -13,9 +13,17 @@ use loadtest::scenario::{run, Scenario};
     about = "Load test an SFU server over its public API"
 )]
 struct Args {
-    /// Server base URL.
+    /// Server base URL (`ws://host:8188` for `--target janus`).
     #[arg(long, default_value = "http://127.0.0.1:7880")]
     url: String,
+    /// What to drive: `sfu` (this server) or `janus` (Janus VideoRoom over
+    /// its WebSocket API, for comparison).
+    #[arg(long, default_value = "sfu")]
+    target: String,
+    /// With `--target janus`: the address clients bind media sockets to
+    /// (default: this machine's address on its default route).
+    #[arg(long)]
+    bind_ip: Option<std::net::IpAddr>,
     #[arg(long, env = "SFU_API_KEY", default_value = "devkey")]
     api_key: String,
     #[arg(
@@ -88,7 +96,13 @@ fn parse_share(text: &str) -> anyhow::Result<f64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    let target = match a.target.as_str() {
+        "sfu" => Target::Sfu,
+        "janus" => Target::Janus,
+        other => anyhow::bail!("unknown target {other} (sfu, janus)"),
+    };
     let mut s = Scenario {
+        target,
         url: a.url.trim_end_matches('/').to_owned(),
         api_key: a.api_key,
         api_secret: a.api_secret,
@@ -101,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
         simulcast: a.simulcast,
         uplink_loss: parse_share(&a.uplink_loss)?,
         ramp: Duration::from_millis(a.ramp_ms),
+        bind_ip: a.bind_ip,
         ..Default::default()
     };
     match a.preset.as_deref() {

@@ -10,10 +10,23 @@ use serde_json::json;
 
 use crate::client::{Client, PublishOptions};
 
+/// Which server the scenario drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Target {
+    /// This project's server, over its REST and WebSocket API.
+    #[default]
+    Sfu,
+    /// Janus VideoRoom over Janus's WebSocket API (`url` is then
+    /// `ws://host:port` of Janus's WebSocket transport), for side-by-side
+    /// comparison.
+    Janus,
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Scenario {
-    /// `http://host:port` of the server.
+    pub target: Target,
+    /// `http://host:port` of the server (`ws://host:port` for Janus).
     pub url: String,
     pub api_key: String,
     pub api_secret: String,
@@ -32,11 +45,15 @@ pub struct Scenario {
     pub uplink_loss: f64,
     /// Seconds between joins (0: all at once).
     pub ramp: Duration,
+    /// Janus only: the address clients bind their media sockets to
+    /// (default: [`crate::janus::local_ip`]).
+    pub bind_ip: Option<std::net::IpAddr>,
 }
 
 impl Default for Scenario {
     fn default() -> Self {
         Scenario {
+            target: Target::Sfu,
             url: "http://127.0.0.1:7880".into(),
             api_key: "devkey".into(),
             api_secret: "devsecret".into(),
@@ -50,6 +67,7 @@ impl Default for Scenario {
             simulcast: false,
             uplink_loss: 0.0,
             ramp: Duration::ZERO,
+            bind_ip: None,
         }
     }
 }
@@ -136,8 +154,8 @@ struct Member {
     publisher: bool,
 }
 
-/// Runs the scenario, reporting progress once a second.
-pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::Result<Report> {
+/// Creates the rooms on our server and joins everyone.
+async fn join_sfu(s: &Scenario) -> anyhow::Result<Vec<Member>> {
     let http = reqwest::Client::new();
     let admin = admin_token(&s.api_key, &s.api_secret)?;
     let ws_base = s.url.replacen("http", "ws", 1);
@@ -191,6 +209,72 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
             }
         }
     }
+
+    Ok(members)
+}
+
+/// Creates Janus VideoRoom rooms and joins everyone: publishers publish
+/// first, then every participant subscribes to the room's other feeds.
+async fn join_janus(s: &Scenario) -> anyhow::Result<Vec<Member>> {
+    let run_id = crate::payload::now_us() % 1_000_000;
+    let bind_ip = s.bind_ip.unwrap_or_else(crate::janus::local_ip);
+    let mut members: Vec<Member> = Vec::new();
+    let mut index: u8 = 0;
+    for r in 0..s.rooms {
+        let room_id = run_id * 1000 + r as u64 + 1;
+        let room = room_id.to_string();
+        crate::janus::create_room(&s.url, room_id, s.publishers).await?;
+        let first = members.len();
+        let mut feeds = Vec::new();
+        for p in 0..s.publishers + s.subscribers {
+            let publisher = p < s.publishers;
+            let identity = format!("{}{p}", if publisher { "pub" } else { "sub" });
+            let options = PublishOptions {
+                publish: publisher,
+                audio_only: s.audio_only,
+                simulcast: s.simulcast,
+                uplink_loss: s.uplink_loss,
+            };
+            let feed = index as u64 + 1;
+            let client =
+                Client::join_janus(&s.url, bind_ip, room_id, &identity, index, feed, options)
+                    .await
+                    .with_context(|| format!("joining Janus room {room} as {identity}"))?;
+            if publisher {
+                feeds.push((client.sid.clone(), feed));
+            }
+            index = index.wrapping_add(1);
+            members.push(Member {
+                room: room.clone(),
+                client,
+                publisher,
+            });
+            if !s.ramp.is_zero() {
+                tokio::time::sleep(s.ramp).await;
+            }
+        }
+        for m in &members[first..] {
+            let others: Vec<u64> = feeds
+                .iter()
+                .filter(|(sid, _)| *sid != m.client.sid)
+                .map(|(_, feed)| *feed)
+                .collect();
+            if !others.is_empty() {
+                m.client.subscribe_janus(&others).await.with_context(|| {
+                    format!("subscribing {} in Janus room {room}", m.client.identity)
+                })?;
+            }
+        }
+    }
+    Ok(members)
+}
+
+/// Runs the scenario, reporting progress once a second.
+pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::Result<Report> {
+    let mut members = match s.target {
+        Target::Sfu => join_sfu(s).await?,
+        Target::Janus => join_janus(s).await?,
+    };
 
     // Media: every publisher sends a frame per tick, all paced by one timer.
     let frame_bytes = (s.video_bitrate / 8 / s.fps.max(1) as u64) as usize;
