@@ -120,8 +120,10 @@ EOF
 # window_mark PID N FILE: waits until FILE has N progress lines (or PID
 # exits) and prints "N:<server CPU ticks>".
 window_mark() {
-  local n=$2
-  while kill -0 "$1" 2>/dev/null && [ "$(grep -c 's  clients' "$3" 2>/dev/null || true)" -lt "$n" ]; do
+  local n=$2 lines
+  while kill -0 "$1" 2>/dev/null; do
+    lines=$(grep -c 's  clients' "$3" 2>/dev/null || true)
+    [ "${lines:-0}" -ge "$n" ] && break
     sleep 0.02
   done
   echo "$n:$(cpu_ticks "$server_pid")"
