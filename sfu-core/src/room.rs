@@ -2062,7 +2062,15 @@ impl Room {
     /// drop takes effect without waiting for the next allocation tick).
     fn set_estimate(&mut self, now: Instant, sub: ParticipantId, bps: u64) {
         if let Some(p) = self.participants.get_mut(&sub) {
-            p.remb = Some(bps);
+            // A receiver's delay-based estimate cannot rise far above what
+            // it receives (Chromium caps it at 1.5x its incoming rate), so
+            // one at or above about what we send says only "no
+            // congestion": taken as a limit it would pin a subscriber on a
+            // low layer, or keep paused video paused, for good. It neither
+            // caps nor lowers the allocation then; the loss-based estimate
+            // governs. One clearly below what we send is congestion.
+            let sending = p.sent_rate.bps(now);
+            p.remb = (bps < sending / 10 * 9).then_some(bps);
             p.estimate = p.remb.into_iter().chain(p.loss_estimate).min();
         }
         self.allocate(now, sub);

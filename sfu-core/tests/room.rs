@@ -470,6 +470,64 @@ fn downlink_estimate_moves_the_subscriber_down_and_back_up() {
     assert!(h.room.stats().dropped(sfu_core::DropReason::Bandwidth) > 0);
 }
 
+/// Payload bytes `to` has received from `from`, audio and video.
+fn bytes_from(h: &Harness, to: usize, from: usize) -> usize {
+    let from_sid = h.client_sid(from);
+    let c = &h.clients[to];
+    c.received
+        .iter()
+        .filter(|(track, _)| c.track_streams.get(*track) == Some(&from_sid))
+        .map(|(_, r)| r.payloads.iter().map(|p| p.len()).sum::<usize>())
+        .sum()
+}
+
+#[test]
+fn a_receiver_estimate_capped_by_what_it_receives_neither_pauses_nor_pins_video() {
+    use sfu_core::signal::Quality;
+    let mut h = Harness::new();
+    let a = h.join_with("alice", true, true);
+    let b = h.join("bob", false);
+    connect_all(&mut h, &[a], &[(b, a)]);
+    let track = h.video_track_sid(a);
+    h.signal(b, wish(track.clone(), Some(Quality::Low), None));
+    time_to_layer(&mut h, b, a, 0, Duration::from_secs(2));
+    // Bob wants high again. His estimate behaves as a receive-side
+    // delay-based estimator does with no congestion: never above 1.5x
+    // what arrived in the last half second. Taken as a limit, it would
+    // keep him on the low layer (the next layer is four times larger), or
+    // pause him when audio alone arrives.
+    let mut last = bytes_from(&h, b, a);
+    let mut frames = h.video_payloads_from(b, a).len();
+    let start = h.now;
+    let mut asked = false;
+    while last_layer(&h, b, a) != Some(2) {
+        if !asked && h.now - start >= Duration::from_secs(2) {
+            h.signal(b, wish(track.clone(), Some(Quality::High), None));
+            asked = true;
+        }
+        assert!(
+            h.now - start < Duration::from_secs(10),
+            "stuck on layer {:?}",
+            last_layer(&h, b, a)
+        );
+        pump(&mut h, &[a], 25);
+        let now = bytes_from(&h, b, a);
+        let bps = ((now - last) * 8 * 2) as u64;
+        h.send_remb(b, bps * 3 / 2);
+        last = now;
+        let shown = h.video_payloads_from(b, a).len();
+        assert!(
+            shown > frames,
+            "video paused under a receiver-capped estimate"
+        );
+        frames = shown;
+    }
+    eprintln!(
+        "high layer under a receiver-capped estimate after {:?}",
+        h.now - start
+    );
+}
+
 #[test]
 fn subscriber_on_a_layer_the_publisher_stops_moves_to_one_still_sent() {
     let mut h = Harness::new();
