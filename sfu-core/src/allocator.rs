@@ -14,6 +14,14 @@ use crate::forwarder::{Layer, Preference};
 pub const UPGRADE_HEADROOM: f64 = 0.85;
 /// At most one upgrade step per track per this interval.
 pub const UPGRADE_INTERVAL: Duration = Duration::from_millis(1000);
+/// A track is paused for bandwidth only once the estimate has been short
+/// of its lowest layer this long; until then it keeps the lowest layer. A
+/// single low sample (a receiver's estimator dipping while its machine is
+/// busy) must not freeze video.
+pub const PAUSE_AFTER: Duration = Duration::from_millis(2000);
+/// Video paused for bandwidth resumes no sooner than this after the pause,
+/// so a link at the edge does not flap between frozen and moving.
+pub const RESUME_INTERVAL: Duration = Duration::from_millis(3000);
 
 const BUCKETS: usize = 10;
 const BUCKET: Duration = Duration::from_millis(100);
@@ -107,8 +115,11 @@ pub struct VideoDemand {
     pub wanted: Option<Layer>,
     /// The allocation in force.
     pub current: Preference,
-    /// When this track was last moved up.
+    /// When this track's allocation last changed.
     pub last_upgrade: Option<Instant>,
+    /// Since when the estimate has been too small for even this track's
+    /// lowest layer (see [`short_of_lowest`]), as the caller recorded it.
+    pub short_since: Option<Instant>,
 }
 
 /// The best allocation fitting `budget`, ignoring the one in force.
@@ -173,6 +184,17 @@ fn rank(p: Preference) -> i32 {
     }
 }
 
+/// For each track: whether the estimate leaves no room even for its lowest
+/// layer (the best allocation pauses it). The caller records since when,
+/// for [`VideoDemand::short_since`].
+pub fn short_of_lowest(estimate: u64, audio: u64, tracks: &[VideoDemand]) -> Vec<bool> {
+    ideal(estimate.saturating_sub(audio), tracks)
+        .into_iter()
+        .zip(tracks)
+        .map(|(p, t)| t.wanted.is_some() && p == Preference::Paused)
+        .collect()
+}
+
 /// New allocations for a subscriber's video tracks given its estimate and
 /// the bitrate its audio takes.
 pub fn allocate(
@@ -207,11 +229,34 @@ pub fn allocate(
                 Preference::MaxLayer(l) if l >= top => Preference::MaxLayer(top),
                 other => other,
             };
+            let interval = if current == Preference::Paused {
+                RESUME_INTERVAL
+            } else {
+                UPGRADE_INTERVAL
+            };
             let may_step = t
                 .last_upgrade
-                .is_none_or(|at| now.saturating_duration_since(at) >= UPGRADE_INTERVAL);
+                .is_none_or(|at| now.saturating_duration_since(at) >= interval);
             let chosen = if rank(down[i]) < rank(current) {
-                down[i]
+                let persistent = t
+                    .short_since
+                    .is_some_and(|since| now.saturating_duration_since(since) >= PAUSE_AFTER);
+                match down[i] {
+                    Preference::Paused if !persistent => {
+                        // Not yet: hold the lowest layer.
+                        let lowest = t
+                            .layers
+                            .first()
+                            .map(|(l, _)| Preference::MaxLayer(*l))
+                            .unwrap_or(Preference::Paused);
+                        if rank(lowest) < rank(current) {
+                            lowest
+                        } else {
+                            current
+                        }
+                    }
+                    other => other,
+                }
             } else if rank(up[i]) > rank(current) && may_step {
                 if t.last_upgrade.is_none() {
                     // Never changed yet (a new subscription): go straight
@@ -259,6 +304,7 @@ mod tests {
             wanted: Some(2),
             current,
             last_upgrade: None,
+            short_since: None,
         }
     }
 
@@ -298,13 +344,35 @@ mod tests {
         // Room for both lows and one medium.
         let a = allocate(800_000 + 40_000, 40_000, &t, now);
         assert_eq!(a, vec![Preference::MaxLayer(1), Preference::MaxLayer(0)]);
-        // Room for one low only.
+        // Room for one low only: the other keeps its lowest layer until
+        // the shortage has lasted, then pauses.
+        assert_eq!(short_of_lowest(200_000, 0, &t), vec![false, true]);
+        let a = allocate(200_000, 0, &t, now);
+        assert_eq!(a, vec![Preference::MaxLayer(0), Preference::MaxLayer(0)]);
+        let mut t = t;
+        t[1].short_since = Some(now - PAUSE_AFTER);
         let a = allocate(200_000, 0, &t, now);
         assert_eq!(a, vec![Preference::MaxLayer(0), Preference::Paused]);
-        // Room for nothing.
+        // Room for nothing, for long enough.
+        assert_eq!(short_of_lowest(100_000, 0, &t), vec![true, true]);
+        t[0].short_since = Some(now - PAUSE_AFTER);
         assert_eq!(
             allocate(100_000, 0, &t, now),
             vec![Preference::Paused, Preference::Paused]
+        );
+    }
+
+    #[test]
+    fn paused_video_waits_longer_before_resuming() {
+        let now = t0();
+        let mut t = [track(Preference::Paused)];
+        t[0].last_upgrade = Some(now);
+        let soon = now + UPGRADE_INTERVAL;
+        assert_eq!(allocate(5_000_000, 0, &t, soon), vec![Preference::Paused]);
+        let later = now + RESUME_INTERVAL;
+        assert_eq!(
+            allocate(5_000_000, 0, &t, later),
+            vec![Preference::MaxLayer(0)]
         );
     }
 
@@ -333,6 +401,7 @@ mod tests {
         assert_eq!(allocate(1_800_000, 0, &t, later), vec![NO_LIMIT]);
         // Paused comes back at the lowest layer first.
         t[0].current = Preference::Paused;
+        let later = now + RESUME_INTERVAL;
         assert_eq!(
             allocate(5_000_000, 0, &t, later),
             vec![Preference::MaxLayer(0)]

@@ -291,6 +291,8 @@ struct DownTrack {
     sent: SentLog,
     /// When the allocator last changed this track's allocation.
     last_upgrade: Option<Instant>,
+    /// Since when the estimate has been too small for the lowest layer.
+    short_since: Option<Instant>,
     /// Sent so far, for sender reports.
     packets_sent: u32,
     octets_sent: u32,
@@ -1114,6 +1116,7 @@ impl Room {
                     pref: SubscriptionPref::default(),
                     sent: SentLog::new(),
                     last_upgrade: None,
+                    short_since: None,
                     packets_sent: 0,
                     octets_sent: 0,
                     payload_type: None,
@@ -2190,12 +2193,18 @@ impl Room {
                 wanted,
                 current: down.forwarder.allocation(),
                 last_upgrade: down.last_upgrade,
+                short_since: down.short_since,
             });
         }
         let allocation = allocator::allocate(estimate, audio, &demands, now);
-        for ((key, demand), new) in keys.iter().zip(&demands).zip(allocation) {
+        let short = allocator::short_of_lowest(estimate, audio, &demands);
+        for (((key, demand), new), short) in keys.iter().zip(&demands).zip(allocation).zip(short) {
             let Some(down) = p.down_tracks.get_mut(key) else {
                 continue;
+            };
+            down.short_since = match (short, down.short_since) {
+                (false, _) => None,
+                (true, since) => Some(since.unwrap_or(now)),
             };
             // Any change, down or up, starts the interval before the next
             // step up; only a subscription never changed may jump.
