@@ -321,6 +321,8 @@ struct Participant {
     remb: Option<u64>,
     loss: LossEstimator,
     loss_estimate: Option<u64>,
+    /// The share of packets the subscriber NACKed in the last second.
+    recent_loss: f64,
     /// What the room sends this subscriber (bits), and packets sent and
     /// NACKed in the last second (counted as 8-bit "bytes" in the meters).
     sent_rate: RateMeter,
@@ -570,6 +572,7 @@ impl Room {
                 remb: None,
                 loss: LossEstimator::new(INITIAL_DOWNLINK_ESTIMATE),
                 loss_estimate: None,
+                recent_loss: 0.0,
                 sent_rate: RateMeter::default(),
                 sent_packets: RateMeter::default(),
                 nacked_packets: RateMeter::default(),
@@ -2126,6 +2129,7 @@ impl Room {
                 .loss
                 .on_report(loss, sending, floor, MAX_DOWNLINK_ESTIMATE);
             p.loss_estimate = Some(estimate);
+            p.recent_loss = loss;
             tracing::debug!(subscriber = ?sub, loss, sending, estimate, "loss estimate");
             p.estimate = p.remb.into_iter().chain(p.loss_estimate).min();
         }
@@ -2197,7 +2201,14 @@ impl Room {
             });
         }
         let allocation = allocator::allocate(estimate, audio, &demands, now);
-        let short = allocator::short_of_lowest(estimate, audio, &demands);
+        // Only a downlink that also loses packets is short enough to pause
+        // video: a delay-based estimate dips whenever the receiver's
+        // machine is busy, and the lowest layer is small. Until loss
+        // shows, the lowest layer stays.
+        let losing = p.recent_loss >= allocator::LOSS_CLEAR;
+        let short = allocator::short_of_lowest(estimate, audio, &demands)
+            .into_iter()
+            .map(|s| s && losing);
         for (((key, demand), new), short) in keys.iter().zip(&demands).zip(allocation).zip(short) {
             let Some(down) = p.down_tracks.get_mut(key) else {
                 continue;

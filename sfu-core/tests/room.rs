@@ -449,9 +449,11 @@ fn downlink_estimate_moves_the_subscriber_down_and_back_up() {
         Some(1),
         "stays down while the estimate is low"
     );
-    // Too little even for the lowest layer: after the shortage has
-    // lasted (a single dip does not freeze video), video pauses and audio
-    // goes on.
+    // Too little even for the lowest layer, and packets are being lost:
+    // after the shortage has lasted (a single dip does not freeze video),
+    // video pauses and audio goes on.
+    let sub_addr = h.clients[b].sub_addr;
+    h.downlink_loss.insert(sub_addr, 0.2);
     h.send_remb(b, 70_000);
     let cut = h.now;
     let mut before = h.video_payloads_from(b, a).len();
@@ -474,16 +476,24 @@ fn downlink_estimate_moves_the_subscriber_down_and_back_up() {
     pump(&mut h, &[a], 50);
     assert_eq!(h.video_payloads_from(b, a).len(), before, "video paused");
     assert!(
-        h.received_from(b, a).1 >= audio_before + 45,
+        h.received_from(b, a).1 >= audio_before + 35,
         "audio continues"
     );
+    h.downlink_loss.clear();
     // Recovery: back up, one layer at a time.
     h.send_remb(b, 3_000_000);
     let recovered = time_to_layer(&mut h, b, a, 2, Duration::from_secs(8));
     eprintln!("estimate recovered: high again after {recovered:?}");
+    // Across downgrades, the pause and the lossy stretch (retransmissions
+    // arrive late, so in arrival order there are jumps): no sequence
+    // number is missing from what bob holds.
     let (seqs, _) = h.video_rtp_from(b, a);
-    for w in seqs.windows(2) {
-        assert_eq!(w[1], w[0].wrapping_add(1), "hole in bob's stream");
+    let mut ext = sfu_core::seq::SeqExtender::new();
+    let mut got: Vec<u64> = seqs.iter().map(|s| ext.extend(*s as u64)).collect();
+    got.sort_unstable();
+    got.dedup();
+    for w in got.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "hole in bob's stream");
     }
     assert!(h.room.stats().dropped(sfu_core::DropReason::Bandwidth) > 0);
 }
