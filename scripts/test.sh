@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test: formatting and lints, the Rust unit and integration tests,
-# and the browser end-to-end test in headless Chromium. Installs what it
-# needs on a fresh Debian machine (Chromium, Node packages).
+# the browser end-to-end tests in headless Chromium, and the end-to-end
+# benchmark in smoke mode (ours and Janus). Installs what it needs on a
+# fresh Debian machine (Chromium, Node.js, Janus, Node packages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
+# Janus VideoRoom: the peer the end-to-end benchmark compares against.
+command -v janus >/dev/null 2>&1 || need_apt+=(janus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
