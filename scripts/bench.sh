@@ -36,6 +36,8 @@ trap 'kill "${server_pid:-0}" 2>/dev/null || true; rm -rf "$out"' EXIT
 
 clk_tck=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# user and system ticks, "u:s"
+cpu_split() { awk '{print $14 ":" $15}' "/proc/$1/stat"; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 # Janus gathers no loopback candidates: clients and Janus meet on the
@@ -118,7 +120,7 @@ EOF
 }
 
 # window_mark PID N FILE: waits until FILE has N progress lines (or PID
-# exits) and prints "N:<server CPU ticks>".
+# exits) and prints "N:<server user ticks>:<server system ticks>".
 window_mark() {
   local n=$2 lines
   while kill -0 "$1" 2>/dev/null; do
@@ -126,7 +128,7 @@ window_mark() {
     [ "${lines:-0}" -ge "$n" ] && break
     sleep 0.02
   done
-  echo "$n:$(cpu_ticks "$server_pid")"
+  echo "$n:$(cpu_split "$server_pid")"
 }
 
 bind_ip=$(local_ip)
@@ -171,16 +173,18 @@ cpu_us = (int(k1) - int(k0)) / int(hz) * 1e6
 streams = max(1, len(r["tracks"]))
 whole = cpu_us / delivered if delivered else float("nan")
 # The steady-state window: progress samples i and j (1-based lines).
-(i, ti), (j, tj) = (w0.split(":"), w1.split(":"))
+(i, ui, si), (j, uj, sj) = (w0.split(":"), w1.split(":"))
 tl = r["timeline"]
 i, j = int(i), int(j)
-steady = float("nan")
+steady = user = system = float("nan")
 if 0 < i < j <= len(tl):
     pkts = tl[j - 1]["packets_received"] - tl[i - 1]["packets_received"]
     if pkts > 0:
-        steady = (int(tj) - int(ti)) / int(hz) * 1e6 / pkts
+        user = (int(uj) - int(ui)) / int(hz) * 1e6 / pkts
+        system = (int(sj) - int(si)) / int(hz) * 1e6 / pkts
+        steady = user + system
 per_pkt = steady if steady == steady else whole
-print(f"| {name} | {target} | {streams} | {delivered / r['seconds']:,.0f} | {per_pkt:.2f} | {whole:.2f} | "
+print(f"| {name} | {target} | {streams} | {delivered / r['seconds']:,.0f} | {per_pkt:.2f} | {user:.2f} / {system:.2f} | {whole:.2f} | "
       f"{r['loss_pct']:.2f} | {r['latency_p50_ms']:.1f} | {r['latency_p95_ms']:.1f} | "
       f"{r['latency_p99_ms']:.1f} | {(int(r1) - int(r0)) / streams:.0f} |")
 with open(results, "a") as f:
@@ -193,8 +197,8 @@ PY
 }
 
 header() {
-  printf '| scenario | server | streams | delivered pkt/s | server CPU µs / pkt, steady | µs / pkt, whole run | loss %% | p50 ms | p95 ms | p99 ms | server KiB / stream |\n'
-  printf '|---|---|---|---|---|---|---|---|---|---|---|\n'
+  printf '| scenario | server | streams | delivered pkt/s | server CPU µs / pkt, steady | of which user / kernel | µs / pkt, whole run | loss %% | p50 ms | p95 ms | p99 ms | server KiB / stream |\n'
+  printf '|---|---|---|---|---|---|---|---|---|---|---|---|\n'
 }
 
 ratios() {
