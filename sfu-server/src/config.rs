@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use clap::{Args, Parser, Subcommand};
 
 use crate::auth::Keys;
+use crate::limits::Rate;
 
 pub const DEV_API_KEY: &str = "devkey";
 pub const DEV_API_SECRET: &str = "devsecret";
@@ -77,6 +78,23 @@ pub struct Config {
     /// the copies built into the binary (for working on them).
     #[arg(long, env = "SFU_WEB_DIR")]
     pub web_dir: Option<std::path::PathBuf>,
+    /// REST requests per client address: RATE[/BURST] per second, 0 = no
+    /// limit. Over it: HTTP 429 with Retry-After.
+    #[arg(long, env = "SFU_REST_RATE_LIMIT", default_value = "20/60", value_parser = parse_rate)]
+    pub rest_rate_limit: Rate,
+    /// Signalling WebSocket connects per client address: RATE[/BURST] per
+    /// second, 0 = no limit. Over it: HTTP 429 with Retry-After.
+    #[arg(long, env = "SFU_CONNECT_RATE_LIMIT", default_value = "5/20", value_parser = parse_rate)]
+    pub connect_rate_limit: Rate,
+    /// Signalling messages per session: RATE[/BURST] per second, 0 = no
+    /// limit. Over it, messages are refused with a `rate_limited` error.
+    #[arg(long, env = "SFU_SIGNAL_RATE_LIMIT", default_value = "50/200", value_parser = parse_rate)]
+    pub signal_rate_limit: Rate,
+    /// Apply the per-address limits to loopback clients too. In
+    /// development mode they are exempt (load tests and browser tests run
+    /// on loopback); otherwise they are always limited.
+    #[arg(long, env = "SFU_LIMIT_LOOPBACK")]
+    pub limit_loopback: bool,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "SFU_LOG", default_value = "info,rtc=error,rtc_dtls=error")]
     pub log: String,
@@ -95,6 +113,10 @@ impl Config {
             empty_room_timeout: 300,
             max_participants: 0,
             web_dir: None,
+            rest_rate_limit: Rate::OFF,
+            connect_rate_limit: Rate::OFF,
+            signal_rate_limit: Rate::OFF,
+            limit_loopback: false,
             log: "warn".into(),
         }
     }
@@ -115,6 +137,62 @@ impl Config {
             _ => anyhow::bail!(
                 "set both SFU_API_KEY and SFU_API_SECRET, or neither for development mode"
             ),
+        }
+    }
+}
+
+/// `RATE[/BURST]`: events a second, and how many may come at once (the
+/// rate, at least 1, when not given). `0` turns the limit off.
+pub fn parse_rate(text: &str) -> Result<Rate, String> {
+    let (rate, burst) = match text.split_once('/') {
+        Some((r, b)) => (r, Some(b)),
+        None => (text, None),
+    };
+    let per_second: f64 = rate
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?}: expected RATE[/BURST], e.g. 20/60"))?;
+    if !per_second.is_finite() || per_second < 0.0 {
+        return Err(format!("{text:?}: the rate must be 0 or more"));
+    }
+    if per_second == 0.0 {
+        return Ok(Rate::OFF);
+    }
+    let burst = match burst {
+        Some(b) => b
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|b| *b >= 1)
+            .ok_or_else(|| format!("{text:?}: the burst must be a whole number, at least 1"))?,
+        None => per_second.ceil().max(1.0) as u32,
+    };
+    Ok(Rate { per_second, burst })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse_with_and_without_burst() {
+        assert_eq!(
+            parse_rate("20/60"),
+            Ok(Rate {
+                per_second: 20.0,
+                burst: 60
+            })
+        );
+        assert_eq!(
+            parse_rate("0.5"),
+            Ok(Rate {
+                per_second: 0.5,
+                burst: 1
+            })
+        );
+        assert_eq!(parse_rate("0"), Ok(Rate::OFF));
+        for bad in ["", "x", "-1", "5/0", "5/x", "inf"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
         }
     }
 }

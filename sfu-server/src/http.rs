@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -20,6 +21,7 @@ use sfu_core::JoinRequest;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{join_claims, unix_now, AuthError, Claims, Keys};
+use crate::limits::{Bucket, Rate, RateLimiter};
 use crate::metrics::Metrics;
 use crate::rooms::{CreateError, RoomCmd, RoomHandle, Rooms, ToClient, CLIENT_QUEUE};
 
@@ -29,6 +31,12 @@ pub struct AppState {
     pub rooms: Rooms,
     pub dev_mode: bool,
     pub metrics: Arc<Metrics>,
+    /// REST requests per client address.
+    pub rest_limiter: Arc<RateLimiter>,
+    /// Signalling connects per client address.
+    pub connect_limiter: Arc<RateLimiter>,
+    /// Signalling messages per session.
+    pub signal_rate: Rate,
 }
 
 /// An error in the documented shape `{"error":{"code","message"}}`.
@@ -84,9 +92,7 @@ impl From<JsonRejection> for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 pub fn router(state: AppState) -> Router {
-    let mut router = Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/metrics", get(metrics))
+    let mut rest = Router::new()
         .route("/v1/rooms", post(create_room).get(list_rooms))
         .route("/v1/rooms/{name}", get(get_room).delete(delete_room))
         .route("/v1/rooms/{name}/participants", get(list_participants))
@@ -94,8 +100,31 @@ pub fn router(state: AppState) -> Router {
             "/v1/rooms/{name}/participants/{identity}",
             delete(remove_participant),
         )
-        .route("/v1/tokens", post(mint_token))
-        .route("/v1/rtc", get(rtc))
+        .route("/v1/tokens", post(mint_token));
+    if state.dev_mode {
+        rest = rest.route("/dev/token", get(dev_token));
+    }
+    let rest = rest.route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        |State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, req, next| async move {
+            limited(&s.rest_limiter, &s.metrics, peer, req, next).await
+        },
+    ));
+    let signalling =
+        Router::new()
+            .route("/v1/rtc", get(rtc))
+            .route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                |State(s): State<AppState>,
+                 ConnectInfo(peer): ConnectInfo<SocketAddr>,
+                 req,
+                 next| async move {
+                    limited(&s.connect_limiter, &s.metrics, peer, req, next).await
+                },
+            ));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
         .route("/", get(|| asset("index.html")))
         .route(
             "/sdk/{file}",
@@ -104,11 +133,42 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/assets/{file}",
             get(|Path(file): Path<String>| asset_owned(file)),
-        );
-    if state.dev_mode {
-        router = router.route("/dev/token", get(dev_token));
+        )
+        .merge(rest)
+        .merge(signalling)
+        .fallback(fallback)
+        .with_state(state)
+}
+
+/// Passes the request on if `peer`'s address is within its rate; otherwise
+/// answers 429 with Retry-After. Refusals are counted, not logged one by
+/// one: a flood must not become a flood of log lines.
+async fn limited(
+    limiter: &RateLimiter,
+    metrics: &Metrics,
+    peer: SocketAddr,
+    req: Request,
+    next: Next,
+) -> Response {
+    match limiter.check(peer.ip(), std::time::Instant::now()) {
+        Ok(()) => next.run(req).await,
+        Err(wait) => {
+            metrics
+                .requests_rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, path = %req.uri().path(), "rate limited");
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, secs.to_string())],
+                Json(json!({"error": {
+                    "code": "rate_limited",
+                    "message": format!("too many requests from this address; retry in {secs} s"),
+                }})),
+            )
+                .into_response()
+        }
     }
-    router.fallback(fallback).with_state(state)
 }
 
 /// Top-level paths name web assets (`/demo.js`); anything else is a 404
@@ -547,6 +607,11 @@ async fn session(state: AppState, claims: Claims, peer: SocketAddr, socket: WebS
 
     // Reader: socket -> room. Bad frames get an error on this socket only.
     let mut left = false;
+    let rate = state.signal_rate;
+    let mut bucket = Bucket::full(rate.burst as f64, std::time::Instant::now());
+    // Whether this stretch of refused messages has been answered yet: one
+    // error per stretch, not one per message.
+    let mut told = false;
     loop {
         // A client sends at least a ping every 10 s; silence this long
         // means the connection is dead even if TCP has not noticed.
@@ -572,6 +637,32 @@ async fn session(state: AppState, claims: Claims, peer: SocketAddr, socket: WebS
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => continue,
         };
+        if !rate.is_off() {
+            let now = std::time::Instant::now();
+            if bucket
+                .take(rate.per_second, rate.burst as f64, now)
+                .is_err()
+            {
+                state
+                    .metrics
+                    .signals_rate_limited
+                    .fetch_add(1, Ordering::Relaxed);
+                if !told {
+                    told = true;
+                    tracing::info!(%peer, identity = %claims.sub, "signalling rate limit reached");
+                    let msg = ServerMessage::error(
+                        ErrorCode::RateLimited,
+                        format!(
+                            "too many messages: at most {} a second (bursts of {}); messages over the limit are ignored",
+                            rate.per_second, rate.burst
+                        ),
+                    );
+                    send_error(&room, participant, msg).await;
+                }
+                continue;
+            }
+            told = false;
+        }
         match ClientMessage::parse(&text) {
             Ok(message) => {
                 left = matches!(message, ClientMessage::Leave);

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod batch;
 pub mod config;
 pub mod http;
+pub mod limits;
 pub mod media;
 pub mod metrics;
 pub mod rooms;
@@ -98,11 +99,23 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| format!("binding HTTP listener {}", config.http_addr))?;
     let http_addr = listener.local_addr()?;
+    // Load tests and browser tests run on loopback: in development mode
+    // it is exempt from the per-address limits unless asked otherwise.
+    let exempt_loopback = dev_mode && !config.limit_loopback;
     let app = http::router(http::AppState {
         keys: keys.clone(),
         rooms: rooms.clone(),
         dev_mode,
         metrics,
+        rest_limiter: Arc::new(limits::RateLimiter::new(
+            config.rest_rate_limit,
+            exempt_loopback,
+        )),
+        connect_limiter: Arc::new(limits::RateLimiter::new(
+            config.connect_rate_limit,
+            exempt_loopback,
+        )),
+        signal_rate: config.signal_rate_limit,
     });
     let task = tokio::spawn(async move {
         let service = app.into_make_service_with_connect_info::<SocketAddr>();

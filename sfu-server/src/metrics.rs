@@ -18,12 +18,16 @@ pub struct Metrics {
     pub bytes_forwarded: AtomicUsize,
     /// Packets the rooms did not forward, indexed like `DropReason::ALL`.
     pub drops: [AtomicUsize; DropReason::ALL.len()],
+    /// REST requests and signalling connects refused with 429.
+    pub requests_rate_limited: AtomicUsize,
+    /// Signalling messages ignored over a session's rate.
+    pub signals_rate_limited: AtomicUsize,
 }
 
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicUsize); 9] = [
+        let rows: [(&str, &str, &str, &AtomicUsize); 11] = [
             ("sfu_rooms", "gauge", "Rooms open", &self.rooms),
             (
                 "sfu_participants",
@@ -72,6 +76,18 @@ impl Metrics {
                 "counter",
                 "RTP payload bytes forwarded",
                 &self.bytes_forwarded,
+            ),
+            (
+                "sfu_http_requests_rate_limited_total",
+                "counter",
+                "REST requests and signalling connects refused with 429",
+                &self.requests_rate_limited,
+            ),
+            (
+                "sfu_signal_messages_rate_limited_total",
+                "counter",
+                "Signalling messages ignored over a session's rate",
+                &self.signals_rate_limited,
             ),
         ];
         for (name, kind, help, value) in rows {

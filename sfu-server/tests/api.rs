@@ -673,3 +673,125 @@ async fn shutdown_tells_participants() {
     .await;
     client.close().await;
 }
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after_and_spare_others() {
+    use sfu_server::limits::Rate;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
+    let mut config = common::test_config();
+    config.rest_rate_limit = Rate {
+        per_second: 1.0,
+        burst: 3,
+    };
+    config.connect_rate_limit = Rate {
+        per_second: 1.0,
+        burst: 2,
+    };
+    config.signal_rate_limit = Rate {
+        per_second: 5.0,
+        burst: 10,
+    };
+    // Loopback is what this test has: limit it too.
+    config.limit_loopback = true;
+    let server = sfu_server::start(&config).await.expect("server starts");
+    let api = Api::new(&server);
+    let admin = admin_token(&server, "", true, true, true);
+
+    // REST: the burst passes, then 429 with Retry-After and the error shape.
+    for _ in 0..3 {
+        let (status, _) = api
+            .call(reqwest::Method::GET, "/v1/rooms", Some(&admin), None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let resp = api
+        .http
+        .get(format!("{}/v1/rooms", api.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    // Health and metrics are not limited.
+    let health = api
+        .http
+        .get(format!("{}/healthz", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+
+    // Signalling connects: two pass, the third is refused before the
+    // upgrade.
+    let token = |who: &str| common::join_token(&server, "limits", who);
+    let mut flooder = ws_connect(&server, &token("flooder")).await.expect("first");
+    let joined = next_json(&mut flooder).await;
+    assert_eq!(joined["type"], "joined");
+    let watcher = Client::join(&server, "limits", "watcher", 1, false).await;
+    assert_eq!(ws_connect(&server, &token("third")).await.err(), Some(429));
+
+    // A session flooding signalling: the burst is read, the rest ignored,
+    // with one rate_limited error for the whole stretch.
+    let ping = json!({"type": "ping", "ts": 1}).to_string();
+    for _ in 0..60 {
+        flooder
+            .send(Message::Text(ping.clone().into()))
+            .await
+            .unwrap();
+    }
+    let (mut pongs, mut limited) = (0, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < deadline {
+        let Ok(Some(Ok(Message::Text(t)))) =
+            tokio::time::timeout(Duration::from_millis(300), flooder.next()).await
+        else {
+            break;
+        };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        match v["type"].as_str() {
+            Some("pong") => pongs += 1,
+            Some("error") if v["code"] == "rate_limited" => limited += 1,
+            _ => {}
+        }
+    }
+    assert!((10..=12).contains(&pongs), "{pongs} pongs");
+    assert_eq!(limited, 1, "one error for the stretch");
+    let metrics = loadtest::metrics::scrape(&server.base_url()).await.unwrap();
+    assert!(metrics["sfu_signal_messages_rate_limited_total"] >= 48.0);
+    assert!(metrics["sfu_http_requests_rate_limited_total"] >= 2.0);
+    // The flooder's session and the room go on: after a pause it is heard
+    // again, and the watcher never left.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let heard = loop {
+        tick.tick().await;
+        flooder
+            .send(Message::Text(ping.clone().into()))
+            .await
+            .unwrap();
+        if let Ok(Some(Ok(Message::Text(t)))) =
+            tokio::time::timeout(Duration::from_millis(200), flooder.next()).await
+        {
+            if t.contains("pong") {
+                break true;
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+    };
+    assert!(heard, "the flooder is heard again after a pause");
+    assert!(!watcher.view().has_message(|m| m["type"] == "leave"));
+    watcher.close().await;
+}

@@ -112,6 +112,8 @@ pub enum ErrorCode {
     BadSdp,
     NotAllowed,
     BadState,
+    /// Too many messages: this one was not acted on.
+    RateLimited,
     Internal,
 }
 
