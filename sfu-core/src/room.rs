@@ -168,6 +168,9 @@ pub struct RoomConfig {
     pub ice_servers: Vec<IceServer>,
     /// 0 means no limit.
     pub max_participants: usize,
+    /// Media sections a publisher offer may carry (its tracks); 0 means
+    /// no limit.
+    pub max_tracks: usize,
 }
 
 /// What a join token grants, as checked by the server.
@@ -922,6 +925,16 @@ impl Room {
             return Err((
                 ErrorCode::NotAllowed,
                 "this token does not allow publishing".into(),
+            ));
+        }
+        let sections = sdp.lines().filter(|l| l.starts_with("m=")).count();
+        if self.config.max_tracks > 0 && sections > self.config.max_tracks {
+            return Err((
+                ErrorCode::NotAllowed,
+                format!(
+                    "offer has {sections} media sections; at most {} tracks per participant",
+                    self.config.max_tracks
+                ),
             ));
         }
         let sending = crate::sdp::sending_track_ids(&sdp);

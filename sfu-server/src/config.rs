@@ -74,6 +74,13 @@ pub struct Config {
     /// Default participant cap per room (0 = no cap).
     #[arg(long, env = "SFU_MAX_PARTICIPANTS", default_value_t = 0)]
     pub max_participants: usize,
+    /// Tracks (media sections of its publish offer) per participant; 0 =
+    /// no cap.
+    #[arg(long, env = "SFU_MAX_TRACKS_PER_PARTICIPANT", default_value_t = 16)]
+    pub max_tracks_per_participant: usize,
+    /// Rooms open at once on this server; 0 = no cap.
+    #[arg(long, env = "SFU_MAX_ROOMS", default_value_t = 0)]
+    pub max_rooms: usize,
     /// Serve the browser SDK and demo page from this directory instead of
     /// the copies built into the binary (for working on them).
     #[arg(long, env = "SFU_WEB_DIR")]
@@ -112,6 +119,8 @@ impl Config {
             api_secret: None,
             empty_room_timeout: 300,
             max_participants: 0,
+            max_tracks_per_participant: 16,
+            max_rooms: 0,
             web_dir: None,
             rest_rate_limit: Rate::OFF,
             connect_rate_limit: Rate::OFF,

@@ -306,6 +306,11 @@ async fn create_room(
             "already_exists",
             format!("room {} already exists", body.name),
         )),
+        Err(CreateError::Limit(max)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "limit_reached",
+            format!("this server has its maximum of {max} rooms open"),
+        )),
     }
 }
 
@@ -546,7 +551,13 @@ async fn join_room(
     // finds or creates a fresh one.
     let mut last_error = String::new();
     for _ in 0..2 {
-        let handle = state.rooms.get_or_create(&claims.video.room);
+        let handle = match state.rooms.get_or_create(&claims.video.room) {
+            Ok(h) => h,
+            Err(CreateError::Limit(max)) => {
+                return Err(format!("this server has its maximum of {max} rooms open"))
+            }
+            Err(CreateError::Exists) => continue,
+        };
         let (reply, rx) = oneshot::channel();
         let cmd = RoomCmd::Join {
             request: request.clone(),

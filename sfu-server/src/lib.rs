@@ -90,6 +90,8 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             ice_servers: Vec::new(),
             empty_timeout: Duration::from_secs(config.empty_room_timeout),
             max_participants: config.max_participants,
+            max_tracks: config.max_tracks_per_participant,
+            max_rooms: config.max_rooms,
         },
         metrics.clone(),
     );

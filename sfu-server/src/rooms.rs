@@ -92,6 +92,10 @@ pub struct RoomDefaults {
     pub ice_servers: Vec<IceServer>,
     pub empty_timeout: Duration,
     pub max_participants: usize,
+    /// Tracks per participant; 0 = no cap.
+    pub max_tracks: usize,
+    /// Rooms open at once; 0 = no cap.
+    pub max_rooms: usize,
 }
 
 #[derive(Clone)]
@@ -106,6 +110,8 @@ pub struct Rooms {
 #[derive(Debug, PartialEq, Eq)]
 pub enum CreateError {
     Exists,
+    /// The server has as many rooms open as it may.
+    Limit(usize),
 }
 
 impl Rooms {
@@ -141,6 +147,9 @@ impl Rooms {
         max_participants: Option<usize>,
         empty_timeout: Option<Duration>,
     ) -> Result<RoomHandle, CreateError> {
+        if self.at_limit() {
+            return Err(CreateError::Limit(self.defaults.max_rooms));
+        }
         match self.inner.entry(name.to_owned()) {
             dashmap::mapref::entry::Entry::Occupied(_) => Err(CreateError::Exists),
             dashmap::mapref::entry::Entry::Vacant(slot) => {
@@ -151,12 +160,25 @@ impl Rooms {
         }
     }
 
-    /// The named room, created if it does not exist.
-    pub fn get_or_create(&self, name: &str) -> RoomHandle {
-        self.inner
+    /// Whether a new room would pass the server's cap. (Checked before the
+    /// insert, so racing creations may pass it by the number that raced.)
+    fn at_limit(&self) -> bool {
+        self.defaults.max_rooms > 0 && self.inner.len() >= self.defaults.max_rooms
+    }
+
+    /// The named room, created if it does not exist and the cap allows.
+    pub fn get_or_create(&self, name: &str) -> Result<RoomHandle, CreateError> {
+        if let Some(h) = self.get(name) {
+            return Ok(h);
+        }
+        if self.at_limit() {
+            return Err(CreateError::Limit(self.defaults.max_rooms));
+        }
+        Ok(self
+            .inner
             .entry(name.to_owned())
             .or_insert_with(|| self.spawn(name, None, None))
-            .clone()
+            .clone())
     }
 
     /// Closes a room: everyone in it is told and disconnected.
@@ -211,6 +233,7 @@ impl Rooms {
                 seed,
                 ice_servers: self.defaults.ice_servers.clone(),
                 max_participants,
+                max_tracks: self.defaults.max_tracks,
             },
             Instant::now(),
         );

@@ -795,3 +795,76 @@ async fn rate_limits_answer_429_with_retry_after_and_spare_others() {
     assert!(!watcher.view().has_message(|m| m["type"] == "leave"));
     watcher.close().await;
 }
+
+#[tokio::test]
+async fn caps_on_rooms_and_tracks_refuse_clearly() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
+    let mut config = common::test_config();
+    config.max_rooms = 1;
+    config.max_tracks_per_participant = 2;
+    let server = sfu_server::start(&config).await.expect("server starts");
+    let api = Api::new(&server);
+    let admin = admin_token(&server, "", true, true, true);
+    let (status, _) = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/rooms",
+            Some(&admin),
+            Some(json!({"name": "one"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_error(
+        api.call(
+            reqwest::Method::POST,
+            "/v1/rooms",
+            Some(&admin),
+            Some(json!({"name": "two"})),
+        )
+        .await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "limit_reached",
+    );
+    // Joining a room that does not exist would open a second one.
+    let mut ws = ws_connect(&server, &common::join_token(&server, "two", "x"))
+        .await
+        .expect("upgrade");
+    let refused = next_json(&mut ws).await;
+    assert_eq!(refused["type"], "error");
+    assert!(refused["message"]
+        .as_str()
+        .unwrap()
+        .contains("maximum of 1 rooms"));
+
+    // An offer with more media sections than the track cap: refused, and
+    // the session goes on.
+    let mut ws = ws_connect(&server, &common::join_token(&server, "one", "y"))
+        .await
+        .expect("upgrade");
+    assert_eq!(next_json(&mut ws).await["type"], "joined");
+    let mut sdp = String::from("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n");
+    for i in 0..300 {
+        sdp.push_str(&format!(
+            "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:{i}\r\na=sendonly\r\na=rtpmap:111 opus/48000/2\r\n"
+        ));
+    }
+    let offer = json!({"type": "offer", "target": "publisher", "sdp": sdp});
+    ws.send(Message::Text(offer.to_string().into()))
+        .await
+        .unwrap();
+    let err = next_json(&mut ws).await;
+    assert_eq!(err["type"], "error", "{err}");
+    assert_eq!(err["code"], "not_allowed", "{err}");
+    assert!(err["message"]
+        .as_str()
+        .unwrap()
+        .contains("300 media sections"));
+    let ping = json!({"type": "ping", "ts": 7});
+    ws.send(Message::Text(ping.to_string().into()))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "pong");
+}

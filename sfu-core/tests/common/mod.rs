@@ -142,6 +142,7 @@ impl Harness {
                 seed: 42,
                 ice_servers: vec![],
                 max_participants: 0,
+                max_tracks: 0,
             },
             now,
         );
