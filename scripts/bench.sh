@@ -264,7 +264,7 @@ PY
         run "$target" "livestream-1x$n" 1 "$n" 15 1.2M || true
         if knee "$target" "livestream-1x$n"; then echo "| knee | $target | livestream 1->$n |"; break; fi
       done
-      for n in 4 6 8 10 12 14 16 20; do
+      for n in 4 6 8 10 12 14 16 20 24 28 32; do
         run "$target" "meeting-${n}x$n" "$n" 0 15 800k || true
         if knee "$target" "meeting-${n}x$n"; then echo "| knee | $target | meeting ${n}x$n |"; break; fi
       done
