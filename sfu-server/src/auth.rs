@@ -55,18 +55,24 @@ pub enum AuthError {
     UnknownKey,
 }
 
-/// API key and secret the server signs and verifies with.
+/// API keys and secrets: the server signs with the first and accepts
+/// tokens issued by any.
 #[derive(Clone)]
 pub struct Keys {
     pub api_key: String,
     secret: String,
+    /// Further keys accepted, by key.
+    others: std::sync::Arc<std::collections::HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for Keys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut others: Vec<&String> = self.others.keys().collect();
+        others.sort();
         f.debug_struct("Keys")
             .field("api_key", &self.api_key)
             .field("secret", &"<redacted>")
+            .field("other_keys", &others)
             .finish()
     }
 }
@@ -79,6 +85,29 @@ impl Keys {
         Keys {
             api_key: api_key.into(),
             secret: secret.into(),
+            others: Default::default(),
+        }
+    }
+
+    /// Accepts tokens issued by `api_key` too.
+    pub fn add(&mut self, api_key: impl Into<String>, secret: impl Into<String>) {
+        std::sync::Arc::make_mut(&mut self.others).insert(api_key.into(), secret.into());
+    }
+
+    /// How many keys are accepted.
+    pub fn len(&self) -> usize {
+        1 + self.others.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    fn secret_of(&self, api_key: &str) -> Option<&str> {
+        if api_key == self.api_key {
+            Some(&self.secret)
+        } else {
+            self.others.get(api_key).map(String::as_str)
         }
     }
 
@@ -91,18 +120,22 @@ impl Keys {
         .unwrap_or_default()
     }
 
-    /// Checks signature, issuer, expiry and not-before.
+    /// Checks signature (with the secret of the key named in `iss`),
+    /// expiry and not-before.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
+        let issuer = unverified_issuer(token)?;
+        let secret = self.secret_of(&issuer).ok_or(AuthError::UnknownKey)?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "iss"]);
+        validation.set_issuer(&[issuer.as_str()]);
         let data = decode::<Claims>(
             token,
-            &DecodingKey::from_secret(self.secret.as_bytes()),
+            &DecodingKey::from_secret(secret.as_bytes()),
             &validation,
         )
         .map_err(|e| match e.kind() {
@@ -110,11 +143,32 @@ impl Keys {
             jsonwebtoken::errors::ErrorKind::ImmatureSignature => AuthError::NotYetValid,
             _ => AuthError::Invalid(e.to_string()),
         })?;
-        if data.claims.iss != self.api_key {
-            return Err(AuthError::UnknownKey);
-        }
         Ok(data.claims)
     }
+}
+
+/// The `iss` claim of a token, read before its signature is checked, to
+/// choose the secret to check it with. Nothing else is trusted from it.
+fn unverified_issuer(token: &str) -> Result<String, AuthError> {
+    use base64::Engine as _;
+    let malformed = || AuthError::Invalid("malformed token".into());
+    let mut parts = token.split('.');
+    let (Some(_), Some(payload), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(malformed());
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| malformed())?;
+    #[derive(Deserialize)]
+    struct Issuer {
+        iss: Option<String>,
+    }
+    let parsed: Issuer = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
+    parsed
+        .iss
+        .ok_or_else(|| AuthError::Invalid("token has no issuer (iss)".into()))
 }
 
 /// Current Unix time in seconds.
@@ -202,6 +256,24 @@ mod tests {
         assert_eq!(parse_ttl("1d"), Ok(86_400));
         assert!(parse_ttl("1w").is_err());
         assert!(parse_ttl("h").is_err());
+    }
+
+    #[test]
+    fn tokens_of_any_configured_key_are_accepted() {
+        let mut keys = Keys::new("primary", "primary-secret-0123");
+        keys.add("second", "second-secret-0123");
+        let second = Keys::new("second", "second-secret-0123");
+        let token = second.sign(&join_claims(&second, "r", "bob", "", 60));
+        assert_eq!(keys.verify(&token).unwrap().sub, "bob");
+        // The right issuer with another key's secret is refused.
+        let forged = Keys::new("second", "primary-secret-0123");
+        let token = forged.sign(&join_claims(&forged, "r", "eve", "", 60));
+        assert!(matches!(keys.verify(&token), Err(AuthError::Invalid(_))));
+        let stranger = Keys::new("third", "third-secret-012345");
+        let token = stranger.sign(&join_claims(&stranger, "r", "x", "", 60));
+        assert_eq!(keys.verify(&token), Err(AuthError::UnknownKey));
+        assert_eq!(keys.len(), 2);
+        assert!(!format!("{keys:?}").contains("secret-0123"));
     }
 
     #[test]

@@ -1,8 +1,16 @@
-//! Settings, from flags or `SFU_*` environment variables.
+//! Settings: flags, `SFU_*` environment variables and a TOML file.
+//!
+//! Precedence, highest first: a flag on the command line, its `SFU_*`
+//! variable, the key of the same name in the file given by `--config` (or
+//! `SFU_CONFIG`), the built-in default. File keys are the flag names
+//! without the dashes' prefix, with `-` or `_`: `http_addr = "0.0.0.0:7880"`.
 
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{ArgAction, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::auth::Keys;
 use crate::limits::Rate;
@@ -14,7 +22,8 @@ pub const DEV_API_SECRET: &str = "devsecret";
 #[command(
     name = "sfu-server",
     version,
-    about = "Selective forwarding unit for group video calls"
+    about = "Selective forwarding unit for group video calls",
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -27,6 +36,20 @@ pub struct Cli {
 pub enum Command {
     /// Print an access token signed with the configured API key.
     Token(TokenArgs),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Validate a TOML configuration file (with the environment's `SFU_*`
+    /// variables applied over it, as the server would) and print the
+    /// settings it gives.
+    Check {
+        /// The file to check.
+        file: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -50,6 +73,10 @@ pub struct TokenArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct Config {
+    /// A TOML file of settings (keys named as these flags); flags and
+    /// `SFU_*` variables override it.
+    #[arg(long, env = "SFU_CONFIG")]
+    pub config: Option<PathBuf>,
     /// HTTP/WebSocket listen address.
     #[arg(long, env = "SFU_HTTP_ADDR", default_value = "127.0.0.1:7880")]
     pub http_addr: SocketAddr,
@@ -66,8 +93,14 @@ pub struct Config {
     pub api_key: Option<String>,
     /// API secret that signs tokens. Prefer the environment variable: flags
     /// show in process listings.
-    #[arg(long, env = "SFU_API_SECRET", hide_env_values = true)]
-    pub api_secret: Option<String>,
+    #[arg(long, env = "SFU_API_SECRET", hide_env_values = true, value_parser = |s: &str| Ok::<_, String>(Secret(s.to_owned())))]
+    pub api_secret: Option<Secret>,
+    /// A file of further API keys, one `key: secret` per line (`#`
+    /// comments). Tokens issued by any of them are accepted; the server
+    /// signs with `--api-key` or, without it, the file's first key. The
+    /// file must not be readable by group or others.
+    #[arg(long, env = "SFU_KEYS_FILE")]
+    pub keys_file: Option<PathBuf>,
     /// Seconds an empty room stays open.
     #[arg(long, env = "SFU_EMPTY_ROOM_TIMEOUT", default_value_t = 300)]
     pub empty_room_timeout: u64,
@@ -112,6 +145,8 @@ impl Config {
     /// tests and for embedding the server in another program.
     pub fn ephemeral() -> Config {
         Config {
+            config: None,
+            keys_file: None,
             http_addr: "127.0.0.1:0".parse().expect("literal address"),
             media_addr: "127.0.0.1:0".parse().expect("literal address"),
             public_ip: None,
@@ -133,21 +168,169 @@ impl Config {
     /// The signing keys, and whether they are the development defaults.
     pub fn keys(&self) -> anyhow::Result<(Keys, bool)> {
         let nonempty = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
-        match (&nonempty(&self.api_key), &nonempty(&self.api_secret)) {
-            (Some(key), Some(secret)) => {
-                anyhow::ensure!(!key.is_empty(), "API key is empty");
-                anyhow::ensure!(
-                    secret.len() >= 16,
-                    "API secret must be at least 16 characters"
-                );
-                Ok((Keys::new(key.clone(), secret.clone()), false))
-            }
-            (None, None) => Ok((Keys::new(DEV_API_KEY, DEV_API_SECRET), true)),
+        let file = match &self.keys_file {
+            Some(path) => read_keys_file(path)?,
+            None => Vec::new(),
+        };
+        let secret = self.api_secret.as_ref().map(|s| s.0.clone());
+        let pair = match (&nonempty(&self.api_key), &nonempty(&secret)) {
+            (Some(key), Some(secret)) => Some((key.clone(), secret.clone())),
+            (None, None) => None,
             _ => anyhow::bail!(
                 "set both SFU_API_KEY and SFU_API_SECRET, or neither for development mode"
             ),
+        };
+        let mut all: Vec<(String, String)> = pair.into_iter().chain(file).collect();
+        if all.is_empty() {
+            return Ok((Keys::new(DEV_API_KEY, DEV_API_SECRET), true));
+        }
+        for (key, secret) in &all {
+            anyhow::ensure!(!key.is_empty(), "an API key is empty");
+            anyhow::ensure!(
+                secret.len() >= 16,
+                "the secret of API key {key:?} must be at least 16 characters"
+            );
+        }
+        let (key, secret) = all.remove(0);
+        let mut keys = Keys::new(key, secret);
+        for (key, secret) in all {
+            keys.add(key, secret);
+        }
+        Ok((keys, false))
+    }
+}
+
+/// A secret: printed as `<redacted>` by `Debug`, so logging a
+/// configuration never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// `key: secret` lines; blank lines and `#` comments skipped.
+fn read_keys_file(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .with_context(|| format!("keys file {}", path.display()))?
+            .permissions()
+            .mode();
+        anyhow::ensure!(
+            mode & 0o077 == 0,
+            "keys file {} is readable by group or others (mode {:o}); chmod 600 it",
+            path.display(),
+            mode & 0o777
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading keys file {}", path.display()))?;
+    let mut keys = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, secret) = line
+            .split_once(':')
+            .with_context(|| format!("{}:{}: expected `key: secret`", path.display(), n + 1))?;
+        keys.push((key.trim().to_owned(), secret.trim().to_owned()));
+    }
+    anyhow::ensure!(!keys.is_empty(), "keys file {} has no keys", path.display());
+    Ok(keys)
+}
+
+/// Parses the command line with the `--config` file (or `SFU_CONFIG`)
+/// applied under flags and environment variables.
+pub fn load_cli(args: Vec<OsString>) -> anyhow::Result<Cli> {
+    let file = config_path(&args).or_else(|| std::env::var_os("SFU_CONFIG").map(PathBuf::from));
+    let mut all = args.clone();
+    if let Some(path) = file {
+        let extra = file_args(&path)?;
+        all = args
+            .iter()
+            .take(1)
+            .cloned()
+            .chain(extra)
+            .chain(args.iter().skip(1).cloned())
+            .collect();
+    }
+    let matches = Cli::command().try_get_matches_from(all)?;
+    Ok(Cli::from_arg_matches(&matches)?)
+}
+
+/// The settings a file gives, with the environment's `SFU_*` variables
+/// over it (what `config check` prints).
+pub fn check_file(path: &Path) -> anyhow::Result<Config> {
+    let args: Vec<OsString> = std::iter::once(OsString::from("sfu-server"))
+        .chain(file_args(path)?)
+        .collect();
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    cli.config.keys()?;
+    Ok(cli.config)
+}
+
+/// The value of `--config` on the command line, if given.
+fn config_path(args: &[OsString]) -> Option<PathBuf> {
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let a = a.to_str()?;
+        if a == "--config" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(v) = a.strip_prefix("--config=") {
+            return Some(PathBuf::from(v));
         }
     }
+    None
+}
+
+/// The file's settings as command-line arguments, leaving out those whose
+/// environment variable is set (the variable wins). Unknown keys and
+/// values of the wrong shape are errors.
+fn file_args(path: &Path) -> anyhow::Result<Vec<OsString>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("parsing config file {}", path.display()))?;
+    let command = Cli::command();
+    let mut out = Vec::new();
+    for (key, value) in table {
+        let flag = key.replace('_', "-");
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(flag.as_str()) && flag != "config")
+            .with_context(|| format!("{}: unknown setting {key:?}", path.display()))?;
+        if arg
+            .get_env()
+            .is_some_and(|env| std::env::var_os(env).is_some())
+        {
+            continue;
+        }
+        let is_switch = matches!(arg.get_action(), ArgAction::SetTrue);
+        match value {
+            toml::Value::Boolean(b) if is_switch => {
+                if b {
+                    out.push(OsString::from(format!("--{flag}")));
+                }
+            }
+            toml::Value::String(v) if !is_switch => out.push(format!("--{flag}={v}").into()),
+            toml::Value::Integer(v) if !is_switch => out.push(format!("--{flag}={v}").into()),
+            toml::Value::Float(v) if !is_switch => out.push(format!("--{flag}={v}").into()),
+            other => anyhow::bail!(
+                "{}: setting {key:?} has the wrong type ({})",
+                path.display(),
+                other.type_str()
+            ),
+        }
+    }
+    Ok(out)
 }
 
 /// `RATE[/BURST]`: events a second, and how many may come at once (the
@@ -182,6 +365,122 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file in the temp directory, removed when dropped.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, text: &str, mode: u32) -> TempFile {
+            let path = std::env::temp_dir().join(format!("sfu-{}-{name}", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            }
+            TempFile(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        std::iter::once("sfu-server")
+            .chain(list.iter().copied())
+            .map(OsString::from)
+            .collect()
+    }
+
+    #[test]
+    fn file_settings_sit_under_flags_and_environment() {
+        let file = TempFile::new(
+            "layers.toml",
+            "http_addr = \"127.0.0.1:9000\"\nmax-rooms = 3\nmax_participants = 7\nlimit_loopback = true\nrest_rate_limit = \"1/2\"\nempty_room_timeout = 60\n",
+            0o644,
+        );
+        let path = file.0.to_str().unwrap();
+        // The file alone.
+        let cli = load_cli(args(&["--config", path])).unwrap();
+        assert_eq!(
+            cli.config.http_addr,
+            "127.0.0.1:9000".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(cli.config.max_rooms, 3);
+        assert!(cli.config.limit_loopback);
+        assert_eq!(
+            cli.config.rest_rate_limit,
+            Rate {
+                per_second: 1.0,
+                burst: 2
+            }
+        );
+        // A flag beats the file.
+        let cli = load_cli(args(&["--config", path, "--max-rooms", "5"])).unwrap();
+        assert_eq!(cli.config.max_rooms, 5);
+        // So does an environment variable (the only test here that sets
+        // this one).
+        std::env::set_var("SFU_EMPTY_ROOM_TIMEOUT", "11");
+        let cli = load_cli(args(&[&format!("--config={path}")]));
+        std::env::remove_var("SFU_EMPTY_ROOM_TIMEOUT");
+        assert_eq!(cli.unwrap().config.empty_room_timeout, 11);
+        // Subcommands still parse after the file's settings.
+        let cli = load_cli(args(&["--config", path, "token", "--admin"])).unwrap();
+        assert!(matches!(cli.command, Some(Command::Token(_))));
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_reason() {
+        let unknown = TempFile::new("unknown.toml", "htp_addr = \"x\"\n", 0o644);
+        let e = check_file(&unknown.0).unwrap_err().to_string();
+        assert!(e.contains("unknown setting \"htp_addr\""), "{e}");
+        let wrong = TempFile::new("wrong.toml", "max_rooms = [1]\n", 0o644);
+        let e = check_file(&wrong.0).unwrap_err().to_string();
+        assert!(e.contains("wrong type"), "{e}");
+        let value = TempFile::new("value.toml", "http_addr = \"nowhere\"\n", 0o644);
+        assert!(check_file(&value.0).is_err());
+        let syntax = TempFile::new("syntax.toml", "http_addr = \n", 0o644);
+        assert!(check_file(&syntax.0).is_err());
+        let short = TempFile::new(
+            "short.toml",
+            "api_key = \"k\"\napi_secret = \"short\"\n",
+            0o644,
+        );
+        let e = check_file(&short.0).unwrap_err().to_string();
+        assert!(e.contains("at least 16"), "{e}");
+        let ok = TempFile::new("ok.toml", "max_participants = 50\n", 0o644);
+        assert_eq!(check_file(&ok.0).unwrap().max_participants, 50);
+    }
+
+    #[test]
+    fn keys_files_give_several_keys_and_must_be_private() {
+        let text =
+            "# production keys\nfirst: first-secret-0123456\n\nsecond : second-secret-0123456\n";
+        let open = TempFile::new("open-keys", text, 0o644);
+        let mut config = Config::ephemeral();
+        config.keys_file = Some(open.0.clone());
+        let e = config.keys().unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        let private = TempFile::new("private-keys", text, 0o600);
+        config.keys_file = Some(private.0.clone());
+        let (keys, dev) = config.keys().unwrap();
+        assert!(!dev);
+        assert_eq!(keys.api_key, "first");
+        assert_eq!(keys.len(), 2);
+        let bad = TempFile::new("bad-keys", "no colon here\n", 0o600);
+        config.keys_file = Some(bad.0.clone());
+        assert!(config.keys().unwrap_err().to_string().contains(":1:"));
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug_output() {
+        let mut config = Config::ephemeral();
+        config.api_secret = Some(Secret("very-secret-value-123".into()));
+        assert!(!format!("{config:?}").contains("very-secret"));
+    }
 
     #[test]
     fn rates_parse_with_and_without_burst() {

@@ -1,6 +1,5 @@
-use clap::Parser;
 use sfu_server::auth::{join_claims, parse_ttl, Claims, VideoGrant};
-use sfu_server::config::{Cli, Command, TokenArgs};
+use sfu_server::config::{Cli, Command, ConfigCommand, TokenArgs};
 use tracing_subscriber::EnvFilter;
 
 fn print_token(cli: &Cli, args: &TokenArgs) -> anyhow::Result<()> {
@@ -39,9 +38,22 @@ fn print_token(cli: &Cli, args: &TokenArgs) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    if let Some(Command::Token(args)) = &cli.command {
-        return print_token(&cli, args);
+    let cli = match sfu_server::config::load_cli(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(e) => match e.downcast::<clap::Error>() {
+            // --help, --version and usage errors print as clap prints them.
+            Ok(clap_error) => clap_error.exit(),
+            Err(e) => return Err(e),
+        },
+    };
+    match &cli.command {
+        Some(Command::Token(args)) => return print_token(&cli, args),
+        Some(Command::Config(ConfigCommand::Check { file })) => {
+            let config = sfu_server::config::check_file(file)?;
+            println!("{}: ok\n{config:#?}", file.display());
+            return Ok(());
+        }
+        None => {}
     }
     tracing_subscriber::fmt()
         .with_env_filter(

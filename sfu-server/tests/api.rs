@@ -462,7 +462,9 @@ async fn tokens_are_minted_and_checked() {
 async fn dev_token_endpoint_is_absent_outside_dev_mode() {
     let mut config = common::test_config();
     config.api_key = Some("prodkey".into());
-    config.api_secret = Some("a-production-secret-of-length".into());
+    config.api_secret = Some(sfu_server::config::Secret(
+        "a-production-secret-of-length".into(),
+    ));
     let server = sfu_server::start(&config).await.unwrap();
     assert!(!server.dev_mode);
     let resp = reqwest::get(format!("{}/dev/token?room=r", server.base_url()))
