@@ -486,7 +486,33 @@ impl Client {
             .map_err(|_| anyhow::anyhow!("no joined message within 10 s"))?
             .ok_or_else(|| anyhow::anyhow!("signalling closed before joined"))?;
 
-        let mut client = Client {
+        let mut client = Client::assemble(
+            identity,
+            sid,
+            index,
+            ws_tx,
+            inbox,
+            (publisher, subscriber),
+            vec![writer, reader],
+        );
+        if publish.publish {
+            let sdp = client.offer_tracks(publish).await?;
+            client.send(serde_json::json!({"type":"offer","target":"publisher","sdp":sdp}));
+        }
+        Ok(client)
+    }
+
+    /// A client with its connections set up and nothing published yet.
+    fn assemble(
+        identity: &str,
+        sid: String,
+        index: u8,
+        ws_tx: mpsc::UnboundedSender<String>,
+        inbox: Arc<Mutex<Inbox>>,
+        (publisher, subscriber): (Arc<dyn PeerConnection>, Arc<dyn PeerConnection>),
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    ) -> Client {
+        Client {
             identity: identity.to_owned(),
             sid,
             index,
@@ -501,14 +527,9 @@ impl Client {
             keyframe_wanted: Arc::new(AtomicBool::new(false)),
             video_ssrcs: Vec::new(),
             layer_seq: vec![0; LAYERS.len()],
-            tasks: vec![writer, reader],
+            tasks,
             janus: None,
-        };
-        if publish.publish {
-            let sdp = client.offer_tracks(publish).await?;
-            client.send(serde_json::json!({"type":"offer","target":"publisher","sdp":sdp}));
         }
-        Ok(client)
     }
 
     /// Adds the synthetic video (unless audio only) and audio tracks to the
@@ -623,25 +644,16 @@ impl Client {
             follow_janus_handle(publisher.clone(), publish_trickles);
         let (subscribe_task, _) = follow_janus_handle(subscriber.clone(), subscribe_trickles);
         let tasks = vec![publish_task, subscribe_task];
-        let mut client = Client {
-            identity: identity.to_owned(),
-            sid: index.to_string(),
+        let mut client = Client::assemble(
+            identity,
+            index.to_string(),
             index,
             // Nothing is sent in our protocol to Janus.
-            ws_tx: mpsc::unbounded_channel().0,
+            mpsc::unbounded_channel().0,
             inbox,
-            publisher,
-            subscriber,
-            video: None,
-            audio: None,
-            seq: 0,
-            video_seq: 0,
-            keyframe_wanted: Arc::new(AtomicBool::new(false)),
-            video_ssrcs: Vec::new(),
-            layer_seq: vec![0; LAYERS.len()],
+            (publisher, subscriber),
             tasks,
-            janus: None,
-        };
+        );
         if publish.publish {
             let (joined, _) = session
                 .message(

@@ -154,6 +154,13 @@ struct Member {
     publisher: bool,
 }
 
+/// The pause between joins, if the scenario asks for one.
+async fn ramp(s: &Scenario) {
+    if !s.ramp.is_zero() {
+        tokio::time::sleep(s.ramp).await;
+    }
+}
+
 /// Creates the rooms on our server and joins everyone.
 async fn join_sfu(s: &Scenario) -> anyhow::Result<Vec<Member>> {
     let http = reqwest::Client::new();
@@ -204,9 +211,7 @@ async fn join_sfu(s: &Scenario) -> anyhow::Result<Vec<Member>> {
                 client,
                 publisher,
             });
-            if !s.ramp.is_zero() {
-                tokio::time::sleep(s.ramp).await;
-            }
+            ramp(s).await;
         }
     }
 
@@ -249,9 +254,7 @@ async fn join_janus(s: &Scenario) -> anyhow::Result<Vec<Member>> {
                 client,
                 publisher,
             });
-            if !s.ramp.is_zero() {
-                tokio::time::sleep(s.ramp).await;
-            }
+            ramp(s).await;
         }
         for m in &members[first..] {
             let others: Vec<u64> = feeds
