@@ -114,6 +114,26 @@ pub struct Config {
     /// Rooms open at once on this server; 0 = no cap.
     #[arg(long, env = "SFU_MAX_ROOMS", default_value_t = 0)]
     pub max_rooms: usize,
+    /// TLS certificate chain (PEM) for HTTPS/WSS; with --tls-key.
+    #[arg(long, env = "SFU_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for HTTPS/WSS; with --tls-cert.
+    #[arg(long, env = "SFU_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve HTTPS/WSS with a self-signed certificate made at start (for
+    /// development off localhost: browsers allow the camera only on secure
+    /// pages).
+    #[arg(long, env = "SFU_TLS_SELF_SIGNED", conflicts_with = "tls_cert")]
+    pub tls_self_signed: bool,
+    /// Behind a TLS-terminating proxy: redirect requests the proxy marks
+    /// `X-Forwarded-Proto: http` to https.
+    #[arg(long, env = "SFU_HTTPS_REDIRECT")]
+    pub https_redirect: bool,
+    /// Origins allowed to call the REST API from browsers (CORS), comma
+    /// separated, e.g. `https://app.example.com`; `*` allows any. Empty:
+    /// no cross-origin calls.
+    #[arg(long, env = "SFU_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
     /// Serve the browser SDK and demo page from this directory instead of
     /// the copies built into the binary (for working on them).
     #[arg(long, env = "SFU_WEB_DIR")]
@@ -156,6 +176,11 @@ impl Config {
             max_participants: 0,
             max_tracks_per_participant: 16,
             max_rooms: 0,
+            tls_cert: None,
+            tls_key: None,
+            tls_self_signed: false,
+            https_redirect: false,
+            cors_origins: Vec::new(),
             web_dir: None,
             rest_rate_limit: Rate::OFF,
             connect_rate_limit: Rate::OFF,

@@ -37,6 +37,10 @@ pub struct AppState {
     pub connect_limiter: Arc<RateLimiter>,
     /// Signalling messages per session.
     pub signal_rate: Rate,
+    /// Redirect requests a proxy marks `X-Forwarded-Proto: http`.
+    pub https_redirect: bool,
+    /// Origins allowed cross-origin REST calls (`*`: any).
+    pub cors_origins: Vec<String>,
 }
 
 /// An error in the documented shape `{"error":{"code","message"}}`.
@@ -122,7 +126,7 @@ pub fn router(state: AppState) -> Router {
                     limited(&s.connect_limiter, &s.metrics, peer, req, next).await
                 },
             ));
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
         .route("/", get(|| asset("index.html")))
@@ -136,8 +140,81 @@ pub fn router(state: AppState) -> Router {
         )
         .merge(rest)
         .merge(signalling)
-        .fallback(fallback)
-        .with_state(state)
+        .fallback(fallback);
+    let mut app = match cors(&state.cors_origins) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    };
+    if state.https_redirect {
+        app = app.layer(middleware::from_fn(redirect_to_https));
+    }
+    app.with_state(state)
+}
+
+/// CORS for the configured origins; `None` when there are none (browsers
+/// then refuse cross-origin calls, as by default).
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins: Vec<&str> = origins
+        .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty())
+        .collect();
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.contains(&"*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| axum::http::HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                axum::http::Method::GET,
+                axum::http::Method::POST,
+                axum::http::Method::DELETE,
+            ])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(std::time::Duration::from_secs(3600)),
+    )
+}
+
+/// Behind a TLS-terminating proxy: a request that reached the proxy over
+/// plain HTTP is sent to the same URL over HTTPS.
+async fn redirect_to_https(req: Request, next: Next) -> Response {
+    let plain = req
+        .headers()
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.trim().eq_ignore_ascii_case("http"));
+    if !plain {
+        return next.run(req).await;
+    }
+    let host = req
+        .headers()
+        .get("x-forwarded-host")
+        .or_else(|| req.headers().get(header::HOST))
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| !h.is_empty() && !h.contains(['/', ' ', '@']));
+    let Some(host) = host else {
+        return ApiError::bad_request("no Host header to redirect to").into_response();
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    (
+        StatusCode::PERMANENT_REDIRECT,
+        [(header::LOCATION, format!("https://{host}{path}"))],
+    )
+        .into_response()
 }
 
 /// Passes the request on if `peer`'s address is within its rate; otherwise

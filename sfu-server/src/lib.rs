@@ -10,6 +10,7 @@ pub mod limits;
 pub mod media;
 pub mod metrics;
 pub mod rooms;
+pub mod tls;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -28,13 +29,19 @@ pub struct RunningServer {
     pub media_addr: SocketAddr,
     pub keys: auth::Keys,
     pub dev_mode: bool,
+    /// Whether HTTP is served over TLS (HTTPS/WSS).
+    pub tls: bool,
+    /// The certificate in use, PEM (for clients that must trust a
+    /// self-signed one, such as tests).
+    pub tls_cert_pem: Option<Vec<u8>>,
     rooms: rooms::Rooms,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl RunningServer {
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.http_addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.http_addr)
     }
 
     /// Serves until the process ends.
@@ -118,18 +125,52 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             exempt_loopback,
         )),
         signal_rate: config.signal_rate_limit,
+        https_redirect: config.https_redirect,
+        cors_origins: config.cors_origins.clone(),
     });
-    let task = tokio::spawn(async move {
-        let service = app.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(listener, service).await {
-            tracing::error!(error = %e, "HTTP server stopped");
+    let identity = match (&config.tls_cert, &config.tls_key, config.tls_self_signed) {
+        (Some(cert), Some(key), false) => Some(tls::Identity::from_files(cert, key)?),
+        (None, None, true) => {
+            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+            for ip in [Some(http_addr.ip()), config.public_ip]
+                .into_iter()
+                .flatten()
+            {
+                if !ip.is_unspecified() && !names.contains(&ip.to_string()) {
+                    names.push(ip.to_string());
+                }
+            }
+            Some(tls::Identity::self_signed(names)?)
         }
-    });
+        (None, None, false) => None,
+        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key, or --tls-self-signed alone"),
+    };
+    let tls_cert_pem = identity.as_ref().map(|i| i.cert_pem.clone());
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    let task = match identity {
+        Some(identity) => {
+            use axum::serve::ListenerExt as _;
+            // tap_io: the wrapper axum gives client addresses for.
+            let listener = tls::TlsListener::new(listener, &identity)?.tap_io(|_| {});
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, service).await {
+                    tracing::error!(error = %e, "HTTPS server stopped");
+                }
+            })
+        }
+        None => tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, service).await {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        }),
+    };
     Ok(RunningServer {
         http_addr,
         media_addr,
         keys,
         dev_mode,
+        tls: tls_cert_pem.is_some(),
+        tls_cert_pem,
         rooms,
         task,
     })
