@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -89,9 +89,20 @@ impl IntoResponse for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> ApiError {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request bodies are limited to {REST_BODY_LIMIT} bytes"),
+            );
+        }
         ApiError::bad_request(e.body_text())
     }
 }
+
+/// Largest REST request body: room and token requests are a few hundred
+/// bytes.
+const REST_BODY_LIMIT: usize = 64 * 1024;
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -108,6 +119,7 @@ pub fn router(state: AppState) -> Router {
     if state.dev_mode {
         rest = rest.route("/dev/token", get(dev_token));
     }
+    let rest = rest.layer(DefaultBodyLimit::max(REST_BODY_LIMIT));
     let rest = rest.route_layer(middleware::from_fn_with_state(
         state.clone(),
         |State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, req, next| async move {
