@@ -10,3 +10,4 @@ pub mod loss;
 pub mod metrics;
 pub mod payload;
 pub mod scenario;
+pub mod soak;

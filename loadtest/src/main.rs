@@ -70,6 +70,13 @@ struct Args {
     /// Exit non-zero when total loss exceeds this percentage.
     #[arg(long)]
     max_loss: Option<f64>,
+    /// Soak instead of a scenario: `--publishers` participants (default
+    /// 30) join a room, stay 2-8 s with media, leave and join again until
+    /// `--duration` ends; then everyone leaves and the server must let go
+    /// of every participant and peer connection. Prints server memory
+    /// before, at peak and after.
+    #[arg(long)]
+    soak: bool,
     /// Exit non-zero when p99 one-way latency exceeds this.
     #[arg(long)]
     max_p99_ms: Option<f64>,
@@ -96,6 +103,9 @@ fn parse_share(text: &str) -> anyhow::Result<f64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if a.soak {
+        return soak(&a).await;
+    }
     let target = match a.target.as_str() {
         "sfu" => Target::Sfu,
         "janus" => Target::Janus,
@@ -213,6 +223,42 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if failed {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn soak(a: &Args) -> anyhow::Result<()> {
+    let s = loadtest::soak::Soak {
+        url: a.url.trim_end_matches('/').to_owned(),
+        api_key: a.api_key.clone(),
+        api_secret: a.api_secret.clone(),
+        participants: if a.publishers == 2 { 30 } else { a.publishers },
+        duration: Duration::from_secs(a.duration),
+        stay: (Duration::from_secs(2), Duration::from_secs(8)),
+        video_bitrate: parse_rate(&a.video_bitrate)?,
+        seed: 42,
+    };
+    let r = loadtest::soak::run_soak(&s, |line| eprintln!("{line}")).await?;
+    println!(
+        "soak: {:.0} s, {} joins, {} leaves, {} failed joins; server RSS {:.1} MB before, {:.1} MB at peak, {:.1} MB after; peer connections at peak {}, after {}; participants after {}; settled in {:.1} s",
+        r.seconds,
+        r.joins,
+        r.leaves,
+        r.failed_joins,
+        r.rss_before as f64 / 1e6,
+        r.rss_peak as f64 / 1e6,
+        r.rss_after as f64 / 1e6,
+        r.peer_connections_peak,
+        r.peer_connections_after,
+        r.participants_after,
+        r.settle_seconds
+    );
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&r)?)?;
+    }
+    if !r.clean() {
+        eprintln!("the server kept participants or peer connections after everyone left");
         std::process::exit(1);
     }
     Ok(())

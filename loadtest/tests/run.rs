@@ -107,3 +107,28 @@ async fn simulcast_publishers_reach_subscribers_on_the_top_layer() {
     .await;
     assert!(not_selected > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_soak_leaves_no_connection_behind() {
+    let server = server().await;
+    let soak = loadtest::soak::Soak {
+        url: server.base_url(),
+        api_key: "devkey".into(),
+        api_secret: "devsecret".into(),
+        participants: 6,
+        duration: Duration::from_secs(6),
+        stay: (Duration::from_millis(800), Duration::from_millis(2000)),
+        video_bitrate: 100_000,
+        seed: 7,
+    };
+    let report = loadtest::soak::run_soak(&soak, |line| eprintln!("{line}"))
+        .await
+        .expect("soak runs");
+    eprintln!("{report:?}");
+    // Every slot came and went more than once.
+    assert!(report.joins >= 12, "{report:?}");
+    assert_eq!(report.failed_joins, 0, "{report:?}");
+    assert!(report.peer_connections_peak >= 6, "{report:?}");
+    assert!(report.clean(), "{report:?}");
+    assert!(report.rss_before > 0, "the server reports its memory");
+}

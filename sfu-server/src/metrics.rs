@@ -97,6 +97,12 @@ impl Metrics {
                 value.load(Ordering::Relaxed)
             );
         }
+        if let Some(rss) = resident_memory_bytes() {
+            let _ = writeln!(
+                out,
+                "# HELP process_resident_memory_bytes Resident memory of the server process\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}"
+            );
+        }
         out.push_str("# HELP sfu_rtp_packets_dropped_total Packets not forwarded, by reason\n# TYPE sfu_rtp_packets_dropped_total counter\n");
         for (reason, value) in DropReason::ALL.iter().zip(&self.drops) {
             let _ = writeln!(
@@ -108,4 +114,13 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The process's resident memory, from `/proc/self/statm` (Linux only).
+fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    (page > 0).then(|| pages * page as u64)
 }

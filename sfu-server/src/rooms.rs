@@ -283,10 +283,15 @@ impl Worker {
     async fn run(mut self) {
         loop {
             let deadline = self.flush().await;
-            let wake = match self.empty_since {
+            let mut wake = match self.empty_since {
                 Some(since) => deadline.min(since + self.empty_timeout),
                 None => deadline,
             };
+            // A change in open connections reaches the gauges within a
+            // report interval even when nothing else wakes the room.
+            if self.reported_conns != self.room.connection_count() {
+                wake = wake.min(self.last_report + STATS_INTERVAL);
+            }
             let cmd = tokio::select! {
                 cmd = self.rx.recv() => cmd,
                 _ = tokio::time::sleep_until(wake.into()) => {
