@@ -101,9 +101,13 @@ pub struct Config {
     /// file must not be readable by group or others.
     #[arg(long, env = "SFU_KEYS_FILE")]
     pub keys_file: Option<PathBuf>,
-    /// Seconds an empty room stays open.
+    /// Seconds a room that nobody has joined yet stays open.
     #[arg(long, env = "SFU_EMPTY_ROOM_TIMEOUT", default_value_t = 300)]
     pub empty_room_timeout: u64,
+    /// Seconds a room stays open after its last participant leaves (for
+    /// someone rejoining).
+    #[arg(long, env = "SFU_DEPARTURE_TIMEOUT", default_value_t = 20)]
+    pub departure_timeout: u64,
     /// Default participant cap per room (0 = no cap).
     #[arg(long, env = "SFU_MAX_PARTICIPANTS", default_value_t = 0)]
     pub max_participants: usize,
@@ -173,6 +177,7 @@ impl Config {
             api_key: None,
             api_secret: None,
             empty_room_timeout: 300,
+            departure_timeout: 20,
             max_participants: 0,
             max_tracks_per_participant: 16,
             max_rooms: 0,

@@ -91,6 +91,8 @@ pub struct RoomDefaults {
     pub media_addr: SocketAddr,
     pub ice_servers: Vec<IceServer>,
     pub empty_timeout: Duration,
+    /// How long a room stays open after its last participant leaves.
+    pub departure_timeout: Duration,
     pub max_participants: usize,
     /// Tracks per participant; 0 = no cap.
     pub max_tracks: usize,
@@ -247,6 +249,8 @@ impl Rooms {
             registry: self.inner.clone(),
             handle: handle.clone(),
             empty_timeout: empty_timeout.unwrap_or(self.defaults.empty_timeout),
+            departure_timeout: self.defaults.departure_timeout,
+            ever_joined: false,
             empty_since: Some(Instant::now()),
             metrics: self.metrics.clone(),
             reported: Default::default(),
@@ -270,6 +274,11 @@ struct Worker {
     registry: Arc<DashMap<String, RoomHandle>>,
     handle: RoomHandle,
     empty_timeout: Duration,
+    departure_timeout: Duration,
+    /// Whether anyone has joined: an empty room that never had anyone
+    /// waits `empty_timeout`, one whose last participant left waits
+    /// `departure_timeout`.
+    ever_joined: bool,
     empty_since: Option<Instant>,
     metrics: Arc<Metrics>,
     reported: sfu_core::RoomStats,
@@ -280,11 +289,20 @@ struct Worker {
 }
 
 impl Worker {
+    /// How long this room may stay empty before it closes.
+    fn idle_limit(&self) -> Duration {
+        if self.ever_joined {
+            self.departure_timeout.min(self.empty_timeout)
+        } else {
+            self.empty_timeout
+        }
+    }
+
     async fn run(mut self) {
         loop {
             let deadline = self.flush().await;
             let mut wake = match self.empty_since {
-                Some(since) => deadline.min(since + self.empty_timeout),
+                Some(since) => deadline.min(since + self.idle_limit()),
                 None => deadline,
             };
             // A change in open connections reaches the gauges within a
@@ -296,7 +314,7 @@ impl Worker {
                 cmd = self.rx.recv() => cmd,
                 _ = tokio::time::sleep_until(wake.into()) => {
                     let now = Instant::now();
-                    if self.empty_since.is_some_and(|s| now >= s + self.empty_timeout) {
+                    if self.empty_since.is_some_and(|s| now >= s + self.idle_limit()) {
                         tracing::info!(room = %self.handle.name, "closing empty room");
                         self.close(LeaveReason::RoomDeleted).await;
                         return;
@@ -342,6 +360,7 @@ impl Worker {
                 Ok(id) => {
                     self.clients.insert(id, to_client);
                     self.empty_since = None;
+                    self.ever_joined = true;
                     let _ = reply.send(Ok(id));
                 }
                 Err(e) => {

@@ -870,3 +870,61 @@ async fn caps_on_rooms_and_tracks_refuse_clearly() {
         .unwrap();
     assert_eq!(next_json(&mut ws).await["type"], "pong");
 }
+
+#[tokio::test]
+async fn a_room_closes_after_its_last_participant_leaves_and_an_unjoined_one_waits() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
+    let mut config = common::test_config();
+    config.departure_timeout = 1;
+    config.empty_room_timeout = 300;
+    let server = sfu_server::start(&config).await.expect("server starts");
+    let api = Api::new(&server);
+    let admin = admin_token(&server, "", true, true, true);
+    for name in ["visited", "unvisited"] {
+        let (status, _) = api
+            .call(
+                reqwest::Method::POST,
+                "/v1/rooms",
+                Some(&admin),
+                Some(json!({ "name": name })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let guest = Client::join(&server, "visited", "guest", 1, false).await;
+    guest.send(json!({"type": "leave"}));
+    guest.close().await;
+    let started = tokio::time::Instant::now();
+    eventually(Duration::from_secs(5), || async {
+        let (status, _) = api
+            .call(
+                reqwest::Method::GET,
+                "/v1/rooms/visited",
+                Some(&admin),
+                None,
+            )
+            .await;
+        (status == StatusCode::NOT_FOUND)
+            .then_some(())
+            .ok_or(format!("visited room still there: {status}"))
+    })
+    .await;
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(900),
+        "{closed_after:?}"
+    );
+    // The room nobody joined keeps its own, longer timeout.
+    let (status, _) = api
+        .call(
+            reqwest::Method::GET,
+            "/v1/rooms/unvisited",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
