@@ -34,3 +34,6 @@ SFU_BIN="$PWD/target/release/sfu-server" node tests/browser/simulcast.mjs
 
 echo "== end-to-end benchmark, smoke mode (server + load tester)"
 scripts/bench.sh --smoke
+
+echo "== fuzz targets, 10 s each (scripts/fuzz.sh SECONDS for longer runs)"
+scripts/fuzz.sh 10
