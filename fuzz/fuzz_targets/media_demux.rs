@@ -31,7 +31,8 @@ fuzz_target!(|data: &[u8]| {
     let stranger: SocketAddr = "192.0.2.1:5000".parse().unwrap();
     room.handle_datagram(now, stranger, BytesMut::from(data));
     assert_eq!(room.stats().datagrams_in, 1);
-    while let sfu_core::Output::Transmit(_) | sfu_core::Output::Signal { .. } | sfu_core::Output::Event(_) =
-        room.poll_output()
+    while let sfu_core::Output::Transmit(_)
+    | sfu_core::Output::Signal { .. }
+    | sfu_core::Output::Event(_) = room.poll_output()
     {}
 });
