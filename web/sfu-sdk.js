@@ -157,6 +157,7 @@ export class Room {
   connect(url, token) {
     if (this.ws) return Promise.reject(new Error('this Room is already connected; make a new one'));
     this._mark('connect');
+    this.token = token;
     return new Promise((resolve, reject) => {
       const sep = url.includes('?') ? '&' : '?';
       const ws = new WebSocket(`${url}${sep}access_token=${encodeURIComponent(token)}`);
@@ -292,6 +293,11 @@ export class Room {
         return;
       case 'pong':
         if (typeof msg.ts === 'number') this.rtt = Date.now() - msg.ts;
+        return;
+      case 'tokenRefresh':
+        // The newest token: join again with it once the first has expired.
+        this.token = msg.token;
+        this._emit('tokenRefreshed', msg.token);
         return;
       case 'leave':
         // The server closes the socket next; report the reason it gave.

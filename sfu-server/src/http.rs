@@ -705,6 +705,9 @@ async fn session(state: AppState, claims: Claims, peer: SocketAddr, socket: WebS
         let _ = sink.close().await;
     });
 
+    // Fresh tokens before this one expires, for rejoining later.
+    let (mut refresh, mut refresh_at) = refresh_schedule(&claims);
+
     // Reader: socket -> room. Bad frames get an error on this socket only.
     let mut left = false;
     let rate = state.signal_rate;
@@ -715,7 +718,22 @@ async fn session(state: AppState, claims: Claims, peer: SocketAddr, socket: WebS
     loop {
         // A client sends at least a ping every 10 s; silence this long
         // means the connection is dead even if TCP has not noticed.
-        let frame = match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => next,
+            _ = tokio::time::sleep_until(refresh_at.into()), if refresh.is_some() => {
+                if let Some(ttl) = refresh {
+                    let mut fresh = claims.clone();
+                    let now = unix_now();
+                    fresh.nbf = now.saturating_sub(1);
+                    fresh.exp = now + ttl;
+                    let message = ServerMessage::TokenRefresh { token: state.keys.sign(&fresh) };
+                    let _ = room.tx.send(RoomCmd::Reply { participant, message }).await;
+                }
+                (refresh, refresh_at) = refresh_schedule_after(refresh);
+                continue;
+            }
+        };
+        let frame = match next {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(_) => {
@@ -799,6 +817,30 @@ async fn session(state: AppState, claims: Claims, peer: SocketAddr, socket: WebS
     let _ = writer.await;
     state.metrics.participants.fetch_sub(1, Ordering::Relaxed);
     tracing::info!(%peer, identity = %claims.sub, "left");
+}
+
+/// When to send a session its next fresh token: halfway through the
+/// lifetime of the token it joined with (at most every 10 minutes, at
+/// least a second apart); `None` for a token with no lifetime left.
+fn refresh_schedule(claims: &Claims) -> (Option<u64>, std::time::Instant) {
+    // The token's whole lifetime when it says when it became valid;
+    // otherwise what is left of it.
+    let now = unix_now();
+    let issued = if claims.nbf > 0 && claims.nbf <= now {
+        claims.nbf
+    } else {
+        now
+    };
+    let ttl = claims.exp.saturating_sub(issued);
+    refresh_schedule_after((ttl > 0).then_some(ttl))
+}
+
+fn refresh_schedule_after(ttl: Option<u64>) -> (Option<u64>, std::time::Instant) {
+    let every = ttl.map(|t| (t / 2).clamp(1, 600)).unwrap_or(600);
+    (
+        ttl,
+        std::time::Instant::now() + std::time::Duration::from_secs(every),
+    )
 }
 
 async fn report_bad(room: &RoomHandle, participant: sfu_core::ParticipantId, text: &str) {

@@ -928,3 +928,50 @@ async fn a_room_closes_after_its_last_participant_leaves_and_an_unjoined_one_wai
         .await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn sessions_get_fresh_tokens_before_theirs_expire() {
+    let server = start_server().await;
+    // A token living 4 s: a fresh one comes after about 2 s, with the same
+    // grants and a later expiry, and the session outlives the first token.
+    let claims = join_claims(&server.keys, "refresh", "rita", "Rita", 4);
+    let mut ws = ws_connect(&server, &server.keys.sign(&claims))
+        .await
+        .expect("joins");
+    assert_eq!(next_json(&mut ws).await["type"], "joined");
+    let fresh = loop {
+        let m = next_json(&mut ws).await;
+        if m["type"] == "tokenRefresh" {
+            break m["token"].as_str().unwrap().to_owned();
+        }
+    };
+    let renewed = server
+        .keys
+        .verify(&fresh)
+        .expect("the fresh token verifies");
+    assert_eq!(renewed.sub, "rita");
+    assert_eq!(renewed.video, claims.video);
+    assert!(renewed.exp > claims.exp, "{} > {}", renewed.exp, claims.exp);
+    // A second one follows, and after the first token's expiry the
+    // session is still served.
+    let second = loop {
+        let m = next_json(&mut ws).await;
+        if m["type"] == "tokenRefresh" {
+            break m["token"].as_str().unwrap().to_owned();
+        }
+    };
+    assert!(server.keys.verify(&second).unwrap().exp >= renewed.exp);
+    ws.send(Message::Text(r#"{"type":"ping","ts":3}"#.into()))
+        .await
+        .unwrap();
+    loop {
+        let m = next_json(&mut ws).await;
+        if m["type"] == "pong" {
+            break;
+        }
+    }
+    assert!(
+        unix_now() + 1 >= claims.exp,
+        "the first token has run out by now"
+    );
+}

@@ -238,6 +238,11 @@ pub enum ServerMessage {
     Pong {
         ts: f64,
     },
+    /// A fresh join token with the same grants and a later expiry, to join
+    /// again with if the connection is lost after the first one expired.
+    TokenRefresh {
+        token: String,
+    },
     Error {
         code: ErrorCode,
         message: String,
