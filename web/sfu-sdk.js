@@ -71,10 +71,17 @@ export class RemoteParticipant {
  * `participantLeft` (participant), `trackSubscribed` ({participant, track,
  * mediaStreamTrack, stream}), `trackUnsubscribed` ({participant, trackSid}),
  * `trackMuted` ({participant, trackSid, muted}), `localTrackPublished`
- * (TrackInfo of an own track), `disconnected` (reason), `error` (Error).
+ * (TrackInfo of an own track), `tokenRefreshed` (token), `disconnected`
+ * (reason), `error` (Error).
+ *
+ * Options: `iceTransportPolicy` ('all' or 'relay': only TURN relays, to
+ * test or to force them) and `iceCandidatePoolSize` (candidates gathered
+ * before they are needed).
  */
 export class Room {
-  constructor() {
+  /** @param {{iceTransportPolicy?: RTCIceTransportPolicy, iceCandidatePoolSize?: number}} [options] */
+  constructor(options = {}) {
+    this.options = options;
     /** @type {WebSocket|null} */
     this.ws = null;
     /** @type {{sid:string, identity:string, name:string}|null} */
@@ -220,7 +227,7 @@ export class Room {
     this.canSubscribe = msg.canSubscribe !== false;
     for (const p of msg.participants || []) this.participants.set(p.sid, new RemoteParticipant(p));
 
-    const pc = new RTCPeerConnection({ iceServers: this.iceServers });
+    const pc = new RTCPeerConnection(this._rtcConfig());
     pc.onicecandidate = (e) => {
       if (e.candidate && e.candidate.candidate) {
         this._send({ type: 'candidate', target: 'subscriber', candidate: e.candidate.toJSON() });
@@ -391,9 +398,17 @@ export class Room {
 
   // ---- publishing --------------------------------------------------------
 
+  /** The RTCPeerConnection configuration: ICE servers from the server, policy and pool from the options. */
+  _rtcConfig() {
+    const config = { iceServers: this.iceServers };
+    if (this.options.iceTransportPolicy) config.iceTransportPolicy = this.options.iceTransportPolicy;
+    if (Number.isInteger(this.options.iceCandidatePoolSize)) config.iceCandidatePoolSize = this.options.iceCandidatePoolSize;
+    return config;
+  }
+
   _ensurePublisher() {
     if (this.publisherPc) return this.publisherPc;
-    const pc = new RTCPeerConnection({ iceServers: this.iceServers });
+    const pc = new RTCPeerConnection(this._rtcConfig());
     pc.onicecandidate = (e) => {
       if (!e.candidate || !e.candidate.candidate) return;
       const msg = { type: 'candidate', target: 'publisher', candidate: e.candidate.toJSON() };

@@ -35,6 +35,7 @@ fuzz_target!(|data: &[u8]| {
                 can_publish: true,
                 can_subscribe: true,
                 joined_at_unix: 0,
+                ice_servers: vec![],
             },
         )
         .expect("joins an empty room");

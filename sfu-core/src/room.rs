@@ -182,6 +182,9 @@ pub struct JoinRequest {
     pub can_subscribe: bool,
     /// Unix seconds, for display only.
     pub joined_at_unix: u64,
+    /// ICE servers for this participant (with its own TURN credentials);
+    /// empty: the room's.
+    pub ice_servers: Vec<IceServer>,
 }
 
 /// A datagram to send from the media socket.
@@ -599,7 +602,11 @@ impl Room {
                 },
                 participant: me.clone(),
                 participants: others,
-                ice_servers: self.config.ice_servers.clone(),
+                ice_servers: if request.ice_servers.is_empty() {
+                    self.config.ice_servers.clone()
+                } else {
+                    request.ice_servers.clone()
+                },
                 can_publish: request.can_publish,
                 can_subscribe: request.can_subscribe,
             },

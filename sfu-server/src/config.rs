@@ -118,6 +118,23 @@ pub struct Config {
     /// Rooms open at once on this server; 0 = no cap.
     #[arg(long, env = "SFU_MAX_ROOMS", default_value_t = 0)]
     pub max_rooms: usize,
+    /// STUN servers given to clients, comma separated
+    /// (`stun:stun.example.com:3478`).
+    #[arg(long, env = "SFU_STUN_URLS", value_delimiter = ',')]
+    pub stun_urls: Vec<String>,
+    /// TURN servers given to clients with short-lived credentials, comma
+    /// separated (`turn:turn.example.com:3478?transport=udp`,
+    /// `turns:turn.example.com:5349`); they must share --turn-secret
+    /// (coturn: `use-auth-secret`, `static-auth-secret`).
+    #[arg(long, env = "SFU_TURN_URLS", value_delimiter = ',')]
+    pub turn_urls: Vec<String>,
+    /// The TURN servers' shared secret. In development mode it defaults to
+    /// the development API secret.
+    #[arg(long, env = "SFU_TURN_SECRET", hide_env_values = true, value_parser = |s: &str| Ok::<_, String>(Secret(s.to_owned())))]
+    pub turn_secret: Option<Secret>,
+    /// Lifetime of TURN credentials, seconds.
+    #[arg(long, env = "SFU_TURN_TTL", default_value_t = 21_600)]
+    pub turn_ttl: u64,
     /// TLS certificate chain (PEM) for HTTPS/WSS; with --tls-key.
     #[arg(long, env = "SFU_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -181,6 +198,10 @@ impl Config {
             max_participants: 0,
             max_tracks_per_participant: 16,
             max_rooms: 0,
+            stun_urls: Vec::new(),
+            turn_urls: Vec::new(),
+            turn_secret: None,
+            turn_ttl: 21_600,
             tls_cert: None,
             tls_key: None,
             tls_self_signed: false,

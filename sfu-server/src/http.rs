@@ -41,6 +41,8 @@ pub struct AppState {
     pub https_redirect: bool,
     /// Origins allowed cross-origin REST calls (`*`: any).
     pub cors_origins: Vec<String>,
+    /// STUN/TURN servers for clients.
+    pub ice: crate::turn::IceConfig,
 }
 
 /// An error in the documented shape `{"error":{"code","message"}}`.
@@ -115,7 +117,8 @@ pub fn router(state: AppState) -> Router {
             "/v1/rooms/{name}/participants/{identity}",
             delete(remove_participant),
         )
-        .route("/v1/tokens", post(mint_token));
+        .route("/v1/tokens", post(mint_token))
+        .route("/v1/turn-credentials", get(turn_credentials));
     if state.dev_mode {
         rest = rest.route("/dev/token", get(dev_token));
     }
@@ -624,6 +627,21 @@ async fn rtc(
         .on_upgrade(move |socket| session(state, claims, peer, socket)))
 }
 
+/// ICE servers with fresh TURN credentials for the holder of a join token.
+async fn turn_credentials(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let claims = bearer(&state, &headers)?;
+    if !claims.video.room_join || claims.sub.is_empty() {
+        return Err(ApiError::forbidden(
+            "TURN credentials need a join token (roomJoin, with an identity)",
+        ));
+    }
+    let servers = state.ice.servers_for(&claims.sub, unix_now());
+    Ok(Json(json!({ "iceServers": servers, "ttl": state.ice.ttl })).into_response())
+}
+
 async fn join_room(
     state: &AppState,
     claims: &Claims,
@@ -635,6 +653,7 @@ async fn join_room(
         can_publish: claims.video.can_publish.unwrap_or(true),
         can_subscribe: claims.video.can_subscribe.unwrap_or(true),
         joined_at_unix: unix_now(),
+        ice_servers: state.ice.servers_for(&claims.sub, unix_now()),
     };
     // A room closing at this moment rejects the join; the second attempt
     // finds or creates a fresh one.

@@ -11,6 +11,7 @@ pub mod media;
 pub mod metrics;
 pub mod rooms;
 pub mod tls;
+pub mod turn;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -112,6 +113,21 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     // Load tests and browser tests run on loopback: in development mode
     // it is exempt from the per-address limits unless asked otherwise.
     let exempt_loopback = dev_mode && !config.limit_loopback;
+    let turn_secret = match (&config.turn_secret, dev_mode) {
+        (Some(s), _) => Some(s.0.clone()),
+        (None, true) => Some(config::DEV_API_SECRET.to_owned()),
+        (None, false) => None,
+    };
+    anyhow::ensure!(
+        config.turn_urls.is_empty() || turn_secret.is_some(),
+        "--turn-urls needs --turn-secret (SFU_TURN_SECRET)"
+    );
+    let ice = turn::IceConfig {
+        stun_urls: config.stun_urls.clone(),
+        turn_urls: config.turn_urls.clone(),
+        turn_secret,
+        ttl: config.turn_ttl,
+    };
     let app = http::router(http::AppState {
         keys: keys.clone(),
         rooms: rooms.clone(),
@@ -127,6 +143,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         )),
         signal_rate: config.signal_rate_limit,
         https_redirect: config.https_redirect,
+        ice,
         cors_origins: config.cors_origins.clone(),
     });
     let identity = match (&config.tls_cert, &config.tls_key, config.tls_self_signed) {

@@ -975,3 +975,71 @@ async fn sessions_get_fresh_tokens_before_theirs_expire() {
         "the first token has run out by now"
     );
 }
+
+#[tokio::test]
+async fn turn_credentials_in_the_coturn_rest_form_over_rest_and_in_the_join_reply() {
+    let mut config = common::test_config();
+    config.stun_urls = vec!["stun:stun.example.com:3478".into()];
+    config.turn_urls = vec![
+        "turn:turn.example.com:3478?transport=udp".into(),
+        "turns:turn.example.com:5349".into(),
+    ];
+    config.turn_secret = Some(sfu_server::config::Secret("turn-shared-secret".into()));
+    config.turn_ttl = 600;
+    let server = sfu_server::start(&config).await.expect("server starts");
+    let api = Api::new(&server);
+    let join = common::join_token(&server, "turn-room", "rita");
+    let before = unix_now();
+    let (status, body) = api
+        .call(
+            reqwest::Method::GET,
+            "/v1/turn-credentials",
+            Some(&join),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["ttl"], 600);
+    let servers = body["iceServers"].as_array().unwrap();
+    assert_eq!(servers[0]["urls"][0], "stun:stun.example.com:3478");
+    assert!(servers[0].get("username").is_none());
+    let turn = &servers[1];
+    assert_eq!(turn["urls"].as_array().unwrap().len(), 2);
+    let username = turn["username"].as_str().unwrap();
+    let (expiry, identity) = username.split_once(':').unwrap();
+    let expiry: u64 = expiry.parse().unwrap();
+    assert_eq!(identity, "rita");
+    assert!(
+        (before + 600..=unix_now() + 600).contains(&expiry),
+        "{expiry}"
+    );
+    let (_, password) = sfu_server::turn::credentials("turn-shared-secret", "rita", expiry);
+    assert_eq!(turn["credential"], password.as_str());
+
+    // The join reply carries the same servers, with credentials of its own.
+    let mut ws = ws_connect(&server, &join).await.expect("joins");
+    let joined = next_json(&mut ws).await;
+    let ice = joined["iceServers"].as_array().unwrap();
+    assert_eq!(ice.len(), 2);
+    assert!(ice[1]["username"].as_str().unwrap().ends_with(":rita"));
+
+    // Only a join token gets credentials.
+    assert_error(
+        api.call(reqwest::Method::GET, "/v1/turn-credentials", None, None)
+            .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    let admin = admin_token(&server, "", true, true, true);
+    assert_error(
+        api.call(
+            reqwest::Method::GET,
+            "/v1/turn-credentials",
+            Some(&admin),
+            None,
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "permission_denied",
+    );
+}

@@ -185,6 +185,7 @@ impl Harness {
                     can_publish: true,
                     can_subscribe: true,
                     joined_at_unix: 0,
+                    ice_servers: vec![],
                 },
             )
             .unwrap();
