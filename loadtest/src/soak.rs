@@ -187,16 +187,34 @@ pub async fn run_soak(s: &Soak, mut progress: impl FnMut(&str)) -> anyhow::Resul
     for t in slots {
         let _ = t.await;
     }
-    // Everyone has left: the server should let go of everything.
+    // Everyone has left: the server should let go of everything, and
+    // close the room after its empty timeout (5 s here).
     let left_at = Instant::now();
+    let room_url = format!("{}/v1/rooms/{room}", s.url);
     let mut after = gauges(&s.url).await?;
-    while (after.participants > 0 || after.peer_connections > 0)
-        && left_at.elapsed() < Duration::from_secs(30)
-    {
+    let mut settled_at = None;
+    loop {
+        let room_open = http
+            .get(&room_url)
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(true);
+        let settled = after.participants == 0 && after.peer_connections == 0;
+        if settled && settled_at.is_none() {
+            settled_at = Some(left_at.elapsed().as_secs_f64());
+        }
+        if (settled && !room_open) || left_at.elapsed() > Duration::from_secs(30) {
+            break;
+        }
         tick.tick().await;
         after = gauges(&s.url).await?;
     }
-    report.settle_seconds = left_at.elapsed().as_secs_f64();
+    report.settle_seconds = settled_at.unwrap_or(f64::NAN);
+    // Memory as it stands a moment after the room closed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    after = gauges(&s.url).await?;
     report.seconds = start.elapsed().as_secs_f64();
     report.joins = joins.load(Ordering::Relaxed);
     report.leaves = leaves.load(Ordering::Relaxed);

@@ -124,3 +124,15 @@ fn resident_memory_bytes() -> Option<u64> {
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     (page > 0).then(|| pages * page as u64)
 }
+
+/// Hands memory that closed rooms freed back to the operating system.
+/// glibc's malloc keeps freed memory in its arenas (one per thread that
+/// allocated), so without this a server whose rooms have all closed stays
+/// at its peak resident size although nothing is in use. A no-op elsewhere.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks malloc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

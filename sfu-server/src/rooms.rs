@@ -526,5 +526,8 @@ impl Worker {
         self.last_report = now - STATS_INTERVAL;
         self.report_stats();
         self.metrics.rooms.fetch_sub(1, Ordering::Relaxed);
+        // The room's memory is free now; give it back, off the runtime's
+        // threads.
+        tokio::task::spawn_blocking(crate::metrics::release_freed_memory);
     }
 }
