@@ -260,11 +260,21 @@ impl PeerConnectionEventHandler for Trickle {
     }
 }
 
+/// ICE servers for a client's connections, and whether to use relays
+/// only (`iceTransportPolicy: "relay"`).
+#[derive(Debug, Clone, Default)]
+pub struct IceSettings {
+    /// (urls, username, credential)
+    pub servers: Vec<(Vec<String>, String, String)>,
+    pub relay_only: bool,
+}
+
 async fn peer(
     handler: Arc<Trickle>,
     uplink_loss: f64,
     seed: u64,
     bind_ip: std::net::IpAddr,
+    ice: &IceSettings,
 ) -> Arc<dyn PeerConnection> {
     let mut engine = MediaEngine::default();
     engine
@@ -292,8 +302,24 @@ async fn peer(
     if uplink_loss > 0.0 {
         registry = registry.with(Slot::Custom(500), UplinkLoss::new(uplink_loss, seed));
     }
+    let mut configuration = RTCConfigurationBuilder::new().with_ice_servers(
+        ice.servers
+            .iter()
+            .map(
+                |(urls, username, credential)| webrtc::peer_connection::RTCIceServer {
+                    urls: urls.clone(),
+                    username: username.clone(),
+                    credential: credential.clone(),
+                },
+            )
+            .collect(),
+    );
+    if ice.relay_only {
+        configuration = configuration
+            .with_ice_transport_policy(webrtc::peer_connection::RTCIceTransportPolicy::Relay);
+    }
     let pc = PeerConnectionBuilder::new()
-        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_configuration(configuration.build())
         .with_media_engine(engine)
         .with_interceptor_registry(registry)
         .with_handler(handler)
@@ -394,6 +420,26 @@ impl Client {
         index: u8,
         publish: PublishOptions,
     ) -> anyhow::Result<Client> {
+        Self::join_with_ice(
+            ws_base,
+            token,
+            identity,
+            index,
+            publish,
+            &IceSettings::default(),
+        )
+        .await
+    }
+
+    /// [`Client::join`] with ICE servers (TURN, say) for both connections.
+    pub async fn join_with_ice(
+        ws_base: &str,
+        token: &str,
+        identity: &str,
+        index: u8,
+        publish: PublishOptions,
+        ice: &IceSettings,
+    ) -> anyhow::Result<Client> {
         let url = format!("{ws_base}/v1/rtc?access_token={token}");
         let (ws, _) = tokio_tungstenite::connect_async(url).await?;
         let (mut sink, mut stream) = ws.split();
@@ -411,6 +457,7 @@ impl Client {
             publish.uplink_loss,
             index as u64 + 1,
             LOOPBACK,
+            ice,
         )
         .await;
         let subscriber = peer(
@@ -418,6 +465,7 @@ impl Client {
             0.0,
             0,
             LOOPBACK,
+            ice,
         )
         .await;
 
@@ -626,6 +674,7 @@ impl Client {
             publish.uplink_loss,
             index as u64 + 1,
             bind_ip,
+            &IceSettings::default(),
         )
         .await;
         let subscriber = peer(
@@ -638,6 +687,7 @@ impl Client {
             0.0,
             0,
             bind_ip,
+            &IceSettings::default(),
         )
         .await;
         let (publish_task, mut publish_up) =
