@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use sfu_core::{Room, RoomConfig};
 
 fuzz_target!(|data: &[u8]| {
     if let Some(ufrag) = sfu_core::demux::binding_request_ufrag(data) {
@@ -16,18 +15,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(ufrag.len() <= data.len());
     }
     let now = Instant::now();
-    let mut room = Room::new(
-        RoomConfig {
-            name: "fuzz".into(),
-            sid: "RM_fuzz".into(),
-            media_addr: "127.0.0.1:7882".parse().unwrap(),
-            seed: 1,
-            ice_servers: vec![],
-            max_participants: 0,
-            max_tracks: 0,
-        },
-        now,
-    );
+    let mut room = sfu_fuzz::room(now, 0);
     let stranger: SocketAddr = "192.0.2.1:5000".parse().unwrap();
     room.handle_datagram(now, stranger, BytesMut::from(data));
     assert_eq!(room.stats().datagrams_in, 1);

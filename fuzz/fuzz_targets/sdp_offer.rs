@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
 use sfu_core::signal::{ClientMessage, ServerMessage, Target};
-use sfu_core::{JoinRequest, Output, Room, RoomConfig};
+use sfu_core::{JoinRequest, Output};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(sdp) = std::str::from_utf8(data) else {
@@ -14,18 +14,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let _ = sfu_core::sdp::sending_track_ids(sdp);
     let now = Instant::now();
-    let mut room = Room::new(
-        RoomConfig {
-            name: "fuzz".into(),
-            sid: "RM_fuzz".into(),
-            media_addr: "127.0.0.1:7882".parse().unwrap(),
-            seed: 1,
-            ice_servers: vec![],
-            max_participants: 0,
-            max_tracks: 16,
-        },
-        now,
-    );
+    let mut room = sfu_fuzz::room(now, 16);
     let id = room
         .join(
             now,

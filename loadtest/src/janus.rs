@@ -53,6 +53,12 @@ impl Session {
         let trickles: Trickles = Arc::default();
         let writer = tokio::spawn(async move {
             while let Some(text) = rx.recv().await {
+                // An empty message (see `close`): everything before it is
+                // sent; close the socket.
+                if text.is_empty() {
+                    let _ = sink.close().await;
+                    break;
+                }
                 if sink.send(Message::Text(text.into())).await.is_err() {
                     break;
                 }
@@ -174,12 +180,20 @@ impl Session {
         }
     }
 
-    pub async fn close(self) {
+    pub async fn close(mut self) {
         let _ = self.tx.send(
             json!({"janus": "destroy", "session_id": self.id, "transaction": "bye"}).to_string(),
         );
-        // Let the writer flush the destroy before it stops.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _ = self.tx.send(String::new());
+        // The writer ends once it has sent the destroy and closed the
+        // socket (bounded, should Janus stop reading).
+        let mut writer = self.tasks.remove(0);
+        if tokio::time::timeout(REPLY_TIMEOUT, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
         for t in self.tasks {
             t.abort();
         }

@@ -57,6 +57,8 @@ struct Gauges {
     participants: u64,
     peer_connections: u64,
     rss: u64,
+    /// Rooms whose memory the server has handed back since it started.
+    memory_releases: u64,
 }
 
 async fn gauges(url: &str) -> anyhow::Result<Gauges> {
@@ -66,6 +68,7 @@ async fn gauges(url: &str) -> anyhow::Result<Gauges> {
         participants: get("sfu_participants"),
         peer_connections: get("sfu_peer_connections"),
         rss: get("process_resident_memory_bytes"),
+        memory_releases: get("sfu_memory_releases_total"),
     })
 }
 
@@ -212,9 +215,13 @@ pub async fn run_soak(s: &Soak, mut progress: impl FnMut(&str)) -> anyhow::Resul
         after = gauges(&s.url).await?;
     }
     report.settle_seconds = settled_at.unwrap_or(f64::NAN);
-    // Memory as it stands a moment after the room closed.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    after = gauges(&s.url).await?;
+    // Memory once the server has handed back what the closed room held.
+    while after.memory_releases <= before.memory_releases
+        && left_at.elapsed() < Duration::from_secs(40)
+    {
+        tick.tick().await;
+        after = gauges(&s.url).await?;
+    }
     report.seconds = start.elapsed().as_secs_f64();
     report.joins = joins.load(Ordering::Relaxed);
     report.leaves = leaves.load(Ordering::Relaxed);

@@ -419,6 +419,8 @@ pub struct Room {
     next_participant: u64,
     /// Connections by `ConnId`; a closed connection's slot is reused.
     conns: Vec<Option<Box<Conn>>>,
+    /// How many of `conns` are open.
+    open_conns: usize,
     by_ufrag: HashMap<String, ConnId>,
     by_addr: HashMap<SocketAddr, ConnId>,
     tracks: BTreeMap<TrackKey, PublishedTrack>,
@@ -443,6 +445,7 @@ impl Room {
             participants: BTreeMap::new(),
             next_participant: 1,
             conns: Vec::new(),
+            open_conns: 0,
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
             tracks: BTreeMap::new(),
@@ -471,7 +474,7 @@ impl Room {
 
     /// Peer connections currently open.
     pub fn connection_count(&self) -> usize {
-        self.conns.iter().flatten().count()
+        self.open_conns
     }
 
     /// Connection slots held, open or free for reuse.
@@ -682,6 +685,7 @@ impl Room {
             connected: false,
             fed: false,
         });
+        self.open_conns += 1;
         let id = match self.conns.iter().position(Option::is_none) {
             Some(free) => {
                 self.conns[free] = Some(conn);
@@ -717,6 +721,7 @@ impl Room {
 
     fn close_conn(&mut self, id: ConnId) -> Option<(String, Vec<SocketAddr>)> {
         let mut conn = self.conns.get_mut(id.0)?.take()?;
+        self.open_conns -= 1;
         let _ = conn.pc.close();
         self.by_ufrag.remove(&conn.ufrag);
         for addr in &conn.addrs {

@@ -95,12 +95,8 @@ impl Keys {
     }
 
     /// How many keys are accepted.
-    pub fn len(&self) -> usize {
+    pub fn key_count(&self) -> usize {
         1 + self.others.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     fn secret_of(&self, api_key: &str) -> Option<&str> {
@@ -272,7 +268,7 @@ mod tests {
         let stranger = Keys::new("third", "third-secret-012345");
         let token = stranger.sign(&join_claims(&stranger, "r", "x", "", 60));
         assert_eq!(keys.verify(&token), Err(AuthError::UnknownKey));
-        assert_eq!(keys.len(), 2);
+        assert_eq!(keys.key_count(), 2);
         assert!(!format!("{keys:?}").contains("secret-0123"));
     }
 

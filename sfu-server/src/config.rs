@@ -520,7 +520,7 @@ mod tests {
         let (keys, dev) = config.keys().unwrap();
         assert!(!dev);
         assert_eq!(keys.api_key, "first");
-        assert_eq!(keys.len(), 2);
+        assert_eq!(keys.key_count(), 2);
         let bad = TempFile::new("bad-keys", "no colon here\n", 0o600);
         config.keys_file = Some(bad.0.clone());
         assert!(config.keys().unwrap_err().to_string().contains(":1:"));

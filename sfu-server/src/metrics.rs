@@ -22,12 +22,14 @@ pub struct Metrics {
     pub requests_rate_limited: AtomicUsize,
     /// Signalling messages ignored over a session's rate.
     pub signals_rate_limited: AtomicUsize,
+    /// Times closed rooms' memory was handed back to the system.
+    pub memory_releases: AtomicUsize,
 }
 
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicUsize); 11] = [
+        let rows: [(&str, &str, &str, &AtomicUsize); 12] = [
             ("sfu_rooms", "gauge", "Rooms open", &self.rooms),
             (
                 "sfu_participants",
@@ -88,6 +90,12 @@ impl Metrics {
                 "counter",
                 "Signalling messages ignored over a session's rate",
                 &self.signals_rate_limited,
+            ),
+            (
+                "sfu_memory_releases_total",
+                "counter",
+                "Times a closed room's memory was handed back to the system",
+                &self.memory_releases,
             ),
         ];
         for (name, kind, help, value) in rows {

@@ -259,7 +259,14 @@ impl Rooms {
             batch: SendBatch::default(),
         };
         self.metrics.rooms.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(worker.run());
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            worker.run().await;
+            // The worker and its room are dropped now: give their memory
+            // back, off the runtime's threads.
+            let _ = tokio::task::spawn_blocking(crate::metrics::release_freed_memory).await;
+            metrics.memory_releases.fetch_add(1, Ordering::Relaxed);
+        });
         handle
     }
 }
@@ -526,8 +533,5 @@ impl Worker {
         self.last_report = now - STATS_INTERVAL;
         self.report_stats();
         self.metrics.rooms.fetch_sub(1, Ordering::Relaxed);
-        // The room's memory is free now; give it back, off the runtime's
-        // threads.
-        tokio::task::spawn_blocking(crate::metrics::release_freed_memory);
     }
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, start_server, wait_for, Client};
+use common::{eventually, next_json, start_server, wait_for, Client};
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -485,22 +485,6 @@ async fn ws_connect(
         Ok((ws, _)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
         Err(e) => panic!("unexpected ws error {e}"),
-    }
-}
-
-async fn next_json<S>(ws: &mut S) -> Value
-where
-    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("message within 5 s")
-            .expect("open")
-            .expect("frame");
-        if let Message::Text(t) = msg {
-            return serde_json::from_str(&t).unwrap();
-        }
     }
 }
 

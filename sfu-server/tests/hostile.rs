@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::{start_server, wait_for, Client, View};
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sfu_server::auth::{unix_now, Claims, VideoGrant};
@@ -74,26 +74,19 @@ async fn rest(
 }
 
 /// The server's next reply to what this client sent (`joined`, `error`,
-/// `pong` or a publisher `answer`), within 5 s. What the room sends on its
-/// own (the subscriber offer for the call's tracks, candidates, events) is
-/// passed over.
+/// `pong` or a publisher `answer`), within 5 s each. What the room sends on
+/// its own (the subscriber offer for the call's tracks, candidates, events)
+/// is passed over.
 async fn next<S>(ws: &mut S) -> Value
 where
     S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
     loop {
-        let frame = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("a reply within 5 s")
-            .expect("socket open")
-            .expect("frame");
-        if let Message::Text(t) = frame {
-            let v: Value = serde_json::from_str(&t).unwrap();
-            let reply = matches!(v["type"].as_str(), Some("joined" | "error" | "pong"))
-                || (v["type"] == "answer" && v["target"] == "publisher");
-            if reply {
-                return v;
-            }
+        let v = common::next_json(ws).await;
+        let reply = matches!(v["type"].as_str(), Some("joined" | "error" | "pong"))
+            || (v["type"] == "answer" && v["target"] == "publisher");
+        if reply {
+            return v;
         }
     }
 }
