@@ -75,6 +75,21 @@ async fn injected_uplink_loss_is_recovered_for_video() {
     let server = server().await;
     let report = run(&scenario(&server, 0.05), |_| {}).await.expect("runs");
     print(&report);
+    if report
+        .tracks
+        .iter()
+        .any(|t| t.kind == "video" && t.lost > 0)
+    {
+        let m = loadtest::metrics::scrape(&server.base_url())
+            .await
+            .expect("metrics");
+        let mut keys: Vec<_> = m
+            .iter()
+            .filter(|(k, v)| k.contains("drop") && **v > 0.0)
+            .collect();
+        keys.sort_by(|a, b| a.0.cmp(b.0));
+        eprintln!("{keys:?}");
+    }
     for t in report.tracks.iter().filter(|t| t.kind == "video") {
         assert!(t.loss_pct < 1.0, "video not recovered: {t:?}");
     }

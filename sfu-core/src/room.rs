@@ -1743,41 +1743,18 @@ impl Room {
             return;
         };
         let ext_seq = source.seq.extend(packet.header.sequence_number as u64);
+        let highest = source.seq.highest().unwrap_or(ext_seq);
         source.last_packet_at = Some(now);
         let resumed = !source.active;
         source.active = true;
+        let (info, vp8) = packet_info(track.kind, track.codec.clock_rate, source, &packet, ext_seq);
         let mut resized = false;
-        let (keyframe, vp8) = match track.kind {
-            // Every audio packet can start a stream.
-            TrackKind::Audio => (true, None),
-            TrackKind::Video => match vp8::parse(&packet.payload) {
-                Some(d) => {
-                    if d.dimensions.is_some() && source.dimensions != d.dimensions {
-                        source.dimensions = d.dimensions;
-                        resized = true;
-                    }
-                    (d.keyframe, Some(d))
-                }
-                None => (false, None),
-            },
-        };
-        let capture_ntp = source.sender_report.map(|(ntp, rtp, _)| {
-            let ticks = packet.header.timestamp.wrapping_sub(rtp) as i32 as i64;
-            let offset = (ticks << 32) / track.codec.clock_rate.max(1) as i64;
-            ntp.wrapping_add(offset as u64)
-        });
-        let info = PacketInfo {
-            layer: source.layer,
-            ext_seq,
-            timestamp: packet.header.timestamp,
-            capture_ntp,
-            keyframe,
-            padding_only: packet.payload.is_empty(),
-            picture_id: vp8.and_then(|d| d.picture_id.map(|(id, _)| id)),
-            tl0_pic_idx: vp8.and_then(|d| d.tl0_pic_idx),
-            tid: vp8.and_then(|d| d.tid),
-            frame_start: vp8.is_none_or(|d| d.frame_start),
-        };
+        if let Some(d) = &vp8 {
+            if d.dimensions.is_some() && source.dimensions != d.dimensions {
+                source.dimensions = d.dimensions;
+                resized = true;
+            }
+        }
         // The subscriber negotiated its own extension ids; the publisher's
         // (mid, rid, ...) must not leak through. Stripped once, before
         // caching, so the per-subscriber copies and retransmissions
@@ -1789,95 +1766,64 @@ impl Room {
         source.cache.insert(ext_seq, now, &packet);
         // Payload plus RTP/UDP/IP headers, as the subscriber's link sees it.
         source.rate.add(now, packet.payload.len() + 40);
-        let bytes = packet.payload.len() as u64;
         // Layers some subscriber waits for a keyframe of (and whether it
         // receives nothing meanwhile).
         let mut wanted: Vec<(Layer, bool)> = Vec::new();
+        // Subscribers that started on this packet although later packets
+        // of the layer came before it (a keyframe recovered by
+        // retransmission): those later packets were dropped while the
+        // subscriber waited, and are sent now from the cache, in order.
+        let mut catch_up: Vec<ParticipantId> = Vec::new();
         for sub in &track.subscribers {
             let Some(p) = participants.get_mut(sub) else {
                 continue;
             };
-            let conn = p.subscriber;
-            let Some(down) = p.down_tracks.get_mut(&key) else {
-                continue;
-            };
-            let (Some(conn), true, Some(pt)) = (conn, down.negotiated, down.payload_type) else {
-                stats.drop(DropReason::NotNegotiated);
-                continue;
-            };
-            let Some(c) = conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
-                continue;
-            };
-            if !c.connected {
-                // Until DTLS is up the engine cannot encrypt; deciding now
-                // would number packets that never leave.
-                stats.drop(DropReason::NotConnected);
-                continue;
+            let switched = deliver(
+                Delivery {
+                    now,
+                    key,
+                    track_sid: &track.sid,
+                    packet: &packet,
+                    info: &info,
+                    vp8: vp8.as_ref(),
+                },
+                *sub,
+                p,
+                conns,
+                dirty,
+                stats,
+                &mut wanted,
+            );
+            if switched && ext_seq < highest {
+                catch_up.push(*sub);
             }
-            let verdict = down.forwarder.decide(&info, now);
-            if let Some(layer) = down.forwarder.awaiting_keyframe() {
-                let starving = down.forwarder.current().is_none();
-                if !wanted.contains(&(layer, starving)) {
-                    wanted.push((layer, starving));
-                }
-            }
-            let rewrite = match verdict {
-                Verdict::Forward(rewrite) => {
-                    if rewrite.switched {
-                        tracing::debug!(track = %track.sid, subscriber = ?sub, layer = info.layer, "layer switch");
-                    }
-                    rewrite
-                }
-                Verdict::Drop(reason) => {
-                    stats.drop(reason);
+        }
+        for sub in catch_up {
+            for later in ext_seq + 1..=highest {
+                let Some(cached) = source.cache.get(later, now).cloned() else {
                     continue;
-                }
-            };
-            let Some(mut rtp_sender) = c.pc.rtp_sender(down.sender) else {
-                continue;
-            };
-            let mut out = packet.clone();
-            out.header.ssrc = down.ssrc;
-            out.header.payload_type = pt;
-            out.header.sequence_number = rewrite.seq;
-            out.header.timestamp = rewrite.timestamp;
-            if let Some(d) = &vp8 {
-                if rewrite.picture_id != info.picture_id || rewrite.tl0_pic_idx != info.tl0_pic_idx
-                {
-                    // Only after a switch do the VP8 fields differ; then this
-                    // subscriber gets its own copy of the payload.
-                    let mut payload = BytesMut::from(&packet.payload[..]);
-                    vp8::rewrite(
-                        &mut payload,
-                        d,
-                        rewrite.picture_id.unwrap_or(0),
-                        rewrite.tl0_pic_idx.unwrap_or(0),
-                    );
-                    out.payload = payload.freeze();
-                }
-            }
-            match rtp_sender.write_rtp(now, out) {
-                Ok(()) => {
-                    stats.rtp_forwarded += 1;
-                    stats.bytes_forwarded += bytes;
-                    down.sent.record(SentEntry {
-                        layer: info.layer,
-                        ext_seq,
-                        rewrite,
-                    });
-                    down.packets_sent = down.packets_sent.wrapping_add(1);
-                    down.octets_sent = down.octets_sent.wrapping_add(bytes as u32);
-                    p.sent_rate.add(now, bytes as usize + 40);
-                    p.sent_packets.add(now, 1);
-                    if !c.dirty {
-                        c.dirty = true;
-                        dirty.push(conn);
-                    }
-                }
-                Err(e) => {
-                    tracing::trace!(error = %e, "write_rtp");
-                    stats.drop(DropReason::EngineRejected);
-                }
+                };
+                let (info, vp8) =
+                    packet_info(track.kind, track.codec.clock_rate, source, &cached, later);
+                let Some(p) = participants.get_mut(&sub) else {
+                    break;
+                };
+                deliver(
+                    Delivery {
+                        now,
+                        key,
+                        track_sid: &track.sid,
+                        packet: &cached,
+                        info: &info,
+                        vp8: vp8.as_ref(),
+                    },
+                    sub,
+                    p,
+                    conns,
+                    dirty,
+                    stats,
+                    &mut wanted,
+                );
             }
         }
         if resumed {
@@ -2379,6 +2325,160 @@ impl Room {
             }
         }
         self.mark_dirty(conn);
+    }
+}
+
+/// What a packet is, for the forwarder: from its layer, its VP8 payload
+/// descriptor and the layer's last sender report.
+fn packet_info(
+    kind: TrackKind,
+    clock_rate: u32,
+    source: &PubLayer,
+    packet: &rtc::rtp::Packet,
+    ext_seq: u64,
+) -> (PacketInfo, Option<vp8::Vp8Descriptor>) {
+    let (keyframe, vp8) = match kind {
+        // Every audio packet can start a stream.
+        TrackKind::Audio => (true, None),
+        TrackKind::Video => match vp8::parse(&packet.payload) {
+            Some(d) => (d.keyframe, Some(d)),
+            None => (false, None),
+        },
+    };
+    let capture_ntp = source.sender_report.map(|(ntp, rtp, _)| {
+        let ticks = packet.header.timestamp.wrapping_sub(rtp) as i32 as i64;
+        let offset = (ticks << 32) / clock_rate.max(1) as i64;
+        ntp.wrapping_add(offset as u64)
+    });
+    let info = PacketInfo {
+        layer: source.layer,
+        ext_seq,
+        timestamp: packet.header.timestamp,
+        capture_ntp,
+        keyframe,
+        padding_only: packet.payload.is_empty(),
+        picture_id: vp8.and_then(|d| d.picture_id.map(|(id, _)| id)),
+        tl0_pic_idx: vp8.and_then(|d| d.tl0_pic_idx),
+        tid: vp8.and_then(|d| d.tid),
+        frame_start: vp8.is_none_or(|d| d.frame_start),
+    };
+    (info, vp8)
+}
+
+/// One published packet on its way to subscribers.
+struct Delivery<'a> {
+    now: Instant,
+    key: TrackKey,
+    track_sid: &'a str,
+    /// With the publisher's header extensions already stripped.
+    packet: &'a rtc::rtp::Packet,
+    info: &'a PacketInfo,
+    vp8: Option<&'a vp8::Vp8Descriptor>,
+}
+
+/// Decides and, if forwarded, writes one packet to one subscriber. Adds
+/// to `wanted` the layer the subscriber waits for a keyframe of. Returns
+/// whether the packet started a layer for this subscriber.
+fn deliver(
+    d: Delivery<'_>,
+    sub: ParticipantId,
+    p: &mut Participant,
+    conns: &mut [Option<Box<Conn>>],
+    dirty: &mut Vec<ConnId>,
+    stats: &mut RoomStats,
+    wanted: &mut Vec<(Layer, bool)>,
+) -> bool {
+    let Delivery {
+        now,
+        key,
+        track_sid,
+        packet,
+        info,
+        vp8,
+    } = d;
+    let conn = p.subscriber;
+    let Some(down) = p.down_tracks.get_mut(&key) else {
+        return false;
+    };
+    let (Some(conn), true, Some(pt)) = (conn, down.negotiated, down.payload_type) else {
+        stats.drop(DropReason::NotNegotiated);
+        return false;
+    };
+    let Some(c) = conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
+        return false;
+    };
+    if !c.connected {
+        // Until DTLS is up the engine cannot encrypt; deciding now would
+        // number packets that never leave.
+        stats.drop(DropReason::NotConnected);
+        return false;
+    }
+    let verdict = down.forwarder.decide(info, now);
+    if let Some(layer) = down.forwarder.awaiting_keyframe() {
+        let starving = down.forwarder.current().is_none();
+        if !wanted.contains(&(layer, starving)) {
+            wanted.push((layer, starving));
+        }
+    }
+    let rewrite = match verdict {
+        Verdict::Forward(rewrite) => {
+            if rewrite.switched {
+                tracing::debug!(track = %track_sid, subscriber = ?sub, layer = info.layer, "layer switch");
+            }
+            rewrite
+        }
+        Verdict::Drop(reason) => {
+            stats.drop(reason);
+            return false;
+        }
+    };
+    let Some(mut rtp_sender) = c.pc.rtp_sender(down.sender) else {
+        return false;
+    };
+    let bytes = packet.payload.len() as u64;
+    let mut out = packet.clone();
+    out.header.ssrc = down.ssrc;
+    out.header.payload_type = pt;
+    out.header.sequence_number = rewrite.seq;
+    out.header.timestamp = rewrite.timestamp;
+    if let Some(d) = vp8 {
+        if rewrite.picture_id != info.picture_id || rewrite.tl0_pic_idx != info.tl0_pic_idx {
+            // Only after a switch do the VP8 fields differ; then this
+            // subscriber gets its own copy of the payload.
+            let mut payload = BytesMut::from(&packet.payload[..]);
+            vp8::rewrite(
+                &mut payload,
+                d,
+                rewrite.picture_id.unwrap_or(0),
+                rewrite.tl0_pic_idx.unwrap_or(0),
+            );
+            out.payload = payload.freeze();
+        }
+    }
+    match rtp_sender.write_rtp(now, out) {
+        Ok(()) => {
+            stats.rtp_forwarded += 1;
+            stats.bytes_forwarded += bytes;
+            down.sent.record(SentEntry {
+                layer: info.layer,
+                ext_seq: info.ext_seq,
+                rewrite,
+            });
+            down.packets_sent = down.packets_sent.wrapping_add(1);
+            down.octets_sent = down.octets_sent.wrapping_add(bytes as u32);
+            p.sent_rate.add(now, bytes as usize + 40);
+            p.sent_packets.add(now, 1);
+            if !c.dirty {
+                c.dirty = true;
+                dirty.push(conn);
+            }
+            rewrite.switched
+        }
+        Err(e) => {
+            tracing::trace!(error = %e, "write_rtp");
+            stats.drop(DropReason::EngineRejected);
+            false
+        }
     }
 }
 

@@ -400,6 +400,42 @@ fn five_percent_downlink_loss_is_recovered_by_retransmission() {
     assert!(residual < 0.005, "residual loss {:.3}%", residual * 100.0);
 }
 
+/// A subscriber waiting for a keyframe whose first packet was lost and
+/// comes back by retransmission after the packets that follow it: it must
+/// get those packets too (they arrived while it still waited), not only
+/// the late keyframe packet and whatever comes after it.
+#[test]
+fn a_keyframe_recovered_after_its_successors_is_followed_by_them() {
+    let mut h = Harness::new();
+    let a = h.join("alice", true);
+    let b = h.join("bob", false);
+    connect_all(&mut h, &[a], &[(b, a)]);
+    let video = h.video_track_sid(a);
+    h.signal(b, wish(video.clone(), None, Some(true)));
+    // Paused for over a second, so the next keyframe request is not held
+    // back, and far from the publisher's periodic keyframes (every 30).
+    pump(&mut h, &[a], 50);
+    while h.clients[a].seq % 30 != 10 {
+        pump(&mut h, &[a], 1);
+    }
+    // Resuming asks the publisher for a keyframe: its next frame is one.
+    let requests = h.clients[a].keyframe_requests.len();
+    h.signal(b, wish(video, None, Some(false)));
+    assert!(h.clients[a].keyframe_requests.len() > requests, "no PLI");
+    let start = h.clients[a].seq;
+    // A keyframe and three frames after it; the keyframe lands last.
+    let mut frames = h.capture_media(a, 4);
+    assert_eq!(frames.len(), 4);
+    frames.rotate_left(1);
+    let from = h.clients[a].pub_addr;
+    for d in frames {
+        let now = h.now;
+        h.room.handle_datagram(now, from, d);
+        h.settle();
+    }
+    assert_eq!(distinct_video_frames(&h, b, a, start), 4);
+}
+
 /// The layer (slot) of the last five video packets `to` received from
 /// `from`, if they agree (a late retransmission of an older layer's packet
 /// does not count as a change of layer).
