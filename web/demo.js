@@ -165,6 +165,8 @@ async function join() {
   room.on('participantLeft', (p) => removeTile(p.sid));
   room.on('trackMuted', onTrackMuted);
   room.on('error', (e) => console.warn(e));
+  room.on('reconnecting', () => setStatus('reconnecting…', 'connecting'));
+  room.on('reconnected', () => setStatus('connected'));
   const thisRoom = room;
   room.on('disconnected', (reason) => {
     if (room !== thisRoom) return;

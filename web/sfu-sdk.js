@@ -17,6 +17,21 @@ export const PROTOCOL_VERSION = 1;
 /** Keepalive interval; the server closes sockets silent for 45 s. */
 const PING_INTERVAL_MS = 10_000;
 
+/** With no pong for this long the socket is taken for dead and replaced. */
+const PONG_TIMEOUT_MS = 25_000;
+
+/**
+ * How long to keep trying to resume a session after the socket dropped
+ * (the server holds it for its reconnect grace, 15 s by default).
+ */
+const RECONNECT_WINDOW_MS = 15_000;
+
+/** Waits between reconnect attempts; the last repeats. */
+const RECONNECT_DELAYS_MS = [0, 250, 500, 1000, 2000];
+
+/** Messages kept while the socket is down, sent once it is back. */
+const OUTBOX_LIMIT = 256;
+
 /** Camera constraints used when `video` is `true` or not given. */
 export const DEFAULT_VIDEO_CONSTRAINTS = { width: { ideal: 1280 }, height: { ideal: 720 } };
 
@@ -71,12 +86,14 @@ export class RemoteParticipant {
  * `participantLeft` (participant), `trackSubscribed` ({participant, track,
  * mediaStreamTrack, stream}), `trackUnsubscribed` ({participant, trackSid}),
  * `trackMuted` ({participant, trackSid, muted}), `localTrackPublished`
- * (TrackInfo of an own track), `tokenRefreshed` (token), `disconnected`
- * (reason), `error` (Error).
+ * (TrackInfo of an own track), `tokenRefreshed` (token), `reconnecting`
+ * (the signalling socket dropped; media may still flow), `reconnected`
+ * (the same session goes on), `disconnected` (reason), `error` (Error).
  *
  * Options: `iceTransportPolicy` ('all' or 'relay': only TURN relays, to
- * test or to force them) and `iceCandidatePoolSize` (candidates gathered
- * before they are needed).
+ * test or to force them), `iceCandidatePoolSize` (candidates gathered
+ * before they are needed) and `reconnectWindowMs` (how long to try to
+ * resume the session after the socket drops; 0 turns resuming off).
  */
 export class Room {
   /** @param {{iceTransportPolicy?: RTCIceTransportPolicy, iceCandidatePoolSize?: number}} [options] */
@@ -118,9 +135,21 @@ export class Room {
     this._negotiating = false; // a publisher offer awaits its answer
     this._renegotiate = false; // another offer is wanted after that
     this._pingTimer = null;
+    this._lastPong = 0;
     this._closed = false;
+    this._leaving = false;
     this._leaveReason = null;
     this._inbox = Promise.resolve();
+    /** Signalling URL, for reconnecting. */
+    this._url = null;
+    /** Set while the socket is down and the session is being resumed. */
+    this.reconnecting = false;
+    /** Times the session was resumed after the socket dropped. */
+    this.reconnects = 0;
+    /** Messages sent while reconnecting, for the new socket. */
+    this._outbox = [];
+    /** A publisher ICE restart is wanted with the next offer. */
+    this._iceRestart = false;
   }
 
   // ---- events ------------------------------------------------------------
@@ -149,7 +178,11 @@ export class Room {
   }
 
   _send(msg) {
-    if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(msg));
+    if (this.ws && this.ws.readyState === WebSocket.OPEN && !this.reconnecting) {
+      this.ws.send(JSON.stringify(msg));
+    } else if (this.reconnecting && this._outbox.length < OUTBOX_LIMIT) {
+      this._outbox.push(msg);
+    }
   }
 
   // ---- connecting --------------------------------------------------------
@@ -165,50 +198,182 @@ export class Room {
     if (this.ws) return Promise.reject(new Error('this Room is already connected; make a new one'));
     this._mark('connect');
     this.token = token;
+    this._url = url;
     return new Promise((resolve, reject) => {
-      const sep = url.includes('?') ? '&' : '?';
-      const ws = new WebSocket(`${url}${sep}access_token=${encodeURIComponent(token)}`);
+      const ws = new WebSocket(this._signalUrl());
       this.ws = ws;
       let joined = false;
       let refusal = null;
       ws.onmessage = (ev) => {
         let msg;
         try { msg = JSON.parse(ev.data); } catch { return; }
-        if (!joined) {
-          if (msg.type === 'joined') {
-            joined = true;
-            this._mark('joined');
-            try {
-              this._onJoined(msg);
-            } catch (e) {
-              reject(e);
-              this.leave();
-              return;
-            }
-            resolve(this);
-          } else if (msg.type === 'error') {
-            refusal = new Error(`${msg.code}: ${msg.message}`);
+        if (msg.type === 'joined') {
+          joined = true;
+          this._mark('joined');
+          try {
+            this._onJoined(msg);
+          } catch (e) {
+            reject(e);
+            this.leave();
+            return;
           }
-          return;
+          this._attach(ws);
+          resolve(this);
+        } else if (msg.type === 'error') {
+          refusal = new Error(`${msg.code}: ${msg.message}`);
         }
-        // Strictly in order: an offer's answer must go out before the next
-        // message touches the same connection.
-        this._inbox = this._inbox
-          .then(() => this._onMessage(msg))
-          .catch((e) => this._emit('error', e));
       };
       ws.onclose = (ev) => {
-        if (!joined) {
-          this._closed = true;
-          reject(refusal || new Error(`cannot join: signalling closed (code ${ev.code}); bad or expired token?`));
-          return;
-        }
-        this._teardown(this._leaveReason || ev.reason || 'closed');
+        if (joined) return; // _attach has taken over
+        this._closed = true;
+        reject(refusal || new Error(`cannot join: signalling closed (code ${ev.code}); bad or expired token?`));
       };
       ws.onerror = () => {
         if (!joined && !refusal) refusal = new Error('cannot reach the signalling server, or it refused the token');
       };
     });
+  }
+
+  /** The signalling URL with the current token, resuming `sid` if given. */
+  _signalUrl(sid) {
+    const sep = this._url.includes('?') ? '&' : '?';
+    let url = `${this._url}${sep}access_token=${encodeURIComponent(this.token)}`;
+    if (sid) url += `&reconnect=1&sid=${encodeURIComponent(sid)}`;
+    return url;
+  }
+
+  /** Makes `ws` the session's socket: messages in order, loss noticed. */
+  _attach(ws) {
+    this.ws = ws;
+    this._lastPong = Date.now();
+    ws.onmessage = (ev) => {
+      let msg;
+      try { msg = JSON.parse(ev.data); } catch { return; }
+      if (msg.type === 'pong') this._lastPong = Date.now();
+      // Strictly in order: an offer's answer must go out before the next
+      // message touches the same connection.
+      this._inbox = this._inbox
+        .then(() => this._onMessage(msg))
+        .catch((e) => this._emit('error', e));
+    };
+    ws.onclose = (ev) => {
+      if (this.ws !== ws) return; // a socket already given up on
+      if (this._closed || this._leaving || this._leaveReason) {
+        this._teardown(this._leaveReason || ev.reason || 'closed');
+        return;
+      }
+      this._socketLost(`signalling closed (code ${ev.code})`);
+    };
+    ws.onerror = () => {};
+    clearInterval(this._pingTimer);
+    this._pingTimer = setInterval(() => {
+      if (this.reconnecting) return;
+      if (Date.now() - this._lastPong > PONG_TIMEOUT_MS) {
+        this._socketLost('no pong from the server');
+        return;
+      }
+      this._send({ type: 'ping', ts: Date.now() });
+    }, PING_INTERVAL_MS);
+  }
+
+  /**
+   * The socket dropped (or went silent) without a leave: resume the same
+   * session on a new one, retrying within the reconnect window. Media keeps
+   * flowing meanwhile if the network still carries it.
+   */
+  async _socketLost(why) {
+    if (this.reconnecting || this._closed) return;
+    const window = this.options.reconnectWindowMs ?? RECONNECT_WINDOW_MS;
+    const old = this.ws;
+    if (old) {
+      old.onclose = null;
+      old.onmessage = null;
+      // 4000: not a leave; the server keeps the session for the grace.
+      try { old.close(4000, 'reconnecting'); } catch { /* already closed */ }
+    }
+    if (window <= 0) {
+      this._teardown(why);
+      return;
+    }
+    this.reconnecting = true;
+    this._emit('reconnecting', why);
+    const deadline = Date.now() + window;
+    for (let attempt = 0; !this._closed; attempt++) {
+      const wait = RECONNECT_DELAYS_MS[Math.min(attempt, RECONNECT_DELAYS_MS.length - 1)];
+      if (Date.now() + wait > deadline) break;
+      await new Promise((r) => setTimeout(r, wait));
+      const outcome = await this._tryResume();
+      if (outcome === 'resumed') return;
+      if (outcome === 'gone') break;
+    }
+    this.reconnecting = false;
+    this._teardown('connection_lost');
+  }
+
+  /** One attempt: 'resumed', 'gone' (the server no longer has the session) or 'failed'. */
+  _tryResume() {
+    return new Promise((resolve) => {
+      let ws;
+      try {
+        ws = new WebSocket(this._signalUrl(this.localParticipant.sid));
+      } catch {
+        resolve('failed');
+        return;
+      }
+      let settled = false;
+      const settle = (outcome) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        resolve(outcome);
+      };
+      const timer = setTimeout(() => {
+        ws.onclose = null;
+        try { ws.close(4000); } catch { /* ignore */ }
+        settle('failed');
+      }, 5000);
+      ws.onmessage = (ev) => {
+        let msg;
+        try { msg = JSON.parse(ev.data); } catch { return; }
+        if (msg.type === 'reconnected') {
+          this._onReconnected(ws, msg);
+          settle('resumed');
+        } else if (msg.type === 'error') {
+          settle(msg.code === 'session_not_found' ? 'gone' : 'failed');
+        }
+      };
+      ws.onclose = () => settle('failed');
+      ws.onerror = () => {};
+    });
+  }
+
+  _onReconnected(ws, msg) {
+    this.reconnecting = false;
+    this.reconnects += 1;
+    this._attach(ws);
+    if (Array.isArray(msg.iceServers) && msg.iceServers.length) {
+      this.iceServers = msg.iceServers;
+      for (const pc of [this.publisherPc, this.subscriberPc]) {
+        try { pc?.setConfiguration({ ...pc.getConfiguration(), iceServers: this.iceServers }); } catch { /* keep the old */ }
+      }
+    }
+    for (const queued of this._outbox.splice(0)) this._send(queued);
+    this._emit('reconnected');
+    // A network change breaks the media path too: restart ICE.
+    const state = this.publisherPc?.iceConnectionState;
+    if (state === 'disconnected' || state === 'failed') this.restartIce();
+  }
+
+  /**
+   * Restarts ICE on the publishing connection (new credentials, new
+   * candidates), as after a change of network. Done by itself when the
+   * connection fails; the subscribing connection follows the server, which
+   * answers checks from any new address of this client.
+   */
+  restartIce() {
+    if (!this.publisherPc || this._closed) return Promise.resolve();
+    this._iceRestart = true;
+    return this._negotiate().catch((e) => this._emit('error', e));
   }
 
   _onJoined(msg) {
@@ -239,7 +404,6 @@ export class Room {
     };
     this.subscriberPc = pc;
 
-    this._pingTimer = setInterval(() => this._send({ type: 'ping', ts: Date.now() }), PING_INTERVAL_MS);
     for (const p of this.participants.values()) this._emit('participantJoined', p);
   }
 
@@ -301,6 +465,8 @@ export class Room {
       case 'pong':
         if (typeof msg.ts === 'number') this.rtt = Date.now() - msg.ts;
         return;
+      case 'reconnected':
+        return; // handled when the socket was attached
       case 'tokenRefresh':
         // The newest token: join again with it once the first has expired.
         this.token = msg.token;
@@ -416,6 +582,10 @@ export class Room {
       if (this._publisherOfferSent) this._send(msg);
       else this._localPublisherCandidates.push(msg);
     };
+    pc.oniceconnectionstatechange = () => {
+      // A failed path does not come back by itself; a restart gathers anew.
+      if (pc.iceConnectionState === 'failed' && !this.reconnecting) this.restartIce();
+    };
     this.publisherPc = pc;
     return pc;
   }
@@ -433,7 +603,9 @@ export class Room {
     this._negotiating = true;
     try {
       const pc = this._ensurePublisher();
-      await pc.setLocalDescription(await pc.createOffer());
+      const iceRestart = this._iceRestart;
+      this._iceRestart = false;
+      await pc.setLocalDescription(await pc.createOffer(iceRestart ? { iceRestart: true } : undefined));
       this._send({ type: 'offer', target: 'publisher', sdp: pc.localDescription.sdp });
     } catch (e) {
       this._negotiating = false;
@@ -575,6 +747,7 @@ export class Room {
 
   /** Leaves the room and releases the camera and microphone. */
   async leave() {
+    this._leaving = true;
     this._send({ type: 'leave' });
     this.ws?.close(1000);
     this._teardown('left');
@@ -584,6 +757,7 @@ export class Room {
   _teardown(reason) {
     if (this._closed) return;
     this._closed = true;
+    this.reconnecting = false;
     clearInterval(this._pingTimer);
     this.localStream?.getTracks().forEach((t) => t.stop());
     this.publisherPc?.close();

@@ -114,8 +114,151 @@ pub struct Client {
     layer_seq: Vec<u16>,
     video_seq: u32,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Our server's signalling: new sockets for the writer (on reconnect),
+    /// the task reading the current socket, and the writer.
+    signalling: Option<Signalling>,
     /// Set when the target is Janus VideoRoom.
     janus: Option<JanusPeer>,
+}
+
+/// The writer half of a signalling socket.
+type WsSink = futures::stream::SplitSink<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    Message,
+>;
+type WsStream = futures::stream::SplitStream<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+>;
+
+struct Signalling {
+    sinks: mpsc::UnboundedSender<WsSink>,
+    reader: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+/// Queued in place of a message: close the socket normally (a leave).
+const CLOSE_SOCKET: &str = "\0close";
+
+/// Writes queued messages to the current socket. Messages queued while
+/// there is none (the socket dropped) wait for the next one.
+async fn write_signals(
+    mut queue: mpsc::UnboundedReceiver<String>,
+    mut sinks: mpsc::UnboundedReceiver<WsSink>,
+) {
+    let mut sink: Option<WsSink> = None;
+    let mut pending: Option<String> = None;
+    loop {
+        let Some(current) = sink.as_mut() else {
+            match sinks.recv().await {
+                Some(s) => sink = Some(s),
+                None => return,
+            }
+            continue;
+        };
+        let text = match pending.take() {
+            Some(text) => text,
+            None => tokio::select! {
+                text = queue.recv() => match text {
+                    Some(text) => text,
+                    None => return,
+                },
+                fresh = sinks.recv() => {
+                    if let Some(fresh) = fresh {
+                        sink = Some(fresh);
+                    }
+                    continue;
+                }
+            },
+        };
+        if text == CLOSE_SOCKET {
+            let _ = current
+                .send(Message::Close(Some(
+                    tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                        code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+                        reason: "".into(),
+                    },
+                )))
+                .await;
+            return;
+        }
+        if current
+            .send(Message::Text(text.clone().into()))
+            .await
+            .is_err()
+        {
+            pending = Some(text);
+            sink = None;
+        }
+    }
+}
+
+/// Reads one signalling socket: applies answers, offers and candidates,
+/// keeps every message, and hands `joined`, `reconnected` and `error`
+/// messages to `first` (the connect path waits for one of them).
+async fn read_signals(
+    mut stream: WsStream,
+    inbox: Arc<Mutex<Inbox>>,
+    publisher: Arc<dyn PeerConnection>,
+    subscriber: Arc<dyn PeerConnection>,
+    ws_tx: mpsc::UnboundedSender<String>,
+    first: mpsc::UnboundedSender<serde_json::Value>,
+) {
+    while let Some(Ok(Message::Text(text))) = stream.next().await {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        inbox.lock().unwrap().messages.push(v.clone());
+        let sdp = v["sdp"].as_str().unwrap_or_default().to_owned();
+        match (v["type"].as_str(), v["target"].as_str()) {
+            (Some("joined" | "reconnected" | "error"), _) => {
+                let _ = first.send(v.clone());
+            }
+            (Some("answer"), Some("publisher")) => {
+                if let Ok(answer) = RTCSessionDescription::answer(sdp) {
+                    let _ = publisher.set_remote_description(answer).await;
+                }
+            }
+            (Some("offer"), Some("subscriber")) => {
+                let Ok(offer) = RTCSessionDescription::offer(sdp) else {
+                    continue;
+                };
+                if subscriber.set_remote_description(offer).await.is_err() {
+                    continue;
+                }
+                let Ok(answer) = subscriber.create_answer(None).await else {
+                    continue;
+                };
+                if subscriber.set_local_description(answer).await.is_err() {
+                    continue;
+                }
+                if let Some(local) = subscriber.local_description().await {
+                    let msg =
+                        serde_json::json!({"type":"answer","target":"subscriber","sdp":local.sdp});
+                    let _ = ws_tx.send(msg.to_string());
+                }
+            }
+            (Some("candidate"), Some(target)) => {
+                let init = candidate_init(&v["candidate"]);
+                let pc = if target == "publisher" {
+                    &publisher
+                } else {
+                    &subscriber
+                };
+                let _ = pc.add_ice_candidate(init).await;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The first of `joined`, `reconnected` or `error` on a fresh socket.
+async fn first_reply(
+    first: &mut mpsc::UnboundedReceiver<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    tokio::time::timeout(Duration::from_secs(10), first.recv())
+        .await
+        .map_err(|_| anyhow::anyhow!("no reply to the join within 10 s"))?
+        .ok_or_else(|| anyhow::anyhow!("signalling closed before the server replied"))
 }
 
 /// A client's Janus session and its two VideoRoom handles.
@@ -442,16 +585,12 @@ impl Client {
     ) -> anyhow::Result<Client> {
         let url = format!("{ws_base}/v1/rtc?access_token={token}");
         let (ws, _) = tokio_tungstenite::connect_async(url).await?;
-        let (mut sink, mut stream) = ws.split();
-        let (ws_tx, mut ws_rx) = mpsc::unbounded_channel::<String>();
+        let (sink, stream) = ws.split();
+        let (ws_tx, ws_rx) = mpsc::unbounded_channel::<String>();
+        let (sinks, sinks_rx) = mpsc::unbounded_channel::<WsSink>();
+        let _ = sinks.send(sink);
         let inbox = Arc::new(Mutex::new(Inbox::default()));
-        let writer = tokio::spawn(async move {
-            while let Some(text) = ws_rx.recv().await {
-                if sink.send(Message::Text(text.into())).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let writer = tokio::spawn(write_signals(ws_rx, sinks_rx));
         let publisher = peer(
             Trickle::new(sfu_candidates("publisher", &ws_tx), &inbox, false, false),
             publish.uplink_loss,
@@ -468,71 +607,23 @@ impl Client {
             ice,
         )
         .await;
-
-        // Reader: apply answers/offers/candidates, keep every message.
-        let (joined_tx, mut joined_rx) = mpsc::unbounded_channel::<String>();
-        let reader = {
-            let inbox = inbox.clone();
-            let publisher = publisher.clone();
-            let subscriber = subscriber.clone();
-            let ws_tx = ws_tx.clone();
-            tokio::spawn(async move {
-                while let Some(Ok(Message::Text(text))) = stream.next().await {
-                    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-                        continue;
-                    };
-                    inbox.lock().unwrap().messages.push(v.clone());
-                    let sdp = v["sdp"].as_str().unwrap_or_default().to_owned();
-                    match (v["type"].as_str(), v["target"].as_str()) {
-                        (Some("joined"), _) => {
-                            let _ = joined_tx.send(
-                                v["participant"]["sid"]
-                                    .as_str()
-                                    .unwrap_or_default()
-                                    .to_owned(),
-                            );
-                        }
-                        (Some("answer"), Some("publisher")) => {
-                            if let Ok(answer) = RTCSessionDescription::answer(sdp) {
-                                let _ = publisher.set_remote_description(answer).await;
-                            }
-                        }
-                        (Some("offer"), Some("subscriber")) => {
-                            let Ok(offer) = RTCSessionDescription::offer(sdp) else {
-                                continue;
-                            };
-                            if subscriber.set_remote_description(offer).await.is_err() {
-                                continue;
-                            }
-                            let Ok(answer) = subscriber.create_answer(None).await else {
-                                continue;
-                            };
-                            if subscriber.set_local_description(answer).await.is_err() {
-                                continue;
-                            }
-                            if let Some(local) = subscriber.local_description().await {
-                                let msg = serde_json::json!({"type":"answer","target":"subscriber","sdp":local.sdp});
-                                let _ = ws_tx.send(msg.to_string());
-                            }
-                        }
-                        (Some("candidate"), Some(target)) => {
-                            let init = candidate_init(&v["candidate"]);
-                            let pc = if target == "publisher" {
-                                &publisher
-                            } else {
-                                &subscriber
-                            };
-                            let _ = pc.add_ice_candidate(init).await;
-                        }
-                        _ => {}
-                    }
-                }
-            })
-        };
-        let sid = tokio::time::timeout(Duration::from_secs(10), joined_rx.recv())
-            .await
-            .map_err(|_| anyhow::anyhow!("no joined message within 10 s"))?
-            .ok_or_else(|| anyhow::anyhow!("signalling closed before joined"))?;
+        let (first_tx, mut first_rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(read_signals(
+            stream,
+            inbox.clone(),
+            publisher.clone(),
+            subscriber.clone(),
+            ws_tx.clone(),
+            first_tx,
+        ));
+        let first = first_reply(&mut first_rx).await?;
+        if first["type"] != "joined" {
+            anyhow::bail!("join refused: {first}");
+        }
+        let sid = first["participant"]["sid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
 
         let mut client = Client::assemble(
             identity,
@@ -541,8 +632,13 @@ impl Client {
             ws_tx,
             inbox,
             (publisher, subscriber),
-            vec![writer, reader],
+            Vec::new(),
         );
+        client.signalling = Some(Signalling {
+            sinks,
+            reader,
+            writer,
+        });
         if publish.publish {
             let sdp = client.offer_tracks(publish).await?;
             client.send(serde_json::json!({"type":"offer","target":"publisher","sdp":sdp}));
@@ -576,8 +672,66 @@ impl Client {
             video_ssrcs: Vec::new(),
             layer_seq: vec![0; LAYERS.len()],
             tasks,
+            signalling: None,
             janus: None,
         }
+    }
+
+    /// Resumes this participant session over a new signalling socket
+    /// (`reconnect=1&sid=...`), as a client does after its socket dropped;
+    /// returns the server's `reconnected` message. Messages sent meanwhile
+    /// go out on the new socket.
+    pub async fn reconnect(
+        &mut self,
+        ws_base: &str,
+        token: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let signalling = self
+            .signalling
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("only clients of our server reconnect"))?;
+        signalling.reader.abort();
+        let url = format!(
+            "{ws_base}/v1/rtc?access_token={token}&reconnect=1&sid={}",
+            self.sid
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let (sink, stream) = ws.split();
+        let (first_tx, mut first_rx) = mpsc::unbounded_channel();
+        signalling.reader = tokio::spawn(read_signals(
+            stream,
+            self.inbox.clone(),
+            self.publisher.clone(),
+            self.subscriber.clone(),
+            self.ws_tx.clone(),
+            first_tx,
+        ));
+        let first = first_reply(&mut first_rx).await?;
+        if first["type"] != "reconnected" {
+            anyhow::bail!("resume refused: {first}");
+        }
+        let _ = signalling.sinks.send(sink);
+        Ok(first)
+    }
+
+    /// Restarts ICE on the publish connection: a new offer with fresh
+    /// credentials, as after a change of network.
+    pub async fn restart_ice(&self) -> anyhow::Result<()> {
+        let offer = self
+            .publisher
+            .create_offer(Some(rtc::peer_connection::configuration::RTCOfferOptions {
+                ice_restart: true,
+            }))
+            .await?;
+        self.publisher.set_local_description(offer).await?;
+        let sdp = self
+            .publisher
+            .local_description()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("no local description"))?
+            .sdp;
+        self.send(serde_json::json!({"type":"offer","target":"publisher","sdp":sdp}));
+        Ok(())
     }
 
     /// Adds the synthetic video (unless audio only) and audio tracks to the
@@ -909,6 +1063,15 @@ impl Client {
     }
 
     pub async fn close(self) {
+        if let Some(signalling) = self.signalling {
+            // Leave, then close the socket normally.
+            let _ = self
+                .ws_tx
+                .send(serde_json::json!({"type": "leave"}).to_string());
+            let _ = self.ws_tx.send(CLOSE_SOCKET.to_owned());
+            let _ = tokio::time::timeout(Duration::from_secs(2), signalling.writer).await;
+            signalling.reader.abort();
+        }
         let _ = self.publisher.close().await;
         let _ = self.subscriber.close().await;
         if let Some(janus) = self.janus {

@@ -506,6 +506,22 @@ impl Room {
             .map(|(id, _)| *id)
     }
 
+    /// The participant session `sid` (`PA_...`) if it belongs to
+    /// `identity`: what a reconnecting client names to resume.
+    pub fn find_session(&self, sid: &str, identity: &str) -> Option<ParticipantId> {
+        self.participants
+            .iter()
+            .find(|(_, p)| p.sid == sid && p.identity == identity)
+            .map(|(id, _)| *id)
+    }
+
+    /// How others see the participant, if present.
+    pub fn participant(&self, id: ParticipantId) -> Option<ParticipantInfo> {
+        self.participants
+            .contains_key(&id)
+            .then(|| self.participant_info(id))
+    }
+
     /// The participant's server id (`PA_...`).
     pub fn participant_sid(&self, id: ParticipantId) -> Option<&str> {
         self.participants.get(&id).map(|p| p.sid.as_str())

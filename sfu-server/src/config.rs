@@ -108,6 +108,11 @@ pub struct Config {
     /// someone rejoining).
     #[arg(long, env = "SFU_DEPARTURE_TIMEOUT", default_value_t = 20)]
     pub departure_timeout: u64,
+    /// Seconds a participant whose signalling connection dropped stays in
+    /// the room, media and all, for its client to reconnect and resume the
+    /// same session (0: leave at once).
+    #[arg(long, env = "SFU_RECONNECT_GRACE", default_value_t = 15)]
+    pub reconnect_grace: u64,
     /// Default participant cap per room (0 = no cap).
     #[arg(long, env = "SFU_MAX_PARTICIPANTS", default_value_t = 0)]
     pub max_participants: usize,
@@ -195,6 +200,7 @@ impl Config {
             api_secret: None,
             empty_room_timeout: 300,
             departure_timeout: 20,
+            reconnect_grace: 15,
             max_participants: 0,
             max_tracks_per_participant: 16,
             max_rooms: 0,

@@ -595,7 +595,15 @@ async fn dev_token(
 #[derive(Deserialize)]
 struct RtcQuery {
     access_token: Option<String>,
+    /// `1` (or `true`) to resume the participant session `sid` after the
+    /// signalling connection dropped.
+    reconnect: Option<String>,
+    sid: Option<String>,
 }
+
+/// Numbers signalling sessions, so a room tells a resumed participant's
+/// new socket from its old one.
+static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A signalling connection with no frame for this long is closed.
 const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
@@ -622,9 +630,18 @@ async fn rtc(
             "token has no identity (sub)".into(),
         )));
     }
+    let resume = match (q.reconnect.as_deref(), q.sid) {
+        (Some("1" | "true"), Some(sid)) if !sid.is_empty() => Some(sid),
+        (Some("1" | "true"), _) => {
+            return Err(ApiError::bad_request(
+                "reconnect needs the sid of the participant session to resume",
+            ))
+        }
+        _ => None,
+    };
     Ok(ws
         .max_message_size(WS_FRAME_LIMIT)
-        .on_upgrade(move |socket| session(state, claims, peer, socket)))
+        .on_upgrade(move |socket| session(state, claims, peer, socket, resume)))
 }
 
 /// ICE servers with fresh TURN credentials for the holder of a join token.
@@ -642,9 +659,43 @@ async fn turn_credentials(
     Ok(Json(json!({ "iceServers": servers, "ttl": state.ice.ttl })).into_response())
 }
 
+/// Reattaches a reconnecting client to its participant session `sid`.
+async fn resume_session(
+    state: &AppState,
+    claims: &Claims,
+    sid: String,
+    session: u64,
+    to_client: mpsc::Sender<ToClient>,
+) -> Result<(RoomHandle, sfu_core::ParticipantId), String> {
+    let handle = state
+        .rooms
+        .get(&claims.video.room)
+        .ok_or_else(|| format!("room {} is not open", claims.video.room))?;
+    let (reply, rx) = oneshot::channel();
+    let cmd = RoomCmd::Resume {
+        sid,
+        identity: claims.sub.clone(),
+        session,
+        ice_servers: state.ice.servers_for(&claims.sub, unix_now()),
+        to_client,
+        reply,
+    };
+    handle
+        .tx
+        .send(cmd)
+        .await
+        .map_err(|_| "room closed".to_owned())?;
+    match rx.await {
+        Ok(Ok(id)) => Ok((handle, id)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("room closed".into()),
+    }
+}
+
 async fn join_room(
     state: &AppState,
     claims: &Claims,
+    session: u64,
     to_client: mpsc::Sender<ToClient>,
 ) -> Result<(RoomHandle, sfu_core::ParticipantId), String> {
     let request = JoinRequest {
@@ -669,6 +720,7 @@ async fn join_room(
         let (reply, rx) = oneshot::channel();
         let cmd = RoomCmd::Join {
             request: request.clone(),
+            session,
             to_client: to_client.clone(),
             reply,
         };
@@ -689,21 +741,36 @@ async fn join_room(
 }
 
 /// One participant's signalling session.
-async fn session(state: AppState, claims: Claims, peer: SocketAddr, socket: WebSocket) {
+async fn session(
+    state: AppState,
+    claims: Claims,
+    peer: SocketAddr,
+    socket: WebSocket,
+    resume: Option<String>,
+) {
     let (mut sink, mut stream) = socket.split();
     let (to_client, mut from_room) = mpsc::channel::<ToClient>(CLIENT_QUEUE);
-    let (room, participant) = match join_room(&state, &claims, to_client).await {
-        Ok(joined) => joined,
-        Err(e) => {
+    let session = SESSIONS.fetch_add(1, Ordering::Relaxed);
+    let resuming = resume.is_some();
+    let attached = match resume {
+        Some(sid) => resume_session(&state, &claims, sid, session, to_client)
+            .await
+            .map_err(|e| (ErrorCode::SessionNotFound, format!("cannot resume: {e}"))),
+        None => join_room(&state, &claims, session, to_client)
+            .await
+            .map_err(|e| (ErrorCode::NotAllowed, format!("cannot join: {e}"))),
+    };
+    let (room, participant) = match attached {
+        Ok(attached) => attached,
+        Err((code, e)) => {
             tracing::info!(%peer, room = %claims.video.room, error = %e, "join refused");
-            let msg = ServerMessage::error(ErrorCode::NotAllowed, format!("cannot join: {e}"));
+            let msg = ServerMessage::error(code, e);
             let _ = sink.send(Message::Text(msg.to_json().into())).await;
             let _ = sink.close().await;
             return;
         }
     };
-    state.metrics.participants.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(%peer, room = %room.name, identity = %claims.sub, "joined");
+    tracing::info!(%peer, room = %room.name, identity = %claims.sub, resuming, "joined");
 
     // Writer: room -> socket.
     let writer = tokio::spawn(async move {
@@ -771,6 +838,22 @@ async fn session(state: AppState, claims: Claims, peer: SocketAddr, socket: WebS
                 .await;
                 continue;
             }
+            // Closing with 1000 (normal), 1001 (going away: the page
+            // closed) or no code is leaving; any other code, or a socket
+            // that just ends, keeps the session for the reconnect grace.
+            Ok(Message::Close(frame))
+                if frame.as_ref().is_none_or(|f| matches!(f.code, 1000 | 1001)) =>
+            {
+                let _ = room
+                    .tx
+                    .send(RoomCmd::Leave {
+                        participant,
+                        reason: LeaveReason::ClientLeave,
+                    })
+                    .await;
+                left = true;
+                break;
+            }
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => continue,
         };
@@ -825,17 +908,18 @@ async fn session(state: AppState, claims: Claims, peer: SocketAddr, socket: WebS
         }
     }
     if !left {
+        // The client may come back: the room holds the session for the
+        // reconnect grace.
         let _ = room
             .tx
-            .send(RoomCmd::Leave {
+            .send(RoomCmd::Disconnected {
                 participant,
-                reason: LeaveReason::ClientLeave,
+                session,
             })
             .await;
     }
     let _ = writer.await;
-    state.metrics.participants.fetch_sub(1, Ordering::Relaxed);
-    tracing::info!(%peer, identity = %claims.sub, "left");
+    tracing::info!(%peer, identity = %claims.sub, left, "signalling closed");
 }
 
 /// When to send a session its next fresh token: halfway through the

@@ -98,6 +98,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             ice_servers: Vec::new(),
             empty_timeout: Duration::from_secs(config.empty_room_timeout),
             departure_timeout: Duration::from_secs(config.departure_timeout),
+            reconnect_grace: Duration::from_secs(config.reconnect_grace),
             max_participants: config.max_participants,
             max_tracks: config.max_tracks_per_participant,
             max_rooms: config.max_rooms,

@@ -41,8 +41,25 @@ const STATS_INTERVAL: Duration = Duration::from_secs(1);
 pub enum RoomCmd {
     Join {
         request: JoinRequest,
+        /// The signalling session (unique on this server) joining.
+        session: u64,
         to_client: mpsc::Sender<ToClient>,
         reply: oneshot::Sender<Result<ParticipantId, String>>,
+    },
+    /// A client reconnecting to its participant session `sid`.
+    Resume {
+        sid: String,
+        identity: String,
+        session: u64,
+        ice_servers: Vec<IceServer>,
+        to_client: mpsc::Sender<ToClient>,
+        reply: oneshot::Sender<Result<ParticipantId, String>>,
+    },
+    /// Signalling session `session` of a participant ended without a
+    /// `leave`: the participant stays for the reconnect grace.
+    Disconnected {
+        participant: ParticipantId,
+        session: u64,
     },
     Signal {
         participant: ParticipantId,
@@ -93,6 +110,8 @@ pub struct RoomDefaults {
     pub empty_timeout: Duration,
     /// How long a room stays open after its last participant leaves.
     pub departure_timeout: Duration,
+    /// How long a participant without a signalling connection stays.
+    pub reconnect_grace: Duration,
     pub max_participants: usize,
     /// Tracks per participant; 0 = no cap.
     pub max_tracks: usize,
@@ -250,6 +269,7 @@ impl Rooms {
             handle: handle.clone(),
             empty_timeout: empty_timeout.unwrap_or(self.defaults.empty_timeout),
             departure_timeout: self.defaults.departure_timeout,
+            reconnect_grace: self.defaults.reconnect_grace,
             ever_joined: false,
             empty_since: Some(Instant::now()),
             metrics: self.metrics.clone(),
@@ -271,11 +291,32 @@ impl Rooms {
     }
 }
 
+/// A participant's signalling link: the socket it has now, or since when
+/// it has had none and what it missed meanwhile.
+struct ClientLink {
+    session: u64,
+    tx: Option<mpsc::Sender<ToClient>>,
+    away_since: Option<Instant>,
+    missed: Vec<ServerMessage>,
+}
+
+impl ClientLink {
+    fn new(session: u64, tx: mpsc::Sender<ToClient>) -> ClientLink {
+        ClientLink {
+            session,
+            tx: Some(tx),
+            away_since: None,
+            missed: Vec::new(),
+        }
+    }
+}
+
 struct Worker {
     room: Room,
     rx: mpsc::Receiver<RoomCmd>,
     tx: mpsc::Sender<RoomCmd>,
-    clients: HashMap<ParticipantId, mpsc::Sender<ToClient>>,
+    clients: HashMap<ParticipantId, ClientLink>,
+    reconnect_grace: Duration,
     socket: Arc<UdpSocket>,
     routes: mpsc::UnboundedSender<RouteUpdate>,
     registry: Arc<DashMap<String, RoomHandle>>,
@@ -312,6 +353,9 @@ impl Worker {
                 Some(since) => deadline.min(since + self.idle_limit()),
                 None => deadline,
             };
+            if let Some(away) = self.clients.values().filter_map(|c| c.away_since).min() {
+                wake = wake.min(away + self.reconnect_grace);
+            }
             // A change in open connections reaches the gauges within a
             // report interval even when nothing else wakes the room.
             if self.reported_conns != self.room.connection_count() {
@@ -326,6 +370,7 @@ impl Worker {
                         self.close(LeaveReason::RoomDeleted).await;
                         return;
                     }
+                    self.expire_away(now);
                     self.room.handle_timeout(now);
                     continue;
                 }
@@ -361,11 +406,13 @@ impl Worker {
         match cmd {
             RoomCmd::Join {
                 request,
+                session,
                 to_client,
                 reply,
             } => match self.room.join(now, request) {
                 Ok(id) => {
-                    self.clients.insert(id, to_client);
+                    self.metrics.participants.fetch_add(1, Ordering::Relaxed);
+                    self.clients.insert(id, ClientLink::new(session, to_client));
                     self.empty_since = None;
                     self.ever_joined = true;
                     let _ = reply.send(Ok(id));
@@ -378,6 +425,62 @@ impl Worker {
                 participant,
                 message,
             } => self.room.handle_signal(now, participant, message),
+            RoomCmd::Resume {
+                sid,
+                identity,
+                session,
+                ice_servers,
+                to_client,
+                reply,
+            } => {
+                let found = self.room.find_session(&sid, &identity).and_then(|id| {
+                    let info = self.room.participant(id)?;
+                    let link = self.clients.get_mut(&id)?;
+                    Some((id, info, link))
+                });
+                let Some((id, participant, link)) = found else {
+                    let _ = reply.send(Err(format!(
+                        "no session {sid} for this identity in this room"
+                    )));
+                    return;
+                };
+                // A socket the server still thinks open is the one the
+                // client gave up on: close it.
+                if let Some(old) = link.tx.take() {
+                    let _ = old.try_send(ToClient::Close);
+                }
+                let missed = std::mem::take(&mut link.missed);
+                tracing::info!(room = %self.handle.name, %sid, missed = missed.len(), "session resumed");
+                let _ = to_client.try_send(ToClient::Message(ServerMessage::Reconnected {
+                    participant,
+                    ice_servers,
+                }));
+                for message in missed {
+                    let _ = to_client.try_send(ToClient::Message(message));
+                }
+                link.session = session;
+                link.tx = Some(to_client);
+                link.away_since = None;
+                let _ = reply.send(Ok(id));
+            }
+            RoomCmd::Disconnected {
+                participant,
+                session,
+            } => {
+                let Some(link) = self.clients.get_mut(&participant) else {
+                    return;
+                };
+                if link.session != session {
+                    return; // an older socket of a resumed session
+                }
+                if self.reconnect_grace.is_zero() {
+                    self.room.leave(now, participant, LeaveReason::ClientLeave);
+                    return;
+                }
+                tracing::info!(room = %self.handle.name, ?participant, "signalling lost; holding the session");
+                link.tx = None;
+                link.away_since = Some(now);
+            }
             RoomCmd::Leave {
                 participant,
                 reason,
@@ -391,7 +494,7 @@ impl Worker {
                 participant,
                 message,
             } => {
-                if let Some(tx) = self.clients.get(&participant) {
+                if let Some(tx) = self.clients.get(&participant).and_then(|l| l.tx.as_ref()) {
                     let _ = tx.try_send(ToClient::Message(message));
                 }
             }
@@ -409,6 +512,23 @@ impl Worker {
         }
     }
 
+    /// Ends the sessions whose clients did not come back within the grace.
+    fn expire_away(&mut self, now: Instant) {
+        let expired: Vec<ParticipantId> = self
+            .clients
+            .iter()
+            .filter(|(_, l)| {
+                l.away_since
+                    .is_some_and(|t| now >= t + self.reconnect_grace)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            tracing::info!(room = %self.handle.name, participant = ?id, "not back within the reconnect grace; removing");
+            self.room.leave(now, id, LeaveReason::ConnectionLost);
+        }
+    }
+
     /// Carries out everything the room produced; returns its next deadline.
     async fn flush(&mut self) -> Instant {
         let deadline;
@@ -421,11 +541,16 @@ impl Worker {
                 } => {
                     // A closed queue means the session already ended and
                     // sent its own leave; only a full one is a slow client.
-                    let overflow = match self.clients.get(&participant) {
-                        Some(tx) => matches!(
+                    let overflow = match self.clients.get_mut(&participant) {
+                        Some(ClientLink { tx: Some(tx), .. }) => matches!(
                             tx.try_send(ToClient::Message(message)),
                             Err(mpsc::error::TrySendError::Full(_))
                         ),
+                        // Away: kept for when it comes back.
+                        Some(link) => {
+                            link.missed.push(message);
+                            link.missed.len() > CLIENT_QUEUE
+                        }
                         None => false,
                     };
                     if overflow {
@@ -435,9 +560,7 @@ impl Worker {
                             participant,
                             reason: LeaveReason::Removed,
                         });
-                        if let Some(tx) = self.clients.remove(&participant) {
-                            drop(tx);
-                        }
+                        self.clients.remove(&participant);
                     }
                 }
                 Output::Event(RoomEvent::UfragAdded(ufrag)) => {
@@ -449,7 +572,8 @@ impl Worker {
                     let _ = self.routes.send(RouteUpdate::Remove { ufrags, addrs });
                 }
                 Output::Event(RoomEvent::ParticipantRemoved { participant, .. }) => {
-                    if let Some(tx) = self.clients.remove(&participant) {
+                    self.metrics.participants.fetch_sub(1, Ordering::Relaxed);
+                    if let Some(tx) = self.clients.remove(&participant).and_then(|l| l.tx) {
                         let _ = tx.try_send(ToClient::Close);
                     }
                 }

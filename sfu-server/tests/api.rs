@@ -5,37 +5,14 @@ mod common;
 
 use std::time::Duration;
 
+use common::admin_token;
 use common::{eventually, next_json, start_server, wait_for, Client};
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sfu_server::auth::{join_claims, unix_now, Claims, Keys, VideoGrant};
+use sfu_server::auth::{join_claims, unix_now, Keys};
 use sfu_server::RunningServer;
 use tokio_tungstenite::tungstenite::Message;
-
-fn admin_token(
-    server: &RunningServer,
-    room: &str,
-    create: bool,
-    list: bool,
-    admin: bool,
-) -> String {
-    let now = unix_now();
-    server.keys.sign(&Claims {
-        iss: server.keys.api_key.clone(),
-        sub: "backend".into(),
-        name: String::new(),
-        exp: now + 600,
-        nbf: now - 1,
-        video: VideoGrant {
-            room: room.into(),
-            room_create: create,
-            room_list: list,
-            room_admin: admin,
-            ..Default::default()
-        },
-    })
-}
 
 struct Api {
     base: String,
@@ -557,8 +534,8 @@ async fn signalling_rejects_bad_tokens_and_bad_messages_without_harm() {
         |m| m["type"] == "participantJoined" && m["participant"]["identity"] == "mallory"
     ));
     assert!(view.messages_of("error").is_empty());
-    // Closing the socket is a leave.
-    drop(ws);
+    // Closing the socket normally is a leave.
+    ws.close(None).await.unwrap();
     wait_for(
         Duration::from_secs(5),
         "participantLeft for mallory",

@@ -332,6 +332,34 @@ async fn hostile_input_gets_clear_errors_and_the_call_goes_on() {
         .await
         .unwrap();
     assert_eq!(next(&mut ws).await["type"], "pong");
+    // Reconnects that name no session of theirs: bob's sid with mallory's
+    // token, and a made-up sid.
+    let bob_sid = bob.sid.clone();
+    let mallory = common::join_token(&server, room, "mallory");
+    for (what, sid) in [
+        ("another's session", bob_sid.as_str()),
+        ("an unknown session", "PA_nothere"),
+    ] {
+        let url = format!(
+            "ws://{}/v1/rtc?access_token={mallory}&reconnect=1&sid={sid}",
+            server.http_addr
+        );
+        let (mut resume, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let reply = next(&mut resume).await;
+        assert_eq!(reply["code"], "session_not_found", "{what}: {reply}");
+        checked += 1;
+    }
+    let no_sid = format!(
+        "ws://{}/v1/rtc?access_token={mallory}&reconnect=1",
+        server.http_addr
+    );
+    match tokio_tungstenite::connect_async(no_sid).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST)
+        }
+        other => panic!("a reconnect without a sid: {other:?}"),
+    }
+    checked += 1;
 
     // --- Media port ---------------------------------------------------
     let before = loadtest::metrics::scrape(&server.base_url()).await.unwrap();

@@ -29,15 +29,7 @@ fn free_port() -> u16 {
 /// ICE settings from the server's `/v1/turn-credentials`, relays only.
 async fn relay_settings(server: &sfu_server::RunningServer, identity: &str) -> IceSettings {
     let token = common::join_token(server, "relayed", identity);
-    let body: Value = reqwest::Client::new()
-        .get(format!("{}/v1/turn-credentials", server.base_url()))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = common::get_json(server, "/v1/turn-credentials", &token).await;
     let servers = body["iceServers"]
         .as_array()
         .unwrap()

@@ -101,6 +101,9 @@ pub enum LeaveReason {
     RoomDeleted,
     ServerShutdown,
     DuplicateIdentity,
+    /// The signalling connection was lost and not resumed within the
+    /// reconnect grace period.
+    ConnectionLost,
 }
 
 /// Error codes carried by the `error` message.
@@ -114,6 +117,9 @@ pub enum ErrorCode {
     BadState,
     /// Too many messages: this one was not acted on.
     RateLimited,
+    /// A reconnect named a session this room no longer has (the grace
+    /// period ran out, or the participant left): join afresh.
+    SessionNotFound,
     Internal,
 }
 
@@ -192,6 +198,14 @@ pub enum ServerMessage {
         ice_servers: Vec<IceServer>,
         can_publish: bool,
         can_subscribe: bool,
+    },
+    /// The reply to a reconnect: the same participant session goes on.
+    /// Messages the client missed while away follow, in order.
+    #[serde(rename_all = "camelCase")]
+    Reconnected {
+        participant: ParticipantInfo,
+        /// Fresh credentials, for an ICE restart.
+        ice_servers: Vec<IceServer>,
     },
     Offer {
         target: Target,

@@ -1,11 +1,12 @@
 // Browser end to end: three headless Chromium pages (fake camera) join one
 // room through the demo page; each must show two remote videos that decode
-// frames; when one leaves, the others drop its video.
+// frames; a page whose signalling socket is cut resumes its session without
+// the others seeing it leave; when one leaves, the others drop its video.
 //
 // SFU_URL=http://host:port uses a running server; otherwise SFU_BIN names
 // the server binary, started here on free ports and stopped at the end.
 import { mkdirSync } from 'node:fs';
-import { Run, waitIn, median, pollUntil } from './lib.mjs';
+import { Run, waitIn, median, pollUntil, startProxy } from './lib.mjs';
 
 const run = new Run('e2e', 90_000);
 const check = (...args) => run.check(...args);
@@ -52,11 +53,13 @@ async function main() {
   const browser = await run.launch();
   const roomName = `e2e-${Date.now()}`;
   const pages = [];
+  // Page 2 reaches the server through a proxy that the test cuts.
+  const proxy = await startProxy(base);
   for (let i = 1; i <= 3; i++) {
     const ctx = await browser.newContext();
     const page = await ctx.newPage();
     page.on('pageerror', (e) => console.error(`[p${i}] ${e.message}`));
-    await page.goto(`${base}/?room=${roomName}&name=p${i}&autojoin=1`);
+    await page.goto(`${i === 2 ? proxy.base : base}/?room=${roomName}&name=p${i}&autojoin=1`);
     pages.push(page);
   }
   const joinTimes = [];
@@ -75,6 +78,40 @@ async function main() {
     mkdirSync(new URL('./out/', import.meta.url), { recursive: true });
     await pages[0].screenshot({ path: new URL('./out/page1.png', import.meta.url).pathname });
   } catch {}
+  // Page 2's network drops its signalling socket (reset, no close): the SDK
+  // resumes the same session; pages 1 and 3 never see it leave, and video
+  // goes on both ways.
+  const p2Sid = await pages[1].evaluate(() => window.sfuRoom.localParticipant.sid);
+  await pages[0].evaluate(() => {
+    window.sfuLeftSeen = [];
+    window.sfuRoom.on('participantLeft', (p) => window.sfuLeftSeen.push(p.sid));
+  });
+  await pages[2].evaluate(() => {
+    window.sfuLeftSeen = [];
+    window.sfuRoom.on('participantLeft', (p) => window.sfuLeftSeen.push(p.sid));
+  });
+  const cutAt = Date.now();
+  const cut = proxy.cut();
+  const resumed = await waitIn(pages[1], () => window.sfuRoom.reconnects >= 1 && !window.sfuRoom.reconnecting, null, 15_000);
+  check('page 2 resumes its session after its socket is cut', cut > 0 && !!resumed, `sockets cut: ${cut}`);
+  console.log(`page 2 resumed ${Date.now() - cutAt} ms after the cut`);
+  const stillP2 = await pages[1].evaluate(() => window.sfuRoom.localParticipant.sid);
+  check('page 2 keeps its participant sid', stillP2 === p2Sid, `${p2Sid} -> ${stillP2}`);
+  for (const i of [0, 2]) {
+    const sids = await shownTrackSids(pages[i]);
+    const p2Track = await pages[i].evaluate((sid) => [...document.querySelectorAll('video.remote-video')]
+      .filter((v) => v.dataset.participantSid === sid).map((v) => v.dataset.trackSid), p2Sid);
+    const { ok, detail } = await decodingGrows(pages[i], p2Track);
+    const left = await pages[i].evaluate(() => window.sfuLeftSeen);
+    check(`page ${i + 1} never sees page 2 leave and still decodes it`, left.length === 0 && sids.length === 2 && ok, `${JSON.stringify(left)} ${detail}`);
+  }
+  {
+    const sids = await shownTrackSids(pages[1]);
+    const { ok, detail } = await decodingGrows(pages[1], sids);
+    const { connected } = await pages[1].evaluate(() => ({ connected: window.sfuRoom.ws.readyState === WebSocket.OPEN }));
+    check('page 2 decodes both remote videos after resuming, on a live socket', sids.length === 2 && ok && connected, detail);
+  }
+
   // Page 1 turns its camera off and on: the others see the track muted and
   // unmuted (the SDK learnt its own track sid from trackPublished).
   const p1Sid = await pages[0].evaluate(() => window.sfuRoom.localParticipant.sid);
@@ -125,6 +162,7 @@ async function main() {
     const inactive = dirs.filter((d) => d === 'inactive' || d === 'stopped').length;
     check(`page ${i + 1} subscriber connection retired departed tracks`, inactive >= 2, JSON.stringify(dirs));
   }
+  proxy.close();
   console.log(`join_to_first_frame_ms=${Math.round(median(lateTimes))} (median of late joiners: ${lateTimes.map(Math.round).join(', ')})`);
   return run.finish(0);
 }

@@ -112,4 +112,38 @@ export function median(xs) {
   return s.length ? s[Math.floor((s.length - 1) / 2)] : NaN;
 }
 
+/**
+ * A TCP proxy to the server at `baseUrl` (http://host:port) whose
+ * connections can all be cut at once (reset, no WebSocket close): what the
+ * server and the page see when a network goes away.
+ */
+export async function startProxy(baseUrl) {
+  const net = await import('node:net');
+  const target = new URL(baseUrl);
+  const sockets = new Set();
+  const server = net.createServer((down) => {
+    const up = net.connect(Number(target.port), target.hostname);
+    for (const s of [down, up]) {
+      sockets.add(s);
+      s.on('error', () => {});
+      s.on('close', () => { sockets.delete(s); down.destroy(); up.destroy(); });
+    }
+    down.pipe(up);
+    up.pipe(down);
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    base: `http://127.0.0.1:${server.address().port}`,
+    cut() {
+      const n = sockets.size;
+      for (const s of sockets) s.resetAndDestroy();
+      return n;
+    },
+    close() {
+      for (const s of sockets) s.destroy();
+      server.close();
+    },
+  };
+}
+
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));

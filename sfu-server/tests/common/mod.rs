@@ -29,6 +29,44 @@ pub fn join_token(server: &RunningServer, room: &str, identity: &str) -> String 
     server.keys.sign(&claims)
 }
 
+/// A REST token for `room` (empty: any room) with the given rights.
+pub fn admin_token(
+    server: &RunningServer,
+    room: &str,
+    create: bool,
+    list: bool,
+    admin: bool,
+) -> String {
+    let now = sfu_server::auth::unix_now();
+    server.keys.sign(&sfu_server::auth::Claims {
+        iss: server.keys.api_key.clone(),
+        sub: "backend".into(),
+        name: String::new(),
+        exp: now + 600,
+        nbf: now - 1,
+        video: sfu_server::auth::VideoGrant {
+            room: room.into(),
+            room_create: create,
+            room_list: list,
+            room_admin: admin,
+            ..Default::default()
+        },
+    })
+}
+
+/// `GET path` on the server's REST API with a bearer token, as JSON.
+pub async fn get_json(server: &RunningServer, path: &str, token: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("{}{path}", server.base_url()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Polls `cond` until it holds or `limit` passes.
 pub async fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     eventually(limit, || {
