@@ -140,6 +140,37 @@ pub struct Config {
     /// Lifetime of TURN credentials, seconds.
     #[arg(long, env = "SFU_TURN_TTL", default_value_t = 21_600)]
     pub turn_ttl: u64,
+    /// Run the embedded TURN server: TURN over UDP and TCP on this address
+    /// (the usual port is 3478). Its credentials use --turn-secret; clients
+    /// are given its URLs unless --turn-urls names others.
+    #[arg(long, env = "SFU_TURN_LISTEN")]
+    pub turn_listen: Option<SocketAddr>,
+    /// TURN over TLS on this address (5349, or 443 to pass firewalls that
+    /// only let HTTPS out), with the --tls-cert certificate (a self-signed
+    /// one without it).
+    #[arg(long, env = "SFU_TURN_TLS_LISTEN")]
+    pub turn_tls_listen: Option<SocketAddr>,
+    /// Address TURN relays bind to and clients relay through. Default:
+    /// --public-ip, else the TURN listen address (127.0.0.1 if that is
+    /// unspecified).
+    #[arg(long, env = "SFU_TURN_RELAY_IP")]
+    pub turn_relay_ip: Option<IpAddr>,
+    /// Ports TURN relays bind in, `LOW-HIGH`.
+    #[arg(long, env = "SFU_TURN_RELAY_PORTS", default_value = "49152-65535", value_parser = parse_port_range)]
+    pub turn_relay_ports: (u16, u16),
+    /// Let TURN relays reach loopback, private and link-local addresses
+    /// (refused by default, except the SFU's own media address).
+    #[arg(long, env = "SFU_TURN_ALLOW_PRIVATE")]
+    pub turn_allow_private: bool,
+    /// TURN allocations one user may hold at once (0 = no cap).
+    #[arg(long, env = "SFU_TURN_MAX_ALLOCATIONS", default_value_t = 10)]
+    pub turn_max_allocations: usize,
+    /// Bits per second one TURN allocation may relay each way (0 = no cap).
+    #[arg(long, env = "SFU_TURN_MAX_BITRATE", default_value_t = 20_000_000)]
+    pub turn_max_bitrate: u64,
+    /// The TURN realm.
+    #[arg(long, env = "SFU_TURN_REALM", default_value = "sfu")]
+    pub turn_realm: String,
     /// TLS certificate chain (PEM) for HTTPS/WSS; with --tls-key.
     #[arg(long, env = "SFU_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -208,6 +239,14 @@ impl Config {
             turn_urls: Vec::new(),
             turn_secret: None,
             turn_ttl: 21_600,
+            turn_listen: None,
+            turn_tls_listen: None,
+            turn_relay_ip: None,
+            turn_relay_ports: (49152, 65535),
+            turn_allow_private: false,
+            turn_max_allocations: 10,
+            turn_max_bitrate: 20_000_000,
+            turn_realm: "sfu".into(),
             tls_cert: None,
             tls_key: None,
             tls_self_signed: false,
@@ -417,6 +456,25 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
         None => per_second.ceil().max(1.0) as u32,
     };
     Ok(Rate { per_second, burst })
+}
+
+/// A port range `LOW-HIGH` (inclusive), `LOW <= HIGH`, no port 0.
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?}: expected LOW-HIGH, such as 49152-65535"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+    };
+    let (lo, hi) = (port(lo)?, port(hi)?);
+    if lo > hi {
+        return Err(format!("{text:?}: the low port is above the high one"));
+    }
+    Ok((lo, hi))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod rooms;
 pub mod tls;
 pub mod turn;
+pub mod turn_server;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -35,6 +36,8 @@ pub struct RunningServer {
     /// The certificate in use, PEM (for clients that must trust a
     /// self-signed one, such as tests).
     pub tls_cert_pem: Option<Vec<u8>>,
+    /// Where the embedded TURN server listens, if it runs.
+    pub turn: Option<turn_server::TurnAddrs>,
     rooms: rooms::Rooms,
     task: tokio::task::JoinHandle<()>,
 }
@@ -119,13 +122,87 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         (None, true) => Some(config::DEV_API_SECRET.to_owned()),
         (None, false) => None,
     };
+    let identity = match (&config.tls_cert, &config.tls_key, config.tls_self_signed) {
+        (Some(cert), Some(key), false) => Some(tls::Identity::from_files(cert, key)?),
+        (None, None, true) => Some(self_signed_identity(config, http_addr)?),
+        (None, None, false) => None,
+        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key, or --tls-self-signed alone"),
+    };
+    let turn = match config.turn_listen {
+        Some(listen) => {
+            let secret = turn_secret
+                .clone()
+                .context("the embedded TURN server needs --turn-secret (SFU_TURN_SECRET)")?;
+            let tls = match config.turn_tls_listen {
+                Some(addr) => {
+                    let mut tls = match &identity {
+                        Some(identity) => identity.server_config()?,
+                        None => self_signed_identity(config, http_addr)?.server_config()?,
+                    };
+                    // TURN clients may offer ALPN "stun.turn" or none.
+                    tls.alpn_protocols.clear();
+                    Some((addr, Arc::new(tls)))
+                }
+                None => None,
+            };
+            let relay_ip = config
+                .turn_relay_ip
+                .unwrap_or(match (config.public_ip, listen.ip()) {
+                    (Some(ip), _) => ip,
+                    (None, ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    (None, ip) => ip,
+                });
+            let addrs = turn_server::start(
+                turn_server::TurnSettings {
+                    listen,
+                    tls,
+                    relay_ip,
+                    relay_ports: config.turn_relay_ports,
+                    realm: config.turn_realm.clone(),
+                    secret,
+                    max_ttl: config.turn_ttl,
+                    allow_private: config.turn_allow_private,
+                    media_addr,
+                    max_allocations_per_user: config.turn_max_allocations,
+                    max_bitrate: config.turn_max_bitrate,
+                },
+                metrics.clone(),
+            )
+            .await?;
+            Some(addrs)
+        }
+        None if config.turn_tls_listen.is_some() => {
+            anyhow::bail!("--turn-tls-listen needs --turn-listen (the embedded TURN server)")
+        }
+        None => None,
+    };
+    // Clients are given the embedded server's URLs unless others are named.
+    let turn_urls = match (&turn, config.turn_urls.is_empty()) {
+        (Some(addrs), true) => {
+            let host = match (config.public_ip, addrs.udp_tcp.ip()) {
+                (Some(ip), _) => ip,
+                (None, ip) if ip.is_unspecified() => advertised_ip,
+                (None, ip) => ip,
+            };
+            let port = addrs.udp_tcp.port();
+            let mut urls = vec![
+                format!("turn:{host}:{port}?transport=udp"),
+                format!("turn:{host}:{port}?transport=tcp"),
+            ];
+            if let Some(tls) = addrs.tls {
+                urls.push(format!("turns:{host}:{}?transport=tcp", tls.port()));
+            }
+            urls
+        }
+        _ => config.turn_urls.clone(),
+    };
     anyhow::ensure!(
-        config.turn_urls.is_empty() || turn_secret.is_some(),
+        turn_urls.is_empty() || turn_secret.is_some(),
         "--turn-urls needs --turn-secret (SFU_TURN_SECRET)"
     );
     let ice = turn::IceConfig {
         stun_urls: config.stun_urls.clone(),
-        turn_urls: config.turn_urls.clone(),
+        turn_urls,
         turn_secret,
         ttl: config.turn_ttl,
     };
@@ -147,23 +224,6 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         ice,
         cors_origins: config.cors_origins.clone(),
     });
-    let identity = match (&config.tls_cert, &config.tls_key, config.tls_self_signed) {
-        (Some(cert), Some(key), false) => Some(tls::Identity::from_files(cert, key)?),
-        (None, None, true) => {
-            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-            for ip in [Some(http_addr.ip()), config.public_ip]
-                .into_iter()
-                .flatten()
-            {
-                if !ip.is_unspecified() && !names.contains(&ip.to_string()) {
-                    names.push(ip.to_string());
-                }
-            }
-            Some(tls::Identity::self_signed(names)?)
-        }
-        (None, None, false) => None,
-        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key, or --tls-self-signed alone"),
-    };
     let tls_cert_pem = identity.as_ref().map(|i| i.cert_pem.clone());
     let service = app.into_make_service_with_connect_info::<SocketAddr>();
     let task = match identity {
@@ -190,7 +250,23 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         dev_mode,
         tls: tls_cert_pem.is_some(),
         tls_cert_pem,
+        turn,
         rooms,
         task,
     })
+}
+
+/// A self-signed certificate for localhost, loopback and the server's own
+/// addresses.
+fn self_signed_identity(config: &Config, http_addr: SocketAddr) -> anyhow::Result<tls::Identity> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    for ip in [Some(http_addr.ip()), config.public_ip]
+        .into_iter()
+        .flatten()
+    {
+        if !ip.is_unspecified() && !names.contains(&ip.to_string()) {
+            names.push(ip.to_string());
+        }
+    }
+    tls::Identity::self_signed(names)
 }

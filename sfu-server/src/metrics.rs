@@ -24,6 +24,8 @@ pub struct Metrics {
     pub signals_rate_limited: AtomicUsize,
     /// Times closed rooms' memory was handed back to the system.
     pub memory_releases: AtomicUsize,
+    /// The embedded TURN server's counters.
+    pub turn: crate::turn_server::TurnMetrics,
 }
 
 impl Metrics {
@@ -109,6 +111,25 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "# HELP process_resident_memory_bytes Resident memory of the server process\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}"
+            );
+        }
+        let t = &self.turn;
+        let turn_rows: [(&str, &str, &str, &AtomicUsize); 9] = [
+            ("sfu_turn_requests_total", "counter", "TURN messages from clients", &t.requests),
+            ("sfu_turn_allocations", "gauge", "TURN allocations open", &t.allocations),
+            ("sfu_turn_allocations_total", "counter", "TURN allocations made", &t.allocations_total),
+            ("sfu_turn_allocations_refused_total", "counter", "TURN allocations refused (quota, family, no port)", &t.allocations_refused),
+            ("sfu_turn_relayed_bytes_total", "counter", "Bytes relayed between clients and peers", &t.relayed_bytes),
+            ("sfu_turn_relay_denied_total", "counter", "Relayed packets refused: the peer address is private, loopback or otherwise not allowed", &t.relay_denied),
+            ("sfu_turn_over_bitrate_total", "counter", "Relayed packets dropped over an allocation's bitrate", &t.over_bitrate),
+            ("sfu_turn_expired_credentials_total", "counter", "TURN requests dropped for an expired username", &t.expired_credentials),
+            ("sfu_turn_unauthorized_total", "counter", "TURN 401 answers (the first challenge, and refused credentials)", &t.unauthorized),
+        ];
+        for (name, kind, help, value) in turn_rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                value.load(Ordering::Relaxed)
             );
         }
         out.push_str("# HELP sfu_rtp_packets_dropped_total Packets not forwarded, by reason\n# TYPE sfu_rtp_packets_dropped_total counter\n");

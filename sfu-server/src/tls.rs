@@ -51,7 +51,7 @@ impl Identity {
         })
     }
 
-    fn server_config(&self) -> anyhow::Result<rustls::ServerConfig> {
+    pub fn server_config(&self) -> anyhow::Result<rustls::ServerConfig> {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.cert_pem)
             .collect::<Result<_, _>>()
             .context("parsing the TLS certificate (PEM)")?;

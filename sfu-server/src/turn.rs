@@ -4,8 +4,6 @@
 //! `username = "<expiry unix time>:<identity>"`,
 //! `password = base64(HMAC-SHA1(secret, username))`.
 
-use base64::Engine as _;
-use hmac::{Hmac, Mac};
 use sfu_core::signal::IceServer;
 
 /// Where clients find STUN and TURN, and how their TURN credentials are
@@ -38,10 +36,7 @@ impl std::fmt::Debug for IceConfig {
 /// (Unix seconds).
 pub fn credentials(secret: &str, identity: &str, expires: u64) -> (String, String) {
     let username = format!("{expires}:{identity}");
-    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes())
-        .expect("HMAC takes keys of any length");
-    mac.update(username.as_bytes());
-    let password = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    let password = crate::turn_server::password_for(secret, &username);
     (username, password)
 }
 
@@ -71,6 +66,7 @@ impl IceConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hmac::{Hmac, Mac};
 
     #[test]
     fn hmac_sha1_matches_rfc_2202() {
