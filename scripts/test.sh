@@ -34,6 +34,7 @@ echo "== browser end to end (headless Chromium)"
 cargo build --release -p sfu-server --quiet
 SFU_BIN="$PWD/target/release/sfu-server" node tests/browser/e2e.mjs
 SFU_BIN="$PWD/target/release/sfu-server" node tests/browser/simulcast.mjs
+SFU_BIN="$PWD/target/release/sfu-server" node tests/browser/turn.mjs
 
 echo "== end-to-end benchmark, smoke mode (server + load tester)"
 scripts/bench.sh --smoke

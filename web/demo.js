@@ -158,7 +158,10 @@ async function join() {
   $('toggle-camera').textContent = 'Camera off';
   $('toggle-mic').textContent = 'Mic off';
 
-  room = new Room();
+  // ?relay=udp|tcp|tls (or any): only TURN relays, over that transport, to
+  // try a path a restrictive network would leave.
+  const relay = params.get('relay');
+  room = new Room(relay ? { iceTransportPolicy: 'relay', turnTransport: relay === 'any' ? undefined : relay } : {});
   window.sfuRoom = room;
   room.on('trackSubscribed', onTrackSubscribed);
   room.on('trackUnsubscribed', onTrackUnsubscribed);

@@ -91,9 +91,11 @@ export class RemoteParticipant {
  * (the same session goes on), `disconnected` (reason), `error` (Error).
  *
  * Options: `iceTransportPolicy` ('all' or 'relay': only TURN relays, to
- * test or to force them), `iceCandidatePoolSize` (candidates gathered
- * before they are needed) and `reconnectWindowMs` (how long to try to
- * resume the session after the socket drops; 0 turns resuming off).
+ * test or to force them), `turnTransport` ('udp', 'tcp' or 'tls': keep only
+ * the TURN servers reached over that transport), `iceCandidatePoolSize`
+ * (candidates gathered before they are needed) and `reconnectWindowMs` (how
+ * long to try to resume the session after the socket drops; 0 turns
+ * resuming off).
  */
 export class Room {
   /** @param {{iceTransportPolicy?: RTCIceTransportPolicy, iceCandidatePoolSize?: number}} [options] */
@@ -354,7 +356,7 @@ export class Room {
     if (Array.isArray(msg.iceServers) && msg.iceServers.length) {
       this.iceServers = msg.iceServers;
       for (const pc of [this.publisherPc, this.subscriberPc]) {
-        try { pc?.setConfiguration({ ...pc.getConfiguration(), iceServers: this.iceServers }); } catch { /* keep the old */ }
+        try { pc?.setConfiguration({ ...pc.getConfiguration(), iceServers: this._usableIceServers() }); } catch { /* keep the old */ }
       }
     }
     for (const queued of this._outbox.splice(0)) this._send(queued);
@@ -566,10 +568,23 @@ export class Room {
 
   /** The RTCPeerConnection configuration: ICE servers from the server, policy and pool from the options. */
   _rtcConfig() {
-    const config = { iceServers: this.iceServers };
+    const config = { iceServers: this._usableIceServers() };
     if (this.options.iceTransportPolicy) config.iceTransportPolicy = this.options.iceTransportPolicy;
     if (Number.isInteger(this.options.iceCandidatePoolSize)) config.iceCandidatePoolSize = this.options.iceCandidatePoolSize;
     return config;
+  }
+
+  /** The server's ICE servers, narrowed to `turnTransport` if set. */
+  _usableIceServers() {
+    const want = this.options.turnTransport;
+    if (!want) return this.iceServers;
+    const keep = (url) => {
+      if (want === 'tls') return url.startsWith('turns:');
+      return url.startsWith('turn:') && (url.includes(`transport=${want}`) || (want === 'udp' && !url.includes('transport=')));
+    };
+    return this.iceServers
+      .map((s) => ({ ...s, urls: [].concat(s.urls).filter(keep) }))
+      .filter((s) => s.urls.length > 0);
   }
 
   _ensurePublisher() {

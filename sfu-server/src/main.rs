@@ -55,10 +55,16 @@ async fn main() -> anyhow::Result<()> {
         }
         None => {}
     }
+    let mut filter = EnvFilter::try_new(&cli.config.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    if !cli.config.log.contains("stun_proto") {
+        // The TURN server's auth logs every first (challenged) request as
+        // an error; that is the protocol working.
+        if let Ok(quiet) = "stun_proto::auth=off".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_new(&cli.config.log).unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let server = sfu_server::start(&cli.config).await?;

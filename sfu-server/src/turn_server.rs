@@ -472,18 +472,39 @@ impl Worker {
                 else {
                     return;
                 };
-                // Frame the stream to read each request's username.
+                // Frame the stream here and hand the protocol server one
+                // whole message at a time: ChannelData over TCP is padded
+                // to 4 bytes (RFC 8656 12.5), which it does not expect.
                 let mut frames = self.tcp_frames.remove(&(local, remote)).unwrap_or_default();
                 frames.extend_from_slice(&data);
-                let mut admitted = true;
                 let mut at_byte = 0;
                 while let Some(len) = frame_len(&frames[at_byte..]) {
                     if frames.len() - at_byte < len {
                         break;
                     }
-                    self.metrics.turn.requests.fetch_add(1, Ordering::Relaxed);
-                    admitted &= self.admit(index, remote, &frames[at_byte..at_byte + len]);
+                    let frame = &frames[at_byte..at_byte + len];
                     at_byte += len;
+                    if frame.len() < 4 {
+                        continue; // a byte of garbage
+                    }
+                    let message = if frame[0] >> 6 == 1 {
+                        &frame[..4 + u16::from_be_bytes([frame[2], frame[3]]) as usize]
+                    } else {
+                        self.metrics.turn.requests.fetch_add(1, Ordering::Relaxed);
+                        if !self.admit(index, remote, frame) {
+                            continue;
+                        }
+                        frame
+                    };
+                    let transmit = Transmit {
+                        data: message,
+                        transport: TransportType::Tcp,
+                        from: remote,
+                        to: local,
+                    };
+                    if let Some(out) = self.servers[index].server.recv(transmit, now) {
+                        self.send(out.build());
+                    }
                 }
                 frames.drain(..at_byte);
                 if frames.len() > 70_000 {
@@ -492,18 +513,6 @@ impl Worker {
                     return;
                 }
                 self.tcp_frames.insert((local, remote), frames);
-                if !admitted {
-                    return;
-                }
-                let transmit = Transmit {
-                    data: data.as_slice(),
-                    transport: TransportType::Tcp,
-                    from: remote,
-                    to: local,
-                };
-                if let Some(out) = self.servers[index].server.recv(transmit, now) {
-                    self.send(out.build());
-                }
             }
             Event::TcpClosed { local, remote } => {
                 self.tcp_writers.remove(&(local, remote));
@@ -580,7 +589,12 @@ impl Worker {
             }
             TransportType::Tcp => {
                 if let Some(writer) = self.tcp_writers.get(&(t.from, t.to)) {
-                    let _ = writer.try_send(t.data);
+                    let mut data = t.data;
+                    // ChannelData over TCP is padded to 4 bytes.
+                    if data.first().is_some_and(|b| b >> 6 == 1) {
+                        data.resize(data.len().div_ceil(4) * 4, 0);
+                    }
+                    let _ = writer.try_send(data);
                 }
             }
         }

@@ -35,12 +35,12 @@ export class Run {
     process.exit(code || (failed > 0 ? 1 : 0));
   }
 
-  /** Base URL of a running server (SFU_URL) or of one started from SFU_BIN. */
-  async startServer() {
+  /** Base URL of a running server (SFU_URL) or of one started from SFU_BIN with `extraArgs`. */
+  async startServer(extraArgs = []) {
     if (process.env.SFU_URL) return process.env.SFU_URL.replace(/\/$/, '');
     const bin = process.env.SFU_BIN;
     if (!bin) throw new Error('set SFU_URL or SFU_BIN');
-    this.server = spawn(bin, ['--http-addr', '127.0.0.1:0', '--media-addr', '127.0.0.1:0'], {
+    this.server = spawn(bin, ['--http-addr', '127.0.0.1:0', '--media-addr', '127.0.0.1:0', ...extraArgs], {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, SFU_API_KEY: '', SFU_API_SECRET: '', SFU_LOG: process.env.SFU_LOG || 'warn,rtc=error,rtc_dtls=error' },
     });
@@ -70,12 +70,12 @@ export class Run {
   }
 
   /** Launches Debian's Chromium; failing to start is a failed check, never a skip. */
-  async launch() {
+  async launch(extraArgs = []) {
     try {
       this.browser = await chromium.launch({
         executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
         headless: true,
-        args: CHROMIUM_ARGS,
+        args: [...CHROMIUM_ARGS, ...extraArgs],
       });
     } catch (e) {
       this.check('chromium starts', false, e.message);
