@@ -42,6 +42,59 @@ pub fn binding_request_ufrag(data: &[u8]) -> Option<&str> {
     None
 }
 
+const BINDING_SUCCESS: u16 = 0x0101;
+const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
+
+/// For a bare STUN binding request (no USERNAME: a client asking a STUN
+/// server for its public address, not an ICE check), the success response
+/// telling `source` the address it was seen from (XOR-MAPPED-ADDRESS).
+/// `None` for anything else.
+pub fn reflexive_response(data: &[u8], source: std::net::SocketAddr) -> Option<Vec<u8>> {
+    if !is_stun(data) || u16::from_be_bytes([data[0], data[1]]) != BINDING_REQUEST {
+        return None;
+    }
+    let body_len = u16::from_be_bytes([data[2], data[3]]) as usize;
+    let body = data.get(20..20 + body_len)?;
+    let mut at = 0;
+    while at + 4 <= body.len() {
+        let typ = u16::from_be_bytes([body[at], body[at + 1]]);
+        let len = u16::from_be_bytes([body[at + 2], body[at + 3]]) as usize;
+        if typ == ATTR_USERNAME {
+            return None;
+        }
+        at += 4 + len.div_ceil(4) * 4;
+    }
+    let transaction = &data[8..20];
+    let port = source.port() ^ 0x2112;
+    let mut value = vec![0u8];
+    match source.ip() {
+        std::net::IpAddr::V4(ip) => {
+            value.push(0x01);
+            value.extend_from_slice(&port.to_be_bytes());
+            for (b, m) in ip.octets().iter().zip(MAGIC_COOKIE) {
+                value.push(b ^ m);
+            }
+        }
+        std::net::IpAddr::V6(ip) => {
+            value.push(0x02);
+            value.extend_from_slice(&port.to_be_bytes());
+            let mask: Vec<u8> = MAGIC_COOKIE.iter().chain(transaction).copied().collect();
+            for (b, m) in ip.octets().iter().zip(mask) {
+                value.push(b ^ m);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(20 + 4 + value.len());
+    out.extend_from_slice(&BINDING_SUCCESS.to_be_bytes());
+    out.extend_from_slice(&((4 + value.len()) as u16).to_be_bytes());
+    out.extend_from_slice(&MAGIC_COOKIE);
+    out.extend_from_slice(transaction);
+    out.extend_from_slice(&ATTR_XOR_MAPPED_ADDRESS.to_be_bytes());
+    out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+    out.extend_from_slice(&value);
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +143,34 @@ mod tests {
         let mut msg = binding_request("srv:cli");
         msg[22..24].copy_from_slice(&0xFFFFu16.to_be_bytes()); // attribute longer than body
         assert_eq!(binding_request_ufrag(&msg), None);
+    }
+
+    #[test]
+    fn bare_binding_requests_learn_their_reflexive_address() {
+        let mut request = Vec::new();
+        request.extend_from_slice(&BINDING_REQUEST.to_be_bytes());
+        request.extend_from_slice(&0u16.to_be_bytes());
+        request.extend_from_slice(&MAGIC_COOKIE);
+        request.extend_from_slice(b"txid-twelve!");
+        let source: std::net::SocketAddr = "203.0.113.7:40000".parse().unwrap();
+        let response = reflexive_response(&request, source).expect("answered");
+        assert_eq!(&response[..2], &BINDING_SUCCESS.to_be_bytes());
+        assert_eq!(&response[8..20], b"txid-twelve!");
+        // XOR-MAPPED-ADDRESS, IPv4: port and address XORed with the cookie.
+        assert_eq!(&response[20..24], &[0x00, 0x20, 0x00, 0x08]);
+        let port = u16::from_be_bytes([response[26], response[27]]) ^ 0x2112;
+        let ip: Vec<u8> = response[28..32]
+            .iter()
+            .zip(MAGIC_COOKIE)
+            .map(|(b, m)| b ^ m)
+            .collect();
+        assert_eq!(port, 40000);
+        assert_eq!(ip, vec![203, 0, 113, 7]);
+        // ICE checks (with USERNAME) and other messages are not answered.
+        assert!(reflexive_response(&binding_request("srv:cli"), source).is_none());
+        assert!(reflexive_response(b"not stun at all, really not", source).is_none());
+        let mut truncated = request.clone();
+        truncated[3] = 40;
+        assert!(reflexive_response(&truncated, source).is_none());
     }
 }

@@ -3,7 +3,8 @@
 //! A single task reads the socket and hands each datagram to the room that
 //! owns its sender: the first datagram from a client is a STUN binding
 //! request whose USERNAME names the server-side ufrag; after that the source
-//! address does. The routing tables belong to this task alone (rooms send
+//! address does. Bare binding requests (no USERNAME) are answered with the
+//! sender's address, so the port doubles as a STUN server. The routing tables belong to this task alone (rooms send
 //! updates over a channel), so the per-packet path takes no lock.
 
 use std::collections::HashMap;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use sfu_core::demux::binding_request_ufrag;
+use sfu_core::demux::{binding_request_ufrag, reflexive_response};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
@@ -73,6 +74,13 @@ pub async fn run(
                     None => by_addr.get(&source),
                 };
                 let Some(room) = room else {
+                    // A bare binding request: a client learning its
+                    // server-reflexive address, as from any STUN server.
+                    if let Some(response) = reflexive_response(data, source) {
+                        metrics.stun_binding_answered.fetch_add(1, Ordering::Relaxed);
+                        let _ = socket.try_send_to(&response, source);
+                        continue;
+                    }
                     // Unknown sources are dropped without allocating or logging.
                     metrics.datagrams_unrouted.fetch_add(1, Ordering::Relaxed);
                     continue;

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub signals_rate_limited: AtomicUsize,
     /// Times closed rooms' memory was handed back to the system.
     pub memory_releases: AtomicUsize,
+    /// Bare STUN binding requests the media port answered.
+    pub stun_binding_answered: AtomicUsize,
     /// The embedded TURN server's counters.
     pub turn: crate::turn_server::TurnMetrics,
 }
@@ -31,7 +33,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicUsize); 12] = [
+        let rows: [(&str, &str, &str, &AtomicUsize); 13] = [
             ("sfu_rooms", "gauge", "Rooms open", &self.rooms),
             (
                 "sfu_participants",
@@ -92,6 +94,12 @@ impl Metrics {
                 "counter",
                 "Signalling messages ignored over a session's rate",
                 &self.signals_rate_limited,
+            ),
+            (
+                "sfu_stun_binding_answered_total",
+                "counter",
+                "Bare STUN binding requests the media port answered (server-reflexive discovery)",
+                &self.stun_binding_answered,
             ),
             (
                 "sfu_memory_releases_total",

@@ -157,3 +157,33 @@ async fn three_clients_exchange_media_late_joiner_receives_and_leave_is_seen() {
     })
     .await;
 }
+
+/// The media port answers a bare STUN binding request (no USERNAME, as a
+/// client asks a STUN server) with the address it came from.
+#[tokio::test]
+async fn the_media_port_tells_clients_their_reflexive_address() {
+    let server = common::start_server().await;
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = udp.local_addr().unwrap();
+    let mut request = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
+    request.extend_from_slice(b"abcdefghijkl");
+    udp.send_to(&request, server.media_addr).await.unwrap();
+    let mut buf = [0u8; 128];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(5), udp.recv_from(&mut buf))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    assert_eq!(from, server.media_addr);
+    let response = &buf[..n];
+    assert_eq!(&response[..2], &[0x01, 0x01], "binding success");
+    assert_eq!(&response[8..20], b"abcdefghijkl");
+    assert_eq!(&response[20..22], &[0x00, 0x20], "XOR-MAPPED-ADDRESS");
+    let port = u16::from_be_bytes([response[26], response[27]]) ^ 0x2112;
+    let ip: Vec<u8> = response[28..32]
+        .iter()
+        .zip([0x21, 0x12, 0xA4, 0x42])
+        .map(|(b, m)| b ^ m)
+        .collect();
+    assert_eq!(port, me.port());
+    assert_eq!(ip, vec![127, 0, 0, 1]);
+}
