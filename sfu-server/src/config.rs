@@ -140,6 +140,31 @@ pub struct Config {
     /// Lifetime of TURN credentials, seconds.
     #[arg(long, env = "SFU_TURN_TTL", default_value_t = 21_600)]
     pub turn_ttl: u64,
+    /// Where clients' TURN servers come from: `auto` (the embedded server
+    /// if --turn-listen, else --turn-urls with --turn-secret, else none),
+    /// `embedded`, `coturn` (--turn-urls sharing --turn-secret), `static`
+    /// (--ice-servers-file as it is), `twilio` (Network Traversal Service,
+    /// with TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN), or `none`.
+    #[arg(long, env = "SFU_ICE_PROVIDER", default_value = "auto", value_parser = ["auto", "embedded", "coturn", "static", "twilio", "none"])]
+    pub ice_provider: String,
+    /// For `--ice-provider static`: a JSON file with a list of ICE servers
+    /// (`[{"urls": [...], "username": "...", "credential": "..."}]`).
+    #[arg(long, env = "SFU_ICE_SERVERS_FILE")]
+    pub ice_servers_file: Option<PathBuf>,
+    /// Twilio account SID, for `--ice-provider twilio`.
+    #[arg(long, env = "TWILIO_ACCOUNT_SID")]
+    pub twilio_account_sid: Option<String>,
+    /// Twilio auth token (set it in the environment, not on the command
+    /// line).
+    #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true, value_parser = |s: &str| Ok::<_, String>(Secret(s.to_owned())))]
+    pub twilio_auth_token: Option<Secret>,
+    /// Twilio's API base URL.
+    #[arg(
+        long,
+        env = "SFU_TWILIO_API_BASE",
+        default_value = "https://api.twilio.com"
+    )]
+    pub twilio_api_base: String,
     /// Run the embedded TURN server: TURN over UDP and TCP on this address
     /// (the usual port is 3478). Its credentials use --turn-secret; clients
     /// are given its URLs unless --turn-urls names others.
@@ -239,6 +264,11 @@ impl Config {
             turn_urls: Vec::new(),
             turn_secret: None,
             turn_ttl: 21_600,
+            ice_provider: "auto".into(),
+            ice_servers_file: None,
+            twilio_account_sid: None,
+            twilio_auth_token: None,
+            twilio_api_base: "https://api.twilio.com".into(),
             turn_listen: None,
             turn_tls_listen: None,
             turn_relay_ip: None,

@@ -655,7 +655,7 @@ async fn turn_credentials(
             "TURN credentials need a join token (roomJoin, with an identity)",
         ));
     }
-    let servers = state.ice.servers_for(&claims.sub, unix_now());
+    let servers = state.ice.servers_for(&claims.sub, unix_now()).await;
     Ok(Json(json!({ "iceServers": servers, "ttl": state.ice.ttl })).into_response())
 }
 
@@ -676,7 +676,7 @@ async fn resume_session(
         sid,
         identity: claims.sub.clone(),
         session,
-        ice_servers: state.ice.servers_for(&claims.sub, unix_now()),
+        ice_servers: state.ice.servers_for(&claims.sub, unix_now()).await,
         to_client,
         reply,
     };
@@ -704,7 +704,7 @@ async fn join_room(
         can_publish: claims.video.can_publish.unwrap_or(true),
         can_subscribe: claims.video.can_subscribe.unwrap_or(true),
         joined_at_unix: unix_now(),
-        ice_servers: state.ice.servers_for(&claims.sub, unix_now()),
+        ice_servers: state.ice.servers_for(&claims.sub, unix_now()).await,
     };
     // A room closing at this moment rejects the join; the second attempt
     // finds or creates a fresh one.

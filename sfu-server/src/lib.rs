@@ -176,36 +176,12 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         }
         None => None,
     };
-    // Clients are given the embedded server's URLs unless others are named.
-    let turn_urls = match (&turn, config.turn_urls.is_empty()) {
-        (Some(addrs), true) => {
-            let host = match (config.public_ip, addrs.udp_tcp.ip()) {
-                (Some(ip), _) => ip,
-                (None, ip) if ip.is_unspecified() => advertised_ip,
-                (None, ip) => ip,
-            };
-            let port = addrs.udp_tcp.port();
-            let mut urls = vec![
-                format!("turn:{host}:{port}?transport=udp"),
-                format!("turn:{host}:{port}?transport=tcp"),
-            ];
-            if let Some(tls) = addrs.tls {
-                urls.push(format!("turns:{host}:{}?transport=tcp", tls.port()));
-            }
-            urls
-        }
-        _ => config.turn_urls.clone(),
-    };
-    anyhow::ensure!(
-        turn_urls.is_empty() || turn_secret.is_some(),
-        "--turn-urls needs --turn-secret (SFU_TURN_SECRET)"
-    );
     let ice = turn::IceConfig {
         stun_urls: config.stun_urls.clone(),
-        turn_urls,
-        turn_secret,
+        provider: turn_provider(config, turn.as_ref(), turn_secret, advertised_ip)?,
         ttl: config.turn_ttl,
     };
+    tracing::info!(provider = ?ice.provider, "ICE servers for clients");
     let app = http::router(http::AppState {
         keys: keys.clone(),
         rooms: rooms.clone(),
@@ -269,4 +245,85 @@ fn self_signed_identity(config: &Config, http_addr: SocketAddr) -> anyhow::Resul
         }
     }
     tls::Identity::self_signed(names)
+}
+
+/// The TURN provider `--ice-provider` names (`auto`: the embedded server,
+/// else shared-secret URLs, else none).
+fn turn_provider(
+    config: &Config,
+    embedded: Option<&turn_server::TurnAddrs>,
+    secret: Option<String>,
+    advertised_ip: IpAddr,
+) -> anyhow::Result<turn::TurnProvider> {
+    let embedded_urls = |addrs: &turn_server::TurnAddrs| {
+        let host = match (config.public_ip, addrs.udp_tcp.ip()) {
+            (Some(ip), _) => ip,
+            (None, ip) if ip.is_unspecified() => advertised_ip,
+            (None, ip) => ip,
+        };
+        let port = addrs.udp_tcp.port();
+        let mut urls = vec![
+            format!("turn:{host}:{port}?transport=udp"),
+            format!("turn:{host}:{port}?transport=tcp"),
+        ];
+        if let Some(tls) = addrs.tls {
+            urls.push(format!("turns:{host}:{}?transport=tcp", tls.port()));
+        }
+        urls
+    };
+    let shared = |urls: Vec<String>| -> anyhow::Result<turn::TurnProvider> {
+        let secret = secret
+            .clone()
+            .context("TURN with a shared secret needs --turn-secret (SFU_TURN_SECRET)")?;
+        Ok(turn::TurnProvider::SharedSecret { urls, secret })
+    };
+    Ok(match config.ice_provider.as_str() {
+        "none" => turn::TurnProvider::None,
+        "embedded" => {
+            let addrs = embedded.context("--ice-provider embedded needs --turn-listen")?;
+            shared(embedded_urls(addrs))?
+        }
+        "coturn" => {
+            anyhow::ensure!(
+                !config.turn_urls.is_empty(),
+                "--ice-provider coturn needs --turn-urls"
+            );
+            shared(config.turn_urls.clone())?
+        }
+        "static" => {
+            let path = config
+                .ice_servers_file
+                .as_ref()
+                .context("--ice-provider static needs --ice-servers-file")?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let servers: Vec<sfu_core::signal::IceServer> = serde_json::from_str(&text)
+                .with_context(|| format!("{}: a JSON list of ICE servers", path.display()))?;
+            turn::TurnProvider::Static(servers)
+        }
+        "twilio" => {
+            let sid = config
+                .twilio_account_sid
+                .clone()
+                .filter(|s| !s.is_empty())
+                .context("--ice-provider twilio needs TWILIO_ACCOUNT_SID")?;
+            let token = config
+                .twilio_auth_token
+                .as_ref()
+                .map(|s| s.0.clone())
+                .filter(|s| !s.is_empty())
+                .context("--ice-provider twilio needs TWILIO_AUTH_TOKEN")?;
+            turn::TurnProvider::Twilio(Arc::new(turn::Twilio::new(
+                &config.twilio_api_base,
+                &sid,
+                &token,
+                config.turn_ttl,
+            )))
+        }
+        _ => match (embedded, config.turn_urls.is_empty()) {
+            (_, false) => shared(config.turn_urls.clone())?,
+            (Some(addrs), true) => shared(embedded_urls(addrs))?,
+            (None, true) => turn::TurnProvider::None,
+        },
+    })
 }

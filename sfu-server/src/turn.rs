@@ -4,31 +4,56 @@
 //! `username = "<expiry unix time>:<identity>"`,
 //! `password = base64(HMAC-SHA1(secret, username))`.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use sfu_core::signal::IceServer;
 
 /// Where clients find STUN and TURN, and how their TURN credentials are
 /// made.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, Debug)]
 pub struct IceConfig {
     pub stun_urls: Vec<String>,
-    pub turn_urls: Vec<String>,
-    /// The shared secret of the TURN servers (`static-auth-secret`).
-    pub turn_secret: Option<String>,
+    pub provider: TurnProvider,
     /// Lifetime of TURN credentials, seconds.
     pub ttl: u64,
 }
 
-impl std::fmt::Debug for IceConfig {
+/// Where TURN servers and their credentials come from.
+#[derive(Clone, Default)]
+pub enum TurnProvider {
+    /// No TURN.
+    #[default]
+    None,
+    /// TURN servers sharing a secret with this server (the embedded one,
+    /// or coturn with `use-auth-secret`): credentials minted here.
+    SharedSecret { urls: Vec<String>, secret: String },
+    /// A fixed list given to everyone as it is.
+    Static(Vec<IceServer>),
+    /// Twilio's Network Traversal Service.
+    Twilio(Arc<Twilio>),
+}
+
+impl std::fmt::Debug for TurnProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IceConfig")
-            .field("stun_urls", &self.stun_urls)
-            .field("turn_urls", &self.turn_urls)
-            .field(
-                "turn_secret",
-                &self.turn_secret.as_ref().map(|_| "<redacted>"),
-            )
-            .field("ttl", &self.ttl)
-            .finish()
+        match self {
+            TurnProvider::None => f.write_str("None"),
+            TurnProvider::SharedSecret { urls, .. } => f
+                .debug_struct("SharedSecret")
+                .field("urls", urls)
+                .field("secret", &"<redacted>")
+                .finish(),
+            TurnProvider::Static(servers) => f
+                .debug_tuple("Static")
+                .field(&servers.iter().map(|s| &s.urls).collect::<Vec<_>>())
+                .finish(),
+            TurnProvider::Twilio(t) => f
+                .debug_struct("Twilio")
+                .field("api_base", &t.api_base)
+                .field("account_sid", &t.account_sid)
+                .field("auth_token", &"<redacted>")
+                .finish(),
+        }
     }
 }
 
@@ -41,8 +66,10 @@ pub fn credentials(secret: &str, identity: &str, expires: u64) -> (String, Strin
 }
 
 impl IceConfig {
-    /// The ICE servers to give `identity` now (`now`: Unix seconds).
-    pub fn servers_for(&self, identity: &str, now: u64) -> Vec<IceServer> {
+    /// The ICE servers to give `identity` now (`now`: Unix seconds). A
+    /// provider that cannot be reached leaves TURN out (and says so in the
+    /// log) rather than failing the join.
+    pub async fn servers_for(&self, identity: &str, now: u64) -> Vec<IceServer> {
         let mut out = Vec::new();
         if !self.stun_urls.is_empty() {
             out.push(IceServer {
@@ -51,16 +78,149 @@ impl IceConfig {
                 credential: None,
             });
         }
-        if let (false, Some(secret)) = (self.turn_urls.is_empty(), &self.turn_secret) {
-            let (username, password) = credentials(secret, identity, now + self.ttl);
-            out.push(IceServer {
-                urls: self.turn_urls.clone(),
-                username: Some(username),
-                credential: Some(password),
-            });
+        match &self.provider {
+            TurnProvider::None => {}
+            TurnProvider::SharedSecret { urls, secret } => {
+                let (username, password) = credentials(secret, identity, now + self.ttl);
+                out.push(IceServer {
+                    urls: urls.clone(),
+                    username: Some(username),
+                    credential: Some(password),
+                });
+            }
+            TurnProvider::Static(servers) => out.extend(servers.iter().cloned()),
+            TurnProvider::Twilio(twilio) => match twilio.servers().await {
+                Ok(servers) => out.extend(servers),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Twilio ICE servers unavailable; clients get no TURN")
+                }
+            },
         }
         out
     }
+}
+
+/// Twilio's Network Traversal Service: ICE servers with credentials from
+/// its Tokens endpoint, fetched once and shared until near their expiry.
+pub struct Twilio {
+    /// `https://api.twilio.com` (another base for a local stand-in).
+    pub api_base: String,
+    pub account_sid: String,
+    auth_token: String,
+    /// Lifetime asked for, seconds.
+    ttl: u64,
+    http: reqwest::Client,
+    cache: tokio::sync::Mutex<TwilioCache>,
+}
+
+#[derive(Default)]
+struct TwilioCache {
+    servers: Option<(Vec<IceServer>, Instant)>,
+    /// After a failed fetch, no new attempt before this.
+    retry_at: Option<(String, Instant)>,
+}
+
+/// How long a failed Twilio fetch is remembered before the next attempt.
+const TWILIO_RETRY: Duration = Duration::from_secs(30);
+
+impl Twilio {
+    pub fn new(api_base: &str, account_sid: &str, auth_token: &str, ttl: u64) -> Twilio {
+        Twilio {
+            api_base: api_base.trim_end_matches('/').to_owned(),
+            account_sid: account_sid.to_owned(),
+            auth_token: auth_token.to_owned(),
+            ttl,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap_or_default(),
+            cache: tokio::sync::Mutex::new(TwilioCache::default()),
+        }
+    }
+
+    /// The cached servers, or fresh ones when the cache is near expiry.
+    /// One request at a time: callers arriving meanwhile wait for it.
+    pub async fn servers(&self) -> Result<Vec<IceServer>, String> {
+        let mut cache = self.cache.lock().await;
+        let now = Instant::now();
+        if let Some((servers, refresh_at)) = &cache.servers {
+            if now < *refresh_at {
+                return Ok(servers.clone());
+            }
+        }
+        if let Some((error, retry_at)) = &cache.retry_at {
+            if now < *retry_at {
+                return Err(error.clone());
+            }
+        }
+        match self.fetch().await {
+            Ok((servers, ttl)) => {
+                cache.servers = Some((servers.clone(), Instant::now() + refresh_after(ttl)));
+                cache.retry_at = None;
+                Ok(servers)
+            }
+            Err(e) => {
+                cache.retry_at = Some((e.clone(), Instant::now() + TWILIO_RETRY));
+                Err(e)
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<(Vec<IceServer>, u64), String> {
+        let url = format!(
+            "{}/2010-04-01/Accounts/{}/Tokens.json",
+            self.api_base, self.account_sid
+        );
+        let response = self
+            .http
+            .post(&url)
+            .basic_auth(&self.account_sid, Some(&self.auth_token))
+            .form(&[("Ttl", self.ttl.to_string())])
+            .send()
+            .await
+            .map_err(|e| format!("POST {url}: {e}"))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(format!("POST {url}: HTTP {status}"));
+        }
+        let body: serde_json::Value = response
+            .json()
+            .await
+            .map_err(|e| format!("POST {url}: not JSON: {e}"))?;
+        parse_twilio_token(&body)
+    }
+}
+
+/// The ICE servers and their lifetime (seconds) in a Twilio token.
+fn parse_twilio_token(body: &serde_json::Value) -> Result<(Vec<IceServer>, u64), String> {
+    let list = body["ice_servers"]
+        .as_array()
+        .ok_or("the token has no ice_servers list")?;
+    let mut servers = Vec::new();
+    for entry in list {
+        let url = entry["urls"]
+            .as_str()
+            .or_else(|| entry["url"].as_str())
+            .ok_or("an ICE server without urls")?;
+        servers.push(IceServer {
+            urls: vec![url.to_owned()],
+            username: entry["username"].as_str().map(str::to_owned),
+            credential: entry["credential"].as_str().map(str::to_owned),
+        });
+    }
+    // Twilio sends the ttl as a string of seconds.
+    let ttl = body["ttl"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .or_else(|| body["ttl"].as_u64())
+        .unwrap_or(86_400);
+    Ok((servers, ttl))
+}
+
+/// When to fetch a new token: after four fifths of its lifetime, at least
+/// a minute from now (shorter tokens are fetched each minute).
+fn refresh_after(ttl: u64) -> Duration {
+    Duration::from_secs((ttl * 4 / 5).max(60))
 }
 
 #[cfg(test)]
@@ -91,11 +251,13 @@ mod tests {
         assert_eq!(pass, OPENSSL_REFERENCE);
         let ice = IceConfig {
             stun_urls: vec!["stun:stun.example.com:3478".into()],
-            turn_urls: vec!["turn:turn.example.com:3478?transport=udp".into()],
-            turn_secret: Some("Jefe".into()),
+            provider: TurnProvider::SharedSecret {
+                urls: vec!["turn:turn.example.com:3478?transport=udp".into()],
+                secret: "Jefe".into(),
+            },
             ttl: 600,
         };
-        let servers = ice.servers_for("bob", 1_000);
+        let servers = block_on(ice.servers_for("bob", 1_000));
         assert_eq!(servers.len(), 2);
         assert_eq!(servers[0].username, None);
         assert_eq!(servers[1].username.as_deref(), Some("1600:bob"));
@@ -104,12 +266,44 @@ mod tests {
             Some(credentials("Jefe", "bob", 1600).1.as_str())
         );
         assert!(!format!("{ice:?}").contains("Jefe"));
-        // No secret or no TURN URLs: no TURN entry.
+        // No TURN provider: no TURN entry.
         let stun_only = IceConfig {
-            turn_secret: None,
+            provider: TurnProvider::None,
             ..ice
         };
-        assert_eq!(stun_only.servers_for("bob", 1_000).len(), 1);
+        assert_eq!(block_on(stun_only.servers_for("bob", 1_000)).len(), 1);
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn twilio_tokens_are_read_and_refreshed_before_they_expire() {
+        // The shape of a Tokens response (values made up).
+        let body = serde_json::json!({
+            "account_sid": "ACxxxxxxxx",
+            "date_created": "Wed, 25 Nov 2026 10:00:00 +0000",
+            "date_updated": "Wed, 25 Nov 2026 10:00:00 +0000",
+            "ice_servers": [
+                {"url": "stun:global.stun.twilio.com:3478", "urls": "stun:global.stun.twilio.com:3478"},
+                {"url": "turn:global.turn.twilio.com:3478?transport=udp", "urls": "turn:global.turn.twilio.com:3478?transport=udp", "username": "u1", "credential": "c1"}
+            ],
+            "password": "c1",
+            "ttl": "3600",
+            "username": "u1"
+        });
+        let (servers, ttl) = parse_twilio_token(&body).unwrap();
+        assert_eq!(ttl, 3600);
+        assert_eq!(servers.len(), 2);
+        assert_eq!(servers[1].username.as_deref(), Some("u1"));
+        assert_eq!(servers[0].credential, None);
+        assert_eq!(refresh_after(3600), Duration::from_secs(2880));
+        assert_eq!(refresh_after(30), Duration::from_secs(60));
+        assert!(parse_twilio_token(&serde_json::json!({"ttl": "1"})).is_err());
     }
 
     const OPENSSL_REFERENCE: &str = "Y43q3cA3hS9cV3VI4dgDAdu7e/4=";
