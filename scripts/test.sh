@@ -35,6 +35,7 @@ cargo build --release -p sfu-server --quiet
 SFU_BIN="$PWD/target/release/sfu-server" node tests/browser/e2e.mjs
 SFU_BIN="$PWD/target/release/sfu-server" node tests/browser/simulcast.mjs
 SFU_BIN="$PWD/target/release/sfu-server" node tests/browser/turn.mjs
+SFU_BIN="$PWD/target/release/sfu-server" node tests/browser/diagnostics.mjs
 
 echo "== end-to-end benchmark, smoke mode (server + load tester)"
 scripts/bench.sh --smoke

@@ -90,7 +90,8 @@ export class RemoteParticipant {
  * (the signalling socket dropped; media may still flow), `reconnected`
  * (the same session goes on), `disconnected` (reason), `error` (Error).
  *
- * Options: `iceTransportPolicy` ('all' or 'relay': only TURN relays, to
+ * Options: `iceServers` (use these instead of the ones the server names),
+ * `iceTransportPolicy` ('all' or 'relay': only TURN relays, to
  * test or to force them), `turnTransport` ('udp', 'tcp' or 'tls': keep only
  * the TURN servers reached over that transport), `iceCandidatePoolSize`
  * (candidates gathered before they are needed) and `reconnectWindowMs` (how
@@ -576,6 +577,7 @@ export class Room {
 
   /** The server's ICE servers, narrowed to `turnTransport` if set. */
   _usableIceServers() {
+    if (Array.isArray(this.options.iceServers)) return this.options.iceServers;
     const want = this.options.turnTransport;
     if (!want) return this.iceServers;
     const keep = (url) => {

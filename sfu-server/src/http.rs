@@ -145,6 +145,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
         .route("/", get(|| asset("index.html")))
+        .route("/diagnostics", get(|| asset("diagnostics.html")))
         .route(
             "/sdk/{file}",
             get(|Path(file): Path<String>| asset_owned(file)),
