@@ -410,6 +410,8 @@ pub struct IceSettings {
     /// (urls, username, credential)
     pub servers: Vec<(Vec<String>, String, String)>,
     pub relay_only: bool,
+    /// Address the connections' sockets bind to (default: loopback).
+    pub bind_ip: Option<std::net::IpAddr>,
 }
 
 async fn peer(
@@ -595,7 +597,7 @@ impl Client {
             Trickle::new(sfu_candidates("publisher", &ws_tx), &inbox, false, false),
             publish.uplink_loss,
             index as u64 + 1,
-            LOOPBACK,
+            ice.bind_ip.unwrap_or(LOOPBACK),
             ice,
         )
         .await;
@@ -603,7 +605,7 @@ impl Client {
             Trickle::new(sfu_candidates("subscriber", &ws_tx), &inbox, true, false),
             0.0,
             0,
-            LOOPBACK,
+            ice.bind_ip.unwrap_or(LOOPBACK),
             ice,
         )
         .await;
@@ -712,6 +714,47 @@ impl Client {
         }
         let _ = signalling.sinks.send(sink);
         Ok(first)
+    }
+
+    /// The local candidate of each connection's selected pair (publisher,
+    /// subscriber) as `type/protocol`, `relay/udp` say; `None` while a
+    /// connection has none.
+    pub async fn selected_paths(&self) -> (Option<String>, Option<String>) {
+        async fn path(pc: &Arc<dyn PeerConnection>) -> Option<String> {
+            use rtc::statistics::report::RTCStatsReportEntry;
+            let report = pc
+                .get_stats(
+                    std::time::Instant::now(),
+                    rtc::statistics::StatsSelector::None,
+                )
+                .await;
+            let pair = report.candidate_pairs().find(|p| {
+                p.nominated
+                    && p.state
+                        == rtc::statistics::stats::ice_candidate_pair::RTCStatsIceCandidatePairState::Succeeded
+            })?;
+            // The pair names its local candidate without the prefix the
+            // candidate's own entry has: match on the end of the id.
+            let found = report.iter().find_map(|entry| match entry {
+                RTCStatsReportEntry::LocalCandidate(c)
+                    if c.stats.id.ends_with(pair.local_candidate_id.as_str()) =>
+                {
+                    let kind = c.candidate_type.to_string();
+                    // The way to the relay, where the stats say (this
+                    // client's TURN is over UDP when they do not).
+                    let relay = format!("{:?}", c.relay_protocol).to_lowercase();
+                    let protocol = if kind == "relay" && relay != "unspecified" {
+                        relay
+                    } else {
+                        c.protocol.to_lowercase()
+                    };
+                    Some(format!("{kind}/{protocol}"))
+                }
+                _ => None,
+            });
+            found
+        }
+        (path(&self.publisher).await, path(&self.subscriber).await)
     }
 
     /// Restarts ICE on the publish connection: a new offer with fresh

@@ -59,6 +59,7 @@ async fn relay_settings(
     IceSettings {
         servers,
         relay_only: true,
+        bind_ip: None,
     }
 }
 
@@ -114,6 +115,11 @@ async fn relayed_call(
     }
     if outcome.is_ok() {
         assert_eq!(bob_view.inbox.lock().unwrap().corrupted, 0);
+        // Both connections in use go through a UDP relay.
+        let (publishing, _) = alice.selected_paths().await;
+        let (_, receiving) = bob.selected_paths().await;
+        assert_eq!(publishing.as_deref(), Some("relay/udp"));
+        assert_eq!(receiving.as_deref(), Some("relay/udp"));
     }
     alice.close().await;
     bob.close().await;
