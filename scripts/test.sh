@@ -2,8 +2,8 @@
 # Runs every test: formatting and lints, the Rust unit and integration tests,
 # the browser end-to-end tests in headless Chromium, and the end-to-end
 # benchmark in smoke mode (ours and Janus). Installs what it needs on a
-# fresh Debian machine (Chromium, Node.js, Janus, coturn, Node packages,
-# cargo-fuzz).
+# fresh Debian machine (Chromium, Node.js, Janus, coturn, iproute2,
+# iptables, Node packages, cargo-fuzz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,9 @@ command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
 command -v janus >/dev/null 2>&1 || need_apt+=(janus)
 # coturn: the external TURN server the relay test reaches the SFU through.
 command -v turnserver >/dev/null 2>&1 || need_apt+=(coturn)
+# Network namespaces and NAT for the NAT matrix test.
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -6,6 +6,8 @@
 //                     no parameter joins on open)
 //   publish=0         receive only
 //   simulcast=0       send one video encoding instead of three layers
+//   video=WxH         capture at this size (default 1280x720)
+//   relay=udp|tcp|tls only TURN relays, over that transport (or any)
 //   token, url        a join token minted by your backend and the signalling
 //                     URL, for servers outside development mode
 //
@@ -186,7 +188,9 @@ async function join() {
       return;
     }
     try {
-      const stream = await room.publishCamera({ simulcast: params.get('simulcast') !== '0' });
+      const size = /^(\d+)x(\d+)$/.exec(params.get('video') || '');
+      const video = size ? { width: { ideal: Number(size[1]) }, height: { ideal: Number(size[2]) } } : true;
+      const stream = await room.publishCamera({ video, simulcast: params.get('simulcast') !== '0' });
       showLocal(identity, stream);
     } catch (e) {
       // No camera (or permission refused): still receive everyone else.

@@ -463,8 +463,15 @@ async fn peer(
         configuration = configuration
             .with_ice_transport_policy(webrtc::peer_connection::RTCIceTransportPolicy::Relay);
     }
+    // No mDNS: the load tester never resolves `.local` candidates, and its
+    // multicast socket cannot join where there is no multicast route (a
+    // network namespace with no default route).
+    let settings = webrtc::peer_connection::SettingEngineBuilder::new()
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .build();
     let pc = PeerConnectionBuilder::new()
         .with_configuration(configuration.build())
+        .with_setting_engine(settings)
         .with_media_engine(engine)
         .with_interceptor_registry(registry)
         .with_handler(handler)
