@@ -29,6 +29,9 @@ const RECONNECT_WINDOW_MS = 15_000;
 /** Waits between reconnect attempts; the last repeats. */
 const RECONNECT_DELAYS_MS = [0, 250, 500, 1000, 2000];
 
+/** A publisher connection disconnected this long is restarted. */
+const ICE_DISCONNECTED_GRACE_MS = 3000;
+
 /** Messages kept while the socket is down, sent once it is back. */
 const OUTBOX_LIMIT = 256;
 
@@ -362,16 +365,37 @@ export class Room {
     }
     for (const queued of this._outbox.splice(0)) this._send(queued);
     this._emit('reconnected');
-    // A network change breaks the media path too: restart ICE.
-    const state = this.publisherPc?.iceConnectionState;
-    if (state === 'disconnected' || state === 'failed') this.restartIce();
+    // A network change breaks the media paths too: restart ICE on each
+    // connection that lost its path.
+    const broken = (pc) => pc && ['disconnected', 'failed'].includes(pc.iceConnectionState);
+    if (broken(this.publisherPc)) this.restartIce();
+    if (broken(this.subscriberPc)) this._send({ type: 'restartIce' });
+  }
+
+  /**
+   * Calls `restart` when `pc`'s ICE fails, or stays disconnected for a few
+   * seconds (a change of network rarely heals by itself): a restart
+   * gathers candidates anew, with fresh credentials on both sides.
+   */
+  _watchIce(pc, restart) {
+    let timer = null;
+    pc.addEventListener('iceconnectionstatechange', () => {
+      clearTimeout(timer);
+      if (this.reconnecting || this._closed) return;
+      const state = pc.iceConnectionState;
+      if (state === 'failed') restart();
+      else if (state === 'disconnected') {
+        timer = setTimeout(() => {
+          if (pc.iceConnectionState === 'disconnected' && !this.reconnecting && !this._closed) restart();
+        }, ICE_DISCONNECTED_GRACE_MS);
+      }
+    });
   }
 
   /**
    * Restarts ICE on the publishing connection (new credentials, new
    * candidates), as after a change of network. Done by itself when the
-   * connection fails; the subscribing connection follows the server, which
-   * answers checks from any new address of this client.
+   * connection fails or stays disconnected, as is the subscribing one's.
    */
   restartIce() {
     if (!this.publisherPc || this._closed) return Promise.resolve();
@@ -405,6 +429,8 @@ export class Room {
     pc.onconnectionstatechange = () => {
       if (pc.connectionState === 'connected') this._mark('subscriberConnected');
     };
+    // The server offers on this connection: a restart is asked of it.
+    this._watchIce(pc, () => this._send({ type: 'restartIce' }));
     this.subscriberPc = pc;
 
     for (const p of this.participants.values()) this._emit('participantJoined', p);
@@ -599,10 +625,7 @@ export class Room {
       if (this._publisherOfferSent) this._send(msg);
       else this._localPublisherCandidates.push(msg);
     };
-    pc.oniceconnectionstatechange = () => {
-      // A failed path does not come back by itself; a restart gathers anew.
-      if (pc.iceConnectionState === 'failed' && !this.reconnecting) this.restartIce();
-    };
+    this._watchIce(pc, () => this.restartIce());
     this.publisherPc = pc;
     return pc;
   }

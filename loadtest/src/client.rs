@@ -324,13 +324,30 @@ impl Trickle {
     }
 }
 
-/// Our server's candidate message for one of the two connections.
-fn sfu_candidates(target: &'static str, ws_tx: &mpsc::UnboundedSender<String>) -> CandidateSink {
+/// Candidates of a connection the server does not know yet (the publish
+/// connection before its first offer went out) wait here; `None` once they
+/// flow.
+type Held = Arc<Mutex<Option<Vec<String>>>>;
+
+/// Our server's candidate message for one of the two connections; with
+/// `held`, kept back until the gate opens.
+fn sfu_candidates(
+    target: &'static str,
+    ws_tx: &mpsc::UnboundedSender<String>,
+    held: Option<Held>,
+) -> CandidateSink {
     let ws_tx = ws_tx.clone();
     Box::new(move |candidate| {
         let msg =
-            serde_json::json!({"type": "candidate", "target": target, "candidate": candidate});
-        let _ = ws_tx.send(msg.to_string());
+            serde_json::json!({"type": "candidate", "target": target, "candidate": candidate})
+                .to_string();
+        if let Some(held) = &held {
+            if let Some(queue) = held.lock().unwrap().as_mut() {
+                queue.push(msg);
+                return;
+            }
+        }
+        let _ = ws_tx.send(msg);
     })
 }
 
@@ -600,8 +617,16 @@ impl Client {
         let _ = sinks.send(sink);
         let inbox = Arc::new(Mutex::new(Inbox::default()));
         let writer = tokio::spawn(write_signals(ws_rx, sinks_rx));
+        // The server learns of the publish connection from its first
+        // offer: candidates gathered before it went out wait for it.
+        let held: Held = Arc::new(Mutex::new(Some(Vec::new())));
         let publisher = peer(
-            Trickle::new(sfu_candidates("publisher", &ws_tx), &inbox, false, false),
+            Trickle::new(
+                sfu_candidates("publisher", &ws_tx, Some(held.clone())),
+                &inbox,
+                false,
+                false,
+            ),
             publish.uplink_loss,
             index as u64 + 1,
             ice.bind_ip.unwrap_or(LOOPBACK),
@@ -609,7 +634,12 @@ impl Client {
         )
         .await;
         let subscriber = peer(
-            Trickle::new(sfu_candidates("subscriber", &ws_tx), &inbox, true, false),
+            Trickle::new(
+                sfu_candidates("subscriber", &ws_tx, None),
+                &inbox,
+                true,
+                false,
+            ),
             0.0,
             0,
             ice.bind_ip.unwrap_or(LOOPBACK),
@@ -651,6 +681,11 @@ impl Client {
         if publish.publish {
             let sdp = client.offer_tracks(publish).await?;
             client.send(serde_json::json!({"type":"offer","target":"publisher","sdp":sdp}));
+        }
+        // The offer is queued ahead of them: let the candidates go.
+        let queued = held.lock().unwrap().take().unwrap_or_default();
+        for msg in queued {
+            client.send_raw(&msg);
         }
         Ok(client)
     }
@@ -762,6 +797,12 @@ impl Client {
             found
         }
         (path(&self.publisher).await, path(&self.subscriber).await)
+    }
+
+    /// Asks the server to restart ICE on the subscribe connection (it
+    /// sends a new offer with fresh credentials).
+    pub fn restart_subscriber_ice(&self) {
+        self.send(serde_json::json!({"type": "restartIce"}));
     }
 
     /// Restarts ICE on the publish connection: a new offer with fresh

@@ -104,15 +104,10 @@ pub enum ConnRole {
     Offering,
 }
 
-/// Builds one server-side peer connection: ICE-lite with the given
-/// credentials, VP8 + Opus, RTCP reports, TWCC feedback, NACK generation on
+/// Builds one server-side peer connection: ICE-lite with credentials of
+/// its own (new ones at each ICE restart), VP8 + Opus, RTCP reports, TWCC feedback, NACK generation on
 /// publisher connections, and delivery of the feedback the room acts on.
-pub fn build_peer_connection(
-    now: Instant,
-    ufrag: &str,
-    pwd: &str,
-    role: ConnRole,
-) -> Result<RTCPeerConnection, RtcError> {
+pub fn build_peer_connection(now: Instant, role: ConnRole) -> Result<RTCPeerConnection, RtcError> {
     let mut engine = media_engine()?;
     configure_simulcast_extension_headers(&mut engine)?;
     let mut registry = configure_twcc_receiver_only(Registry::new(), &mut engine)?;
@@ -132,9 +127,10 @@ pub fn build_peer_connection(
         ConnRole::Offering => {}
     }
     let registry = registry.with(Slot::Custom(14_000), FeedbackTap::default());
-    let mut settings = SettingEngineBuilder::new()
-        .with_lite(true)
-        .with_ice_credentials(ufrag.to_owned(), pwd.to_owned());
+    // No fixed ICE credentials: an ICE restart then gets fresh ones, as
+    // it must (RFC 8445 9), and the room learns each ufrag from the
+    // connection's local description.
+    let mut settings = SettingEngineBuilder::new().with_lite(true);
     if role == ConnRole::Answering {
         settings = settings.with_answering_dtls_role(RTCDtlsRole::Server);
     }

@@ -256,7 +256,9 @@ struct Conn {
     pc: RTCPeerConnection,
     participant: ParticipantId,
     target: Target,
-    ufrag: String,
+    /// Every local ufrag the connection has had (a new one per ICE
+    /// restart), each routed to it until it closes.
+    ufrags: Vec<String>,
     addrs: Vec<SocketAddr>,
     dirty: bool,
     /// ICE and DTLS are up: media written now reaches the client.
@@ -669,13 +671,11 @@ impl Room {
         participant: ParticipantId,
         target: Target,
     ) -> Result<ConnId, CoreError> {
-        let ufrag = self.rng.string(16);
-        let pwd = self.rng.string(32);
         let role = match target {
             Target::Publisher => ConnRole::Answering,
             Target::Subscriber => ConnRole::Offering,
         };
-        let mut pc = build_peer_connection(now, &ufrag, &pwd, role)?;
+        let mut pc = build_peer_connection(now, role)?;
         let addr = self.config.media_addr;
         let candidate = CandidateHostConfig {
             base_config: CandidateConfig {
@@ -695,7 +695,7 @@ impl Room {
             pc,
             participant,
             target,
-            ufrag: ufrag.clone(),
+            ufrags: Vec::new(),
             addrs: Vec::new(),
             dirty: false,
             connected: false,
@@ -712,10 +712,34 @@ impl Room {
                 ConnId(self.conns.len() - 1)
             }
         };
+        Ok(id)
+    }
+
+    /// Routes STUN for the ufrag of the connection's local description,
+    /// if it is new (the first description, or one after an ICE restart).
+    /// Called after every local description is set: the client can check
+    /// a ufrag only once it has seen it.
+    fn learn_local_ufrag(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(id.0).and_then(Option::as_deref_mut) else {
+            return;
+        };
+        let Some(sdp) = c.pc.local_description().map(|d| d.sdp) else {
+            return;
+        };
+        let Some(ufrag) = sdp
+            .lines()
+            .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+            .map(|u| u.trim().to_owned())
+        else {
+            return;
+        };
+        if c.ufrags.contains(&ufrag) {
+            return;
+        }
+        c.ufrags.push(ufrag.clone());
         self.by_ufrag.insert(ufrag.clone(), id);
         self.outputs
             .push_back(Output::Event(RoomEvent::UfragAdded(ufrag)));
-        Ok(id)
     }
 
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
@@ -735,17 +759,19 @@ impl Room {
         }
     }
 
-    fn close_conn(&mut self, id: ConnId) -> Option<(String, Vec<SocketAddr>)> {
+    fn close_conn(&mut self, id: ConnId) -> Option<(Vec<String>, Vec<SocketAddr>)> {
         let mut conn = self.conns.get_mut(id.0)?.take()?;
         self.open_conns -= 1;
         let _ = conn.pc.close();
-        self.by_ufrag.remove(&conn.ufrag);
+        for ufrag in &conn.ufrags {
+            self.by_ufrag.remove(ufrag);
+        }
         for addr in &conn.addrs {
             if self.by_addr.get(addr) == Some(&id) {
                 self.by_addr.remove(addr);
             }
         }
-        Some((conn.ufrag, conn.addrs))
+        Some((conn.ufrags, conn.addrs))
     }
 
     fn remove_participant(&mut self, now: Instant, id: ParticipantId, reason: LeaveReason) {
@@ -768,8 +794,8 @@ impl Room {
         let mut ufrags = Vec::new();
         let mut addrs = Vec::new();
         for conn in [p.publisher, p.subscriber].into_iter().flatten() {
-            if let Some((ufrag, a)) = self.close_conn(conn) {
-                ufrags.push(ufrag);
+            if let Some((u, a)) = self.close_conn(conn) {
+                ufrags.extend(u);
                 addrs.extend(a);
             }
         }
@@ -932,6 +958,28 @@ impl Room {
                 self.keyframe_for_subscriber(now, id, key, true);
                 Ok(())
             }
+            ClientMessage::RestartIce => {
+                let p = &self.participants[&id];
+                let conn = p.subscriber.ok_or((
+                    ErrorCode::NotAllowed,
+                    "this token does not allow subscribing".to_owned(),
+                ))?;
+                if p.negotiation.generation() == 0 {
+                    return Err((
+                        ErrorCode::BadState,
+                        "the subscriber connection has not been negotiated yet".to_owned(),
+                    ));
+                }
+                // The next subscriber offer carries fresh ICE credentials.
+                if let Some(c) = self.conn_mut(conn) {
+                    c.pc.restart_ice();
+                }
+                if let Some(p) = self.participants.get_mut(&id) {
+                    p.negotiation.request();
+                }
+                self.maybe_offer(now, id);
+                Ok(())
+            }
             ClientMessage::Ping { ts } => {
                 self.signal(id, ServerMessage::Pong { ts });
                 Ok(())
@@ -994,6 +1042,7 @@ impl Room {
             c.pc.local_description()
                 .map(|d| d.sdp)
                 .ok_or((ErrorCode::Internal, "no local description".to_owned()))?;
+        self.learn_local_ufrag(conn);
         self.signal(
             id,
             ServerMessage::Answer {
@@ -1219,6 +1268,7 @@ impl Room {
                 .map(|_| c.pc.local_description().map(|d| d.sdp));
         match sdp {
             Ok(Some(sdp)) => {
+                self.learn_local_ufrag(conn);
                 self.signal(
                     id,
                     ServerMessage::Offer {

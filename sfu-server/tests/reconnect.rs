@@ -1,7 +1,8 @@
 //! Reconnection: a participant whose signalling socket is cut (a TCP proxy
 //! between it and the server drops both connections, no WebSocket close)
-//! reconnects to the same session, restarts ICE, and media goes on; the
-//! others never see it leave, and it gets what happened while it was away.
+//! reconnects to the same session, restarts ICE on both connections (fresh
+//! credentials on both sides), and media goes on; the others never see it
+//! leave, and it gets what happened while it was away.
 //! One that does not come back within the grace is removed.
 
 mod common;
@@ -151,13 +152,45 @@ async fn a_cut_socket_resumes_the_same_session_and_media_goes_on() {
     })
     .await;
 
-    // A new network: restart ICE, and media flows again both ways.
+    // A new network: restart ICE on both connections (the publisher one
+    // with an offer of the client's, the subscriber one by asking the
+    // server for an offer); both sides take fresh credentials, and media
+    // flows again both ways.
     let answers = alice_view.messages_of("answer").len();
+    let offers = alice_view.messages_of("offer").len();
     alice.restart_ice().await.expect("ICE restart offer");
-    wait_for(Duration::from_secs(5), "answer to the ICE restart", || {
-        alice_view.messages_of("answer").len() > answers
-    })
+    alice.restart_subscriber_ice();
+    wait_for(
+        Duration::from_secs(5),
+        "answer and offer of the ICE restarts",
+        || {
+            alice_view.messages_of("answer").len() > answers
+                && alice_view.messages_of("offer").len() > offers
+        },
+    )
     .await;
+    let ufrag = |m: &serde_json::Value| {
+        m["sdp"]
+            .as_str()
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let all_answers = alice_view.messages_of("answer");
+    let all_offers = alice_view.messages_of("offer");
+    assert_ne!(
+        ufrag(&all_answers[0]),
+        ufrag(all_answers.last().unwrap()),
+        "the server's publisher credentials changed"
+    );
+    assert_ne!(
+        ufrag(&all_offers[0]),
+        ufrag(all_offers.last().unwrap()),
+        "the server's subscriber credentials changed"
+    );
     let from_alice = bob_view.received(&alice_sid, "video").len();
     let from_bob = alice_view.received(&bob_sid, "video").len();
     pump_until(
@@ -183,7 +216,11 @@ async fn a_cut_socket_resumes_the_same_session_and_media_goes_on() {
         .filter(|p| p["identity"] == "alice")
         .count();
     assert_eq!(alices, 1, "{participants}");
-    assert!(alice_view.messages_of("error").is_empty());
+    assert!(
+        alice_view.messages_of("error").is_empty(),
+        "{:?}",
+        alice_view.messages_of("error")
+    );
 
     // Leaving for real is seen at once.
     alice.close().await;

@@ -166,6 +166,10 @@ pub enum ClientMessage {
         #[serde(default)]
         ts: f64,
     },
+    /// Restart ICE on the subscriber connection (after a change of
+    /// network): the server sends a new offer with fresh ICE credentials.
+    /// The publisher connection restarts with an offer of the client's.
+    RestartIce,
     Leave,
 }
 
@@ -316,6 +320,7 @@ const CLIENT_TYPES: &[&str] = &[
     "mute",
     "updateSubscription",
     "ping",
+    "restartIce",
     "leave",
 ];
 
