@@ -29,8 +29,14 @@ const RECONNECT_WINDOW_MS = 15_000;
 /** Waits between reconnect attempts; the last repeats. */
 const RECONNECT_DELAYS_MS = [0, 250, 500, 1000, 2000];
 
-/** A publisher connection disconnected this long is restarted. */
+/** A connection whose ICE stays disconnected this long is restarted. */
 const ICE_DISCONNECTED_GRACE_MS = 3000;
+
+/**
+ * When a media path breaks, the signalling socket is checked with a ping:
+ * no pong within this long means the network changed under it too.
+ */
+const PROBE_TIMEOUT_MS = 2500;
 
 /** Messages kept while the socket is down, sent once it is back. */
 const OUTBOX_LIMIT = 256;
@@ -383,6 +389,7 @@ export class Room {
       clearTimeout(timer);
       if (this.reconnecting || this._closed) return;
       const state = pc.iceConnectionState;
+      if (state === 'failed' || state === 'disconnected') this._probeSignalling();
       if (state === 'failed') restart();
       else if (state === 'disconnected') {
         timer = setTimeout(() => {
@@ -390,6 +397,24 @@ export class Room {
         }, ICE_DISCONNECTED_GRACE_MS);
       }
     });
+  }
+
+  /**
+   * Checks the signalling socket with a ping; no pong in time means it is
+   * dead (the network changed under it), and the session is resumed on a
+   * new one rather than after the keepalive gives up.
+   */
+  _probeSignalling() {
+    if (this.reconnecting || this._closed || this._probing) return;
+    this._probing = true;
+    const sentAt = Date.now();
+    this._send({ type: 'ping', ts: sentAt });
+    setTimeout(() => {
+      this._probing = false;
+      if (this._lastPong < sentAt && !this.reconnecting && !this._closed) {
+        this._socketLost('no pong after the media path broke');
+      }
+    }, PROBE_TIMEOUT_MS);
   }
 
   /**

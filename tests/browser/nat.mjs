@@ -6,13 +6,20 @@
 // the tcp-only cell (only TCP to the signalling and TURN-over-TLS ports
 // leaves) the path must be a relay over TLS.
 //
+// Then the page in the cone cell changes network: its address is replaced
+// (as when a laptop moves to another network), which breaks its signalling
+// socket and both media paths without a word to anyone. The SDK must notice,
+// resume its session, restart ICE on both connections, and decode again;
+// its video must come back at the others, none of which sees it leave.
+//
 // Env: SFU_URL (the server, inside the emulated public network) and
 // NAT_CELLS ("cell=namespace,...").
+import { execFileSync } from 'node:child_process';
 import { chmodSync, writeFileSync } from 'node:fs';
 import { chromium } from 'playwright-core';
 import { Run, waitIn, CHROMIUM_ARGS } from './lib.mjs';
 
-const run = new Run('nat', 150_000);
+const run = new Run('nat', 240_000);
 const check = (...args) => run.check(...args);
 
 async function selectedLocal(page) {
@@ -31,6 +38,73 @@ async function selectedLocal(page) {
     }
     return out;
   });
+}
+
+/** framesDecoded per inbound video stream on a page's subscriber connection. */
+async function decoded(page) {
+  return page.evaluate(async () => {
+    const out = {};
+    const stats = await window.sfuRoom.subscriberPc.getStats();
+    stats.forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'video') out[s.trackIdentifier] = s.framesDecoded || 0;
+    });
+    return out;
+  });
+}
+
+async function networkChange(pages, cells) {
+  const moving = pages.find((p) => p.cell === 'cone');
+  if (!moving) return;
+  const ns = cells.find(([cell]) => cell === 'cone')[1];
+  const sid = await moving.page.evaluate(() => window.sfuRoom.localParticipant.sid);
+  for (const { page } of pages) {
+    await page.evaluate(() => {
+      window.sfuLeftSeen = [];
+      window.sfuRoom.on('participantLeft', (p) => window.sfuLeftSeen.push(p.sid));
+    });
+  }
+  const ufrags = () => moving.page.evaluate(() => [window.sfuRoom.publisherPc, window.sfuRoom.subscriberPc]
+    .map((pc) => /a=ice-ufrag:(\S+)/.exec(pc.localDescription.sdp)?.[1]));
+  const ufragsBefore = await ufrags();
+  const sh = (...args) => execFileSync('ip', ['-n', ns, ...args]);
+  const changedAt = Date.now();
+  sh('addr', 'flush', 'dev', 'eth0');
+  sh('addr', 'add', '10.2.0.77/24', 'dev', 'eth0');
+  sh('route', 'add', 'default', 'via', '10.2.0.1');
+  const resumed = await waitIn(moving.page, () => window.sfuRoom.reconnects >= 1 && !window.sfuRoom.reconnecting, null, 40_000);
+  const resumedAfter = Date.now() - changedAt;
+  check('cone page resumes its session after a change of network', !!resumed, `after ${resumedAfter} ms`);
+  // Decoding goes on at the moved page, for all three others.
+  let before = await decoded(moving.page);
+  const grows = await waitIn(moving.page, async (prev) => {
+    const out = {};
+    const stats = await window.sfuRoom.subscriberPc.getStats();
+    stats.forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'video') out[s.trackIdentifier] = s.framesDecoded || 0;
+    });
+    const grown = Object.keys(prev).filter((k) => (out[k] || 0) > prev[k] + 10);
+    return grown.length >= 3 ? out : false;
+  }, before, 30_000);
+  const decodingAfter = Date.now() - changedAt;
+  check('cone page decodes the three others again', !!grows, `${decodingAfter} ms after the change; ${JSON.stringify(await moving.page.evaluate(() => window.sfuRoom.timings))}`);
+  // The others decode its video again and never saw it leave.
+  for (const { cell, page } of pages) {
+    if (page === moving.page) continue;
+    const trackSid = await page.evaluate((pid) => [...document.querySelectorAll('video.remote-video')].find((v) => v.dataset.participantSid === pid)?.dataset.trackSid, sid);
+    before = await decoded(page);
+    const back = await waitIn(page, async ([t, prev]) => {
+      const stats = await window.sfuRoom.subscriberPc.getStats();
+      let now = 0;
+      stats.forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'video' && s.trackIdentifier === t) now = s.framesDecoded || 0; });
+      return now > (prev[t] || 0) + 10;
+    }, [trackSid, before], 30_000);
+    const left = await page.evaluate(() => window.sfuLeftSeen);
+    check(`${cell} page decodes the moved page again and never saw it leave`, !!back && left.length === 0, `${JSON.stringify(left)}`);
+  }
+  const ufragsAfter = await ufrags();
+  check('cone page restarted ICE on both connections', ufragsAfter[0] !== ufragsBefore[0] && ufragsAfter[1] !== ufragsBefore[1], `${ufragsBefore} -> ${ufragsAfter}`);
+  const paths = await selectedLocal(moving.page);
+  console.log(`network change: resumed after ${resumedAfter} ms, decoding the others after ${decodingAfter} ms; paths now ${JSON.stringify(paths)}`);
 }
 
 async function main() {
@@ -72,6 +146,7 @@ async function main() {
       check('tcp-only: both connections relay over TLS', paths.publisher === 'relay/tls' && paths.subscriber === 'relay/tls', JSON.stringify(paths));
     }
   }
+  await networkChange(pages, cells);
   console.log('| cell | connected | first remote frame | publisher path | subscriber path |');
   console.log('|---|---|---|---|---|');
   for (const r of rows) console.log(`| ${r.cell} | ${r.shown ? 'yes' : 'no'} | ${r.firstFrame} ms | ${r.paths.publisher || '-'} | ${r.paths.subscriber || '-'} |`);
