@@ -175,9 +175,10 @@ pub struct Config {
     /// one without it).
     #[arg(long, env = "SFU_TURN_TLS_LISTEN")]
     pub turn_tls_listen: Option<SocketAddr>,
-    /// Address TURN relays bind to and clients relay through. Default:
-    /// --public-ip, else the TURN listen address (127.0.0.1 if that is
-    /// unspecified).
+    /// Address TURN relays bind to (default: the TURN listen address). They
+    /// are announced to clients at --public-ip when set, so a host behind
+    /// 1:1 NAT (a cloud instance, a container) binds to its own interface
+    /// and is reached at its public address.
     #[arg(long, env = "SFU_TURN_RELAY_IP")]
     pub turn_relay_ip: Option<IpAddr>,
     /// Ports TURN relays bind in, `LOW-HIGH`.

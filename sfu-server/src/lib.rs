@@ -145,18 +145,21 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
                 }
                 None => None,
             };
-            let relay_ip = config
-                .turn_relay_ip
-                .unwrap_or(match (config.public_ip, listen.ip()) {
-                    (Some(ip), _) => ip,
-                    (None, ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                    (None, ip) => ip,
-                });
+            // Relays bind where asked (else where TURN listens) and are
+            // announced at the public address (else the bind address, else
+            // the media address).
+            let relay_ip = config.turn_relay_ip.unwrap_or(listen.ip());
+            let relay_public_ip = match (config.public_ip, relay_ip) {
+                (Some(ip), _) => ip,
+                (None, ip) if ip.is_unspecified() => advertised_ip,
+                (None, ip) => ip,
+            };
             let addrs = turn_server::start(
                 turn_server::TurnSettings {
                     listen,
                     tls,
                     relay_ip,
+                    relay_public_ip,
                     relay_ports: config.turn_relay_ports,
                     realm: config.turn_realm.clone(),
                     secret,

@@ -45,9 +45,12 @@ pub struct TurnSettings {
     pub listen: SocketAddr,
     /// TURN over TLS, with its TLS configuration.
     pub tls: Option<(SocketAddr, Arc<rustls::ServerConfig>)>,
-    /// Where relays bind (and what clients are told their relayed
-    /// address is).
+    /// Where relays bind (may be unspecified: every interface).
     pub relay_ip: IpAddr,
+    /// The address clients are told their relays have: the public address
+    /// of a host behind 1:1 NAT (cloud instances, containers), whose
+    /// interfaces do not carry it.
+    pub relay_public_ip: IpAddr,
     /// Inclusive range of relay ports.
     pub relay_ports: (u16, u16),
     pub realm: String,
@@ -179,7 +182,7 @@ pub async fn start(settings: TurnSettings, metrics: Arc<Metrics>) -> anyhow::Res
         let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
         tokio::spawn(accept_tcp(listener, Some(acceptor), events_tx.clone()));
     }
-    tracing::info!(%listen, tls = ?tls_addr, relay_ip = %settings.relay_ip, "TURN server listening");
+    tracing::info!(%listen, tls = ?tls_addr, relay_ip = %settings.relay_ip, relay_public_ip = %settings.relay_public_ip, "TURN server listening");
     let worker = Worker {
         base: Instant::now(),
         settings,
@@ -717,7 +720,7 @@ impl Worker {
             );
         }
         let wanted_v4 = family == AddressFamily::IPV4;
-        if wanted_v4 != self.settings.relay_ip.is_ipv4() {
+        if wanted_v4 != self.settings.relay_public_ip.is_ipv4() {
             return refuse(
                 &self.metrics,
                 SocketAllocateError::AddressFamilyNotSupported,
@@ -736,9 +739,12 @@ impl Worker {
             return refuse(&self.metrics, SocketAllocateError::InsufficientCapacity);
         };
         let socket = Arc::new(socket);
-        let Ok(addr) = socket.local_addr() else {
+        let Ok(bound) = socket.local_addr() else {
             return refuse(&self.metrics, SocketAllocateError::InsufficientCapacity);
         };
+        // Known everywhere by its public address: the one the client is
+        // told, and the one peers' packets are handed in as arriving at.
+        let addr = SocketAddr::new(self.settings.relay_public_ip, bound.port());
         let reader = tokio::spawn(read_udp(socket.clone(), addr, self.events_tx.clone()));
         let full = self.settings.max_bitrate as f64 / 8.0;
         let now = Instant::now();

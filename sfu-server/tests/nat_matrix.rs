@@ -397,6 +397,10 @@ fn clients_behind_emulated_nats_reach_each_other_through_the_server() {
         config.media_addr = format!("{SERVER_IP}:0").parse().unwrap();
         config.turn_listen = Some(format!("{SERVER_IP}:0").parse().unwrap());
         config.turn_tls_listen = Some(format!("{SERVER_IP}:0").parse().unwrap());
+        // Relays bound to every interface and announced at the public
+        // address, as on a host behind 1:1 NAT.
+        config.turn_relay_ip = Some("0.0.0.0".parse().unwrap());
+        config.public_ip = Some(SERVER_IP.parse().unwrap());
         let server = sfu_server::start(&config).await.expect("server starts");
         let turn = server.turn.expect("TURN runs");
         addrs_tx
