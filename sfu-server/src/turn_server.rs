@@ -33,7 +33,7 @@ use turn_server_proto::api::{
 };
 use turn_server_proto::server::TurnServer;
 use turn_server_proto::stun::types::attribute::{ErrorCode, Username};
-use turn_server_proto::stun::types::message::{Message, MessageClass};
+use turn_server_proto::stun::types::message::{LongTermKeyCredentials, Message, MessageClass};
 use turn_server_proto::types::{AddressFamily, TransportType};
 
 use crate::metrics::Metrics;
@@ -196,6 +196,7 @@ pub async fn start(settings: TurnSettings, metrics: Arc<Metrics>) -> anyhow::Res
         user_by_client: HashMap::new(),
         allocations_by_user: HashMap::new(),
         next_port: 0,
+        next_prune: Instant::now(),
         events_tx,
     };
     tokio::spawn(worker.run(events));
@@ -379,6 +380,8 @@ struct Worker {
     user_by_client: HashMap<ClientKey, String>,
     allocations_by_user: HashMap<String, usize>,
     next_port: u32,
+    /// When to look for protocol servers to rebuild next.
+    next_prune: Instant,
     events_tx: mpsc::Sender<Event>,
 }
 
@@ -555,13 +558,24 @@ impl Worker {
             // Not the REST form: never registered, so refused with 401.
             None => return true,
         }
-        self.user_by_client.insert((index, client), name.to_owned());
         let instance = &mut self.servers[index];
         if !instance.registered.contains(name) {
+            // Registered only once a request proves it holds the password
+            // (its MESSAGE-INTEGRITY checks out): a stream of made-up
+            // usernames registers nothing.
             let password = password_for(&self.settings.secret, name);
+            let key = LongTermKeyCredentials::new(
+                name.to_owned(),
+                password.clone(),
+                self.settings.realm.clone(),
+            );
+            if msg.validate_integrity(&key.into()).is_err() {
+                return true; // refused by the protocol server: unknown user
+            }
             instance.server.add_user(name.to_owned(), password);
             instance.registered.insert(name.to_owned());
         }
+        self.user_by_client.insert((index, client), name.to_owned());
         true
     }
 
@@ -697,7 +711,10 @@ impl Worker {
                 }
             }
         }
-        self.forget_expired_users(index_free(&self.relays, self.servers.len()));
+        if at >= self.next_prune {
+            self.next_prune = at + Duration::from_secs(60);
+            self.forget_expired_users(index_free(&self.relays, self.servers.len()));
+        }
         wake
     }
 
