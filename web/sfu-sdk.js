@@ -29,9 +29,6 @@ const RECONNECT_WINDOW_MS = 15_000;
 /** Waits between reconnect attempts; the last repeats. */
 const RECONNECT_DELAYS_MS = [0, 250, 500, 1000, 2000];
 
-/** A connection whose ICE stays disconnected this long is restarted. */
-const ICE_DISCONNECTED_GRACE_MS = 3000;
-
 /**
  * When a media path breaks, the signalling socket is checked with a ping:
  * no pong within this long means the network changed under it too.
@@ -379,23 +376,19 @@ export class Room {
   }
 
   /**
-   * Calls `restart` when `pc`'s ICE fails, or stays disconnected for a few
-   * seconds (a change of network rarely heals by itself): a restart
-   * gathers candidates anew, with fresh credentials on both sides.
+   * Calls `restart` when `pc`'s ICE fails. When it only goes
+   * disconnected, the signalling socket is checked: a dead one means the
+   * network changed, and resuming the session restarts ICE on every
+   * connection that lost its path; with a live one the path may come back
+   * by itself (a busy machine, a burst of loss), and a restart would only
+   * interrupt it.
    */
   _watchIce(pc, restart) {
-    let timer = null;
     pc.addEventListener('iceconnectionstatechange', () => {
-      clearTimeout(timer);
       if (this.reconnecting || this._closed) return;
       const state = pc.iceConnectionState;
-      if (state === 'failed' || state === 'disconnected') this._probeSignalling();
+      if (state === 'disconnected') this._probeSignalling();
       if (state === 'failed') restart();
-      else if (state === 'disconnected') {
-        timer = setTimeout(() => {
-          if (pc.iceConnectionState === 'disconnected' && !this.reconnecting && !this._closed) restart();
-        }, ICE_DISCONNECTED_GRACE_MS);
-      }
     });
   }
 
@@ -420,7 +413,8 @@ export class Room {
   /**
    * Restarts ICE on the publishing connection (new credentials, new
    * candidates), as after a change of network. Done by itself when the
-   * connection fails or stays disconnected, as is the subscribing one's.
+   * connection fails (or, after a change of network, on resuming), as is
+   * the subscribing one's.
    */
   restartIce() {
     if (!this.publisherPc || this._closed) return Promise.resolve();
