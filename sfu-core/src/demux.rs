@@ -17,11 +17,16 @@ pub fn is_stun(data: &[u8]) -> bool {
 /// Returns `None` for anything else, including truncated or malformed
 /// messages. Integrity is checked later by the peer connection itself.
 pub fn binding_request_ufrag(data: &[u8]) -> Option<&str> {
-    if !is_stun(data) {
-        return None;
-    }
-    let msg_type = u16::from_be_bytes([data[0], data[1]]);
-    if msg_type != BINDING_REQUEST {
+    let username = binding_request_username(data)??;
+    let username = std::str::from_utf8(username).ok()?;
+    let (server, _client) = username.split_once(':')?;
+    (!server.is_empty()).then_some(server)
+}
+
+/// For a well-formed STUN binding request, its USERNAME value if it has
+/// one (`Some(None)`: a bare request). `None` for anything else.
+fn binding_request_username(data: &[u8]) -> Option<Option<&[u8]>> {
+    if !is_stun(data) || u16::from_be_bytes([data[0], data[1]]) != BINDING_REQUEST {
         return None;
     }
     let body_len = u16::from_be_bytes([data[2], data[3]]) as usize;
@@ -32,14 +37,12 @@ pub fn binding_request_ufrag(data: &[u8]) -> Option<&str> {
         let len = u16::from_be_bytes([body[at + 2], body[at + 3]]) as usize;
         let value = body.get(at + 4..at + 4 + len)?;
         if typ == ATTR_USERNAME {
-            let username = std::str::from_utf8(value).ok()?;
-            let (server, _client) = username.split_once(':')?;
-            return (!server.is_empty()).then_some(server);
+            return Some(Some(value));
         }
         // Attributes are padded to four bytes.
         at += 4 + len.div_ceil(4) * 4;
     }
-    None
+    Some(None)
 }
 
 const BINDING_SUCCESS: u16 = 0x0101;
@@ -50,19 +53,8 @@ const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
 /// telling `source` the address it was seen from (XOR-MAPPED-ADDRESS).
 /// `None` for anything else.
 pub fn reflexive_response(data: &[u8], source: std::net::SocketAddr) -> Option<Vec<u8>> {
-    if !is_stun(data) || u16::from_be_bytes([data[0], data[1]]) != BINDING_REQUEST {
+    if binding_request_username(data)?.is_some() {
         return None;
-    }
-    let body_len = u16::from_be_bytes([data[2], data[3]]) as usize;
-    let body = data.get(20..20 + body_len)?;
-    let mut at = 0;
-    while at + 4 <= body.len() {
-        let typ = u16::from_be_bytes([body[at], body[at + 1]]);
-        let len = u16::from_be_bytes([body[at + 2], body[at + 3]]) as usize;
-        if typ == ATTR_USERNAME {
-            return None;
-        }
-        at += 4 + len.div_ceil(4) * 4;
     }
     let transaction = &data[8..20];
     let port = source.port() ^ 0x2112;

@@ -23,7 +23,7 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd as _;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -284,7 +284,7 @@ struct Outcome {
 }
 
 /// A `webrtc`-crate client in `place` that joins `room`, publishes, and
-/// sends until `stop` (or 30 s); it counts itself in `connected` once it
+/// sends until `stop` (or 30 s); it says so on `connected` once it
 /// has 30 video packets from someone else.
 #[allow(clippy::too_many_arguments)]
 async fn client(
@@ -295,7 +295,7 @@ async fn client(
     index: u8,
     place: Place,
     relay_only: bool,
-    connected: Arc<AtomicUsize>,
+    connected: std::sync::mpsc::Sender<()>,
     stop: Arc<AtomicBool>,
 ) -> Outcome {
     let claims = sfu_server::auth::join_claims(&keys, &room, &identity, &identity, 600);
@@ -365,7 +365,7 @@ async fn client(
                 .any(|((from, kind), seqs)| *from != mine && kind == "video" && seqs.len() >= 30);
             if got {
                 connected_after = Some(started.elapsed());
-                connected.fetch_add(1, Ordering::SeqCst);
+                let _ = connected.send(());
             }
         }
     }
@@ -429,7 +429,7 @@ fn clients_behind_emulated_nats_reach_each_other_through_the_server() {
         let relay_only = *relay_only;
         let room = format!("nat-{n}");
         let stop = Arc::new(AtomicBool::new(false));
-        let connected = Arc::new(AtomicUsize::new(0));
+        let (connected, connections) = std::sync::mpsc::channel();
         let threads: Vec<_> = [a, b]
             .iter()
             .enumerate()
@@ -450,9 +450,13 @@ fn clients_behind_emulated_nats_reach_each_other_through_the_server() {
             })
             .collect();
         // Until both receive each other (each gives up after 30 s).
-        let started = Instant::now();
-        while connected.load(Ordering::SeqCst) < 2 && started.elapsed() < Duration::from_secs(32) {
-            std::thread::park_timeout(Duration::from_millis(50));
+        drop(connected);
+        let deadline = Instant::now() + Duration::from_secs(32);
+        for _ in 0..2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if connections.recv_timeout(left).is_err() {
+                break;
+            }
         }
         stop.store(true, Ordering::Relaxed);
         for t in threads {
