@@ -19,7 +19,7 @@ import { chmodSync, writeFileSync } from 'node:fs';
 import { chromium } from 'playwright-core';
 import { Run, waitIn, CHROMIUM_ARGS } from './lib.mjs';
 
-const run = new Run('nat', 240_000);
+const run = new Run('nat', 300_000);
 const check = (...args) => run.check(...args);
 
 async function selectedLocal(page) {
@@ -97,7 +97,7 @@ async function networkChange(pages, cells) {
       let now = 0;
       stats.forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'video' && s.trackIdentifier === t) now = s.framesDecoded || 0; });
       return now > (prev[t] || 0) + 10;
-    }, [trackSid, before], 30_000);
+    }, [trackSid, before], 60_000);
     const left = await page.evaluate(() => window.sfuLeftSeen);
     check(`${cell} page decodes the moved page again and never saw it leave`, !!back && left.length === 0, `${JSON.stringify(left)}`);
   }
