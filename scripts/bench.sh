@@ -12,6 +12,7 @@
 #   scripts/bench.sh --sweep    capacity sweep: livestream 1->N and meeting
 #                               NxN grow until loss > 1% or p99 > 50 ms
 #   BENCH_TARGETS="sfu"         only our server (default "sfu janus")
+#   BENCH_SCENARIOS="meeting-10x10 10 0 15 800k;..."  these scenarios instead
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -233,6 +234,10 @@ case $mode in
         "livestream-1x50 1 50 20 1.2M"
         "audio-1x100 1 100 20 100k --audio-only"
       )
+    fi
+    # BENCH_SCENARIOS="name pubs subs secs rate [flags];..." replaces the set.
+    if [ -n "${BENCH_SCENARIOS:-}" ]; then
+      IFS=';' read -r -a scenarios <<<"$BENCH_SCENARIOS"
     fi
     header
     for s in "${scenarios[@]}"; do

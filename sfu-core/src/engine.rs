@@ -3,6 +3,7 @@
 //! the interceptor that lets keyframe requests and NACKs reach the room.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
 use rtc::interceptor::{
@@ -28,6 +29,8 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error as RtcError;
+
+use crate::srtp::{KeyCapture, PROFILES};
 
 /// Payload type the server uses for VP8 in its own offers.
 pub const VP8_PAYLOAD_TYPE: u8 = 96;
@@ -107,7 +110,13 @@ pub enum ConnRole {
 /// Builds one server-side peer connection: ICE-lite with credentials of
 /// its own (new ones at each ICE restart), VP8 + Opus, RTCP reports, TWCC feedback, NACK generation on
 /// publisher connections, and delivery of the feedback the room acts on.
-pub fn build_peer_connection(now: Instant, role: ConnRole) -> Result<RTCPeerConnection, RtcError> {
+///
+/// The connection's crypto goes through the returned [`KeyCapture`], from
+/// which the room takes the outbound SRTP keys once DTLS is up.
+pub fn build_peer_connection(
+    now: Instant,
+    role: ConnRole,
+) -> Result<(RTCPeerConnection, Arc<KeyCapture>), RtcError> {
     let mut engine = media_engine()?;
     configure_simulcast_extension_headers(&mut engine)?;
     let mut registry = configure_twcc_receiver_only(Registry::new(), &mut engine)?;
@@ -130,16 +139,22 @@ pub fn build_peer_connection(now: Instant, role: ConnRole) -> Result<RTCPeerConn
     // No fixed ICE credentials: an ICE restart then gets fresh ones, as
     // it must (RFC 8445 9), and the room learns each ufrag from the
     // connection's local description.
-    let mut settings = SettingEngineBuilder::new().with_lite(true);
+    let keys =
+        Arc::new(KeyCapture::with_default_provider().map_err(|e| RtcError::Crypto(e.to_string()))?);
+    let mut settings = SettingEngineBuilder::new()
+        .with_lite(true)
+        .with_crypto_provider(keys.clone())
+        .with_srtp_protection_profiles(PROFILES.to_vec());
     if role == ConnRole::Answering {
         settings = settings.with_answering_dtls_role(RTCDtlsRole::Server);
     }
-    RTCPeerConnectionBuilder::new()
+    let pc = RTCPeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_setting_engine(settings.build())
         .with_media_engine(engine)
         .with_interceptor_registry(registry)
-        .build(now)
+        .build(now)?;
+    Ok((pc, keys))
 }
 
 /// Marks inbound PLI, FIR, NACK, REMB and sender reports for delivery to the

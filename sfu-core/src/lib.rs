@@ -31,6 +31,7 @@ pub mod munger;
 mod room;
 pub mod sdp;
 pub mod seq;
+pub mod srtp;
 pub mod vp8;
 
 pub use ids::{ConnId, ParticipantId, SeededRng, TrackKey};

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -23,6 +24,7 @@ use rtc::peer_connection::RTCPeerConnection;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -30,6 +32,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rtc::sansio::Protocol;
+use rtc::shared::marshal::{Marshal, MarshalSize};
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use sfu_signal::negotiation::{Negotiator, State as NegotiationState};
 use sfu_signal::{
@@ -46,6 +49,7 @@ use crate::engine::{
 use crate::forwarder::{Forwarder, Layer, PacketInfo, Preference, Verdict};
 use crate::ids::{ConnId, ParticipantId, SeededRng, TrackKey};
 use crate::seq::SeqExtender;
+use crate::srtp::{KeyCapture, MasterKeys, SrtpSender};
 use crate::vp8;
 
 /// Keyframe requests to one publisher track are sent at most this often.
@@ -231,6 +235,9 @@ pub struct RoomStats {
     pub datagrams_in: u64,
     pub rtp_in: u64,
     pub rtp_forwarded: u64,
+    /// Forwarded packets (and retransmissions) the room encrypted itself;
+    /// the rest went through the engine's send path.
+    pub rtp_sent_by_room: u64,
     pub bytes_forwarded: u64,
     pub keyframe_requests_sent: u64,
     /// Packets sent again from the cache in answer to NACKs.
@@ -269,6 +276,97 @@ struct Conn {
     /// The engine's next timer, as of the last time this connection was
     /// drained (every change to a connection drains it).
     next_timeout: Option<Instant>,
+    /// The connection's crypto, which notes its SRTP keys.
+    keys: Arc<KeyCapture>,
+    /// Forwarded RTP is encrypted here, not by the engine, once DTLS is up
+    /// (subscriber connections), with the keys it was built from.
+    srtp: Option<(SrtpSender, MasterKeys)>,
+    /// Where the engine last sent something other than STUN: the remote
+    /// end of the selected candidate pair.
+    media_dest: Option<SocketAddr>,
+}
+
+/// Where sending on a connection leaves its traces: datagrams ready to go,
+/// and connections the engine has output waiting on.
+struct Sink<'a> {
+    outputs: &'a mut VecDeque<Output>,
+    dirty: &'a mut Vec<ConnId>,
+}
+
+/// Who encrypted and queued a forwarded packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SentBy {
+    Room,
+    Engine,
+}
+
+impl Conn {
+    /// Sends one rewritten RTP packet on `sender`: encrypted here and
+    /// queued straight to the selected path when the connection's keys are
+    /// known, else through the engine. Returns how it was sent, if it was.
+    fn send_rtp(
+        &mut self,
+        id: ConnId,
+        sender: RTCRtpSenderId,
+        now: Instant,
+        packet: rtc::rtp::Packet,
+        sink: &mut Sink<'_>,
+    ) -> Option<SentBy> {
+        if let (Some((srtp, _)), Some(destination)) = (self.srtp.as_mut(), self.media_dest) {
+            let header_len = packet.header.marshal_size();
+            let size = header_len + packet.payload.len();
+            let mut contents = BytesMut::with_capacity(size + srtp.profile().overhead());
+            contents.resize(size, 0);
+            if let Err(e) = packet.header.marshal_to(&mut contents[..header_len]) {
+                tracing::trace!(error = %e, "rtp header");
+                return None;
+            }
+            contents[header_len..].copy_from_slice(&packet.payload);
+            if let Err(e) = srtp.protect(&mut contents, header_len) {
+                tracing::trace!(error = %e, "srtp");
+                return None;
+            }
+            sink.outputs.push_back(Output::Transmit(Transmit {
+                destination,
+                contents,
+            }));
+            return Some(SentBy::Room);
+        }
+        let mut rtp_sender = self.pc.rtp_sender(sender)?;
+        if let Err(e) = rtp_sender.write_rtp(now, packet) {
+            tracing::trace!(error = %e, "write_rtp");
+            return None;
+        }
+        if !self.dirty {
+            self.dirty = true;
+            sink.dirty.push(id);
+        }
+        Some(SentBy::Engine)
+    }
+
+    /// Takes the outbound SRTP keys of a newly connected subscriber
+    /// connection, unless they are the ones already in use (the state of
+    /// each stream's rollover counter goes on with them).
+    fn take_srtp_keys(&mut self) {
+        let Some(keys) = self.keys.outbound() else {
+            return;
+        };
+        if self.srtp.as_ref().is_some_and(|(_, k)| *k == keys) {
+            return;
+        }
+        match SrtpSender::new(&keys, self.keys.inner_crypto()) {
+            Ok(sender) => self.srtp = Some((sender, keys)),
+            Err(e) => tracing::warn!(error = %e, "srtp keys; forwarding through the engine"),
+        }
+    }
+
+    /// Notes where a datagram the engine sends goes, if it is not STUN
+    /// (which answers any address that checked).
+    fn note_path(&mut self, destination: SocketAddr, contents: &[u8]) {
+        if contents.first().is_some_and(|b| *b > 3) {
+            self.media_dest = Some(destination);
+        }
+    }
 }
 
 /// A subscriber's wishes for one track, as last sent.
@@ -675,7 +773,7 @@ impl Room {
             Target::Publisher => ConnRole::Answering,
             Target::Subscriber => ConnRole::Offering,
         };
-        let mut pc = build_peer_connection(now, role)?;
+        let (mut pc, keys) = build_peer_connection(now, role)?;
         let addr = self.config.media_addr;
         let candidate = CandidateHostConfig {
             base_config: CandidateConfig {
@@ -700,6 +798,9 @@ impl Room {
             dirty: false,
             connected: false,
             fed: false,
+            keys,
+            srtp: None,
+            media_dest: None,
         });
         self.open_conns += 1;
         let id = match self.conns.iter().position(Option::is_none) {
@@ -1323,7 +1424,9 @@ impl Room {
     pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, contents: BytesMut) {
         self.last_now = now;
         self.stats.datagrams_in += 1;
-        let conn = match crate::demux::binding_request_ufrag(&contents) {
+        let check = crate::demux::binding_request_ufrag(&contents);
+        let is_check = check.is_some();
+        let conn = match check {
             Some(ufrag) => match self.by_ufrag.get(ufrag).copied() {
                 Some(conn) => {
                     if self.by_addr.insert(source, conn) != Some(conn) {
@@ -1364,6 +1467,17 @@ impl Room {
         });
         if let Err(e) = result {
             tracing::trace!(error = %e, "datagram rejected by peer connection");
+        }
+        if is_check && c.srtp.is_some() && c.media_dest != Some(source) {
+            // A check from another address may have moved the selected
+            // pair (a new network, a nomination): media sent past the
+            // engine follows where the engine sends this empty report.
+            let first = c.pc.get_senders().next();
+            if let Some(id) = first {
+                if let Some(mut sender) = c.pc.rtp_sender(id) {
+                    let _ = sender.write_rtcp(now, vec![Box::new(ReceiverReport::default())]);
+                }
+            }
         }
         self.mark_dirty(conn);
         self.drain(now);
@@ -1442,6 +1556,7 @@ impl Room {
                 // sets no timer on a subscriber connection (it runs no
                 // per-packet interceptors), so its next timeout stands.
                 while let Some(out) = c.pc.poll_write() {
+                    c.note_path(out.transport.peer_addr, &out.message);
                     self.outputs.push_back(Output::Transmit(Transmit {
                         destination: out.transport.peer_addr,
                         contents: out.message,
@@ -1460,6 +1575,7 @@ impl Room {
                     progressed = true;
                 }
                 while let Some(out) = c.pc.poll_write() {
+                    c.note_path(out.transport.peer_addr, &out.message);
                     self.outputs.push_back(Output::Transmit(Transmit {
                         destination: out.transport.peer_addr,
                         contents: out.message,
@@ -1526,6 +1642,9 @@ impl Room {
                 let connected = state == RTCPeerConnectionState::Connected;
                 if let Some(c) = self.conn_mut(conn) {
                     c.connected = connected;
+                    if connected && target == Target::Subscriber {
+                        c.take_srtp_keys();
+                    }
                 }
                 if connected && target == Target::Subscriber {
                     let keys: Vec<TrackKey> = self
@@ -1796,6 +1915,7 @@ impl Room {
             participants,
             conns,
             dirty,
+            outputs,
             stats,
             ..
         } = self;
@@ -1840,6 +1960,7 @@ impl Room {
         // retransmission): those later packets were dropped while the
         // subscriber waited, and are sent now from the cache, in order.
         let mut catch_up: Vec<ParticipantId> = Vec::new();
+        let mut sink = Sink { outputs, dirty };
         for sub in &track.subscribers {
             let Some(p) = participants.get_mut(sub) else {
                 continue;
@@ -1856,7 +1977,7 @@ impl Room {
                 *sub,
                 p,
                 conns,
-                dirty,
+                &mut sink,
                 stats,
                 &mut wanted,
             );
@@ -1886,7 +2007,7 @@ impl Room {
                     sub,
                     p,
                     conns,
-                    dirty,
+                    &mut sink,
                     stats,
                     &mut wanted,
                 );
@@ -2274,6 +2395,7 @@ impl Room {
             participants,
             conns,
             dirty,
+            outputs,
             stats,
             ..
         } = self;
@@ -2315,15 +2437,9 @@ impl Room {
         let Some(c) = conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
             return;
         };
-        let Some(mut sender) = c.pc.rtp_sender(down.sender) else {
-            return;
-        };
-        if sender.write_rtp(now, packet).is_ok() {
+        if let Some(by) = c.send_rtp(conn, down.sender, now, packet, &mut Sink { outputs, dirty }) {
             stats.retransmissions += 1;
-            if !c.dirty {
-                c.dirty = true;
-                dirty.push(conn);
-            }
+            stats.rtp_sent_by_room += u64::from(by == SentBy::Room);
         }
     }
 
@@ -2450,7 +2566,7 @@ fn deliver(
     sub: ParticipantId,
     p: &mut Participant,
     conns: &mut [Option<Box<Conn>>],
-    dirty: &mut Vec<ConnId>,
+    sink: &mut Sink<'_>,
     stats: &mut RoomStats,
     wanted: &mut Vec<(Layer, bool)>,
 ) -> bool {
@@ -2498,9 +2614,6 @@ fn deliver(
             return false;
         }
     };
-    let Some(mut rtp_sender) = c.pc.rtp_sender(down.sender) else {
-        return false;
-    };
     let bytes = packet.payload.len() as u64;
     let mut out = packet.clone();
     out.header.ssrc = down.ssrc;
@@ -2521,30 +2634,23 @@ fn deliver(
             out.payload = payload.freeze();
         }
     }
-    match rtp_sender.write_rtp(now, out) {
-        Ok(()) => {
-            stats.rtp_forwarded += 1;
-            stats.bytes_forwarded += bytes;
-            down.sent.record(SentEntry {
-                layer: info.layer,
-                ext_seq: info.ext_seq,
-                rewrite,
-            });
-            down.packets_sent = down.packets_sent.wrapping_add(1);
-            down.octets_sent = down.octets_sent.wrapping_add(bytes as u32);
-            p.sent_rate.add(now, bytes as usize + 40);
-            p.sent_packets.add(now, 1);
-            if !c.dirty {
-                c.dirty = true;
-                dirty.push(conn);
-            }
-            rewrite.switched
-        }
-        Err(e) => {
-            tracing::trace!(error = %e, "write_rtp");
-            stats.drop(DropReason::EngineRejected);
-            false
-        }
+    if let Some(by) = c.send_rtp(conn, down.sender, now, out, sink) {
+        stats.rtp_forwarded += 1;
+        stats.rtp_sent_by_room += u64::from(by == SentBy::Room);
+        stats.bytes_forwarded += bytes;
+        down.sent.record(SentEntry {
+            layer: info.layer,
+            ext_seq: info.ext_seq,
+            rewrite,
+        });
+        down.packets_sent = down.packets_sent.wrapping_add(1);
+        down.octets_sent = down.octets_sent.wrapping_add(bytes as u32);
+        p.sent_rate.add(now, bytes as usize + 40);
+        p.sent_packets.add(now, 1);
+        rewrite.switched
+    } else {
+        stats.drop(DropReason::EngineRejected);
+        false
     }
 }
 

@@ -68,6 +68,12 @@ fn media_flows_between_two_peers() {
     assert_eq!(after.1 .1 - before.1 .1, 100, "alice audio from bob");
     let stats = h.room.stats();
     assert!(stats.rtp_forwarded >= 400, "{stats:?}");
+    // Once DTLS is up, the room encrypts forwarded media itself; the
+    // clients above decrypted every packet.
+    assert!(
+        stats.rtp_sent_by_room >= 400 && stats.rtp_sent_by_room <= stats.rtp_forwarded,
+        "{stats:?}"
+    );
     // Each publisher's own media never comes back to it.
     assert_eq!(h.received_from(a, a), (0, 0));
 }
