@@ -1,9 +1,14 @@
-//! Sending many datagrams with one system call.
+//! Sending many datagrams with few system calls.
 //!
 //! One publisher packet becomes a datagram per subscriber; sending them one
 //! `sendto` at a time costs a system call each. On Linux the room worker
-//! hands the whole batch to `sendmmsg`; elsewhere it falls back to one
-//! `send_to` per datagram.
+//! hands the whole batch to `sendmmsg`. Datagrams to the same address that
+//! were queued together (the packets of one video frame, say) go as one
+//! UDP GSO message (`UDP_SEGMENT`): the kernel routes and builds one
+//! buffer for the run and cuts it into datagrams at the end of its path,
+//! or in the network card. A run is made of datagrams of one size, the
+//! last of which may be shorter, as GSO requires. Elsewhere, or where the
+//! kernel refuses GSO, datagrams go one by one.
 
 use std::net::SocketAddr;
 
@@ -11,12 +16,51 @@ use bytes::BytesMut;
 use tokio::net::UdpSocket;
 
 /// Datagrams waiting to go out of the media socket.
-#[derive(Default)]
 pub struct SendBatch {
     items: Vec<(SocketAddr, BytesMut)>,
+    /// Runs to one address may be sent as one GSO message.
+    gso: bool,
+    /// Reused from flush to flush.
+    order: Vec<usize>,
+    messages: Vec<Message>,
+    #[cfg(target_os = "linux")]
+    sys: linux::Buffers,
 }
 
-/// At most this many datagrams per system call.
+impl Default for SendBatch {
+    fn default() -> Self {
+        SendBatch::new(true)
+    }
+}
+
+impl SendBatch {
+    /// `gso`: runs to one address may go as GSO messages (Linux only).
+    pub fn new(gso: bool) -> Self {
+        SendBatch {
+            items: Vec::new(),
+            gso: gso && cfg!(target_os = "linux"),
+            order: Vec::new(),
+            messages: Vec::new(),
+            #[cfg(target_os = "linux")]
+            sys: linux::Buffers::default(),
+        }
+    }
+}
+
+/// One message for the kernel: `count` datagrams from `order[first..]`,
+/// all to the same address, cut at `segment` bytes when more than one.
+#[derive(Debug, Clone, Copy)]
+struct Message {
+    first: usize,
+    count: usize,
+    segment: usize,
+}
+
+/// At most this many datagrams per GSO message (the kernel's limit).
+const MAX_SEGMENTS: usize = 64;
+/// At most this many bytes per GSO message (one IP datagram's worth).
+const MAX_GSO_BYTES: usize = 65_000;
+/// At most this many messages per system call.
 const MAX_BATCH: usize = 64;
 
 impl SendBatch {
@@ -28,58 +72,169 @@ impl SendBatch {
         self.items.is_empty()
     }
 
+    /// Groups the queued datagrams into messages: by destination (keeping
+    /// each destination's own order), then into runs GSO can carry.
+    fn plan(&mut self) {
+        self.order.clear();
+        self.order.extend(0..self.items.len());
+        self.messages.clear();
+        if self.gso {
+            let items = &self.items;
+            // Stable: each destination keeps its datagrams' order.
+            self.order.sort_by_key(|&i| items[i].0);
+        }
+        let mut i = 0;
+        while i < self.order.len() {
+            let (to, first) = &self.items[self.order[i]];
+            let segment = first.len();
+            let mut count = 1;
+            let mut bytes = segment;
+            if self.gso && segment > 0 {
+                while i + count < self.order.len() && count < MAX_SEGMENTS {
+                    let (next_to, next) = &self.items[self.order[i + count]];
+                    if next_to != to
+                        || next.len() > segment
+                        || next.is_empty()
+                        || bytes + next.len() > MAX_GSO_BYTES
+                    {
+                        break;
+                    }
+                    count += 1;
+                    bytes += next.len();
+                    if next.len() < segment {
+                        // A shorter datagram can only end a run.
+                        break;
+                    }
+                }
+            }
+            self.messages.push(Message {
+                first: i,
+                count,
+                segment,
+            });
+            i += count;
+        }
+    }
+
     /// Sends everything queued. Errors for single datagrams (an ICMP error
     /// from a departed client, say) are logged at debug level and skipped.
     pub async fn flush(&mut self, socket: &UdpSocket) {
+        self.plan();
         let mut start = 0;
-        while start < self.items.len() {
-            let end = (start + MAX_BATCH).min(self.items.len());
-            match send_some(socket, &self.items[start..end]).await {
+        while start < self.messages.len() {
+            let end = (start + MAX_BATCH).min(self.messages.len());
+            match self.send_some(socket, start, end).await {
                 Ok(sent) => start += sent.max(1),
+                Err(e) if self.gso && self.messages[start].count > 1 && gso_refused(&e) => {
+                    tracing::info!(error = %e, "UDP GSO refused; sending datagrams one by one");
+                    self.gso = false;
+                    // Send the rest again, one datagram per message.
+                    let rest: Vec<usize> = self.messages[start..]
+                        .iter()
+                        .flat_map(|m| self.order[m.first..m.first + m.count].to_vec())
+                        .collect();
+                    self.messages.clear();
+                    self.order.clear();
+                    for (n, index) in rest.into_iter().enumerate() {
+                        self.order.push(index);
+                        self.messages.push(Message {
+                            first: n,
+                            count: 1,
+                            segment: self.items[index].1.len(),
+                        });
+                    }
+                    start = 0;
+                }
                 Err(e) => {
-                    tracing::debug!(error = %e, to = %self.items[start].0, "media send failed");
+                    let to = self.items[self.order[self.messages[start].first]].0;
+                    tracing::debug!(error = %e, %to, "media send failed");
                     start += 1;
                 }
             }
         }
         self.items.clear();
     }
-}
 
-#[cfg(target_os = "linux")]
-async fn send_some(socket: &UdpSocket, items: &[(SocketAddr, BytesMut)]) -> std::io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    loop {
-        socket.writable().await?;
-        match socket.try_io(tokio::io::Interest::WRITABLE, || {
-            sendmmsg(socket.as_raw_fd(), items)
-        }) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+    #[cfg(target_os = "linux")]
+    async fn send_some(
+        &mut self,
+        socket: &UdpSocket,
+        start: usize,
+        end: usize,
+    ) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        loop {
+            socket.writable().await?;
+            let SendBatch {
+                items,
+                order,
+                messages,
+                sys,
+                ..
+            } = self;
+            match socket.try_io(tokio::io::Interest::WRITABLE, || {
+                sys.sendmmsg(socket.as_raw_fd(), items, order, &messages[start..end])
+            }) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
         }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    async fn send_some(
+        &mut self,
+        socket: &UdpSocket,
+        start: usize,
+        _end: usize,
+    ) -> std::io::Result<usize> {
+        let m = self.messages[start];
+        let (to, contents) = &self.items[self.order[m.first]];
+        socket.send_to(contents, to).await?;
+        Ok(1)
     }
 }
 
-#[cfg(not(target_os = "linux"))]
-async fn send_some(socket: &UdpSocket, items: &[(SocketAddr, BytesMut)]) -> std::io::Result<usize> {
-    let (to, contents) = &items[0];
-    socket.send_to(contents, to).await?;
-    Ok(1)
+/// Whether a send failed because GSO is not available here.
+fn gso_refused(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(libc::ENOPROTOOPT)
+    )
 }
 
-/// One `sendmmsg` call; returns how many datagrams the kernel took.
 #[cfg(target_os = "linux")]
-fn sendmmsg(fd: std::os::fd::RawFd, items: &[(SocketAddr, BytesMut)]) -> std::io::Result<usize> {
+mod linux {
     use std::mem::zeroed;
+    use std::net::SocketAddr;
 
-    let n = items.len();
-    // SAFETY: all-zero is a valid value for these plain C structs.
-    let mut addrs: Vec<libc::sockaddr_storage> = (0..n).map(|_| unsafe { zeroed() }).collect();
-    let mut iovs: Vec<libc::iovec> = Vec::with_capacity(n);
-    let mut msgs: Vec<libc::mmsghdr> = (0..n).map(|_| unsafe { zeroed() }).collect();
-    for (i, (to, contents)) in items.iter().enumerate() {
-        let len = match to {
+    use bytes::BytesMut;
+
+    use super::Message;
+
+    /// `SOL_UDP` / `UDP_SEGMENT` from linux/udp.h.
+    const SOL_UDP: libc::c_int = 17;
+    const UDP_SEGMENT: libc::c_int = 103;
+    /// Room for one control message carrying a u16, 8-byte aligned.
+    type Control = [u64; 4];
+
+    /// The C structures of one `sendmmsg` call, kept between calls.
+    #[derive(Default)]
+    pub(super) struct Buffers {
+        addrs: Vec<libc::sockaddr_storage>,
+        iovs: Vec<libc::iovec>,
+        controls: Vec<Control>,
+        msgs: Vec<libc::mmsghdr>,
+    }
+
+    // SAFETY: the raw pointers inside are only meaningful during one
+    // `sendmmsg` call, which fills them in first; between calls they are
+    // stale and never read.
+    unsafe impl Send for Buffers {}
+
+    fn write_addr(to: &SocketAddr, storage: &mut libc::sockaddr_storage) -> libc::socklen_t {
+        match to {
             SocketAddr::V4(a) => {
                 let sin = libc::sockaddr_in {
                     sin_family: libc::AF_INET as libc::sa_family_t,
@@ -90,8 +245,8 @@ fn sendmmsg(fd: std::os::fd::RawFd, items: &[(SocketAddr, BytesMut)]) -> std::io
                     sin_zero: [0; 8],
                 };
                 // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr.
-                unsafe { std::ptr::write(&mut addrs[i] as *mut _ as *mut libc::sockaddr_in, sin) };
-                std::mem::size_of::<libc::sockaddr_in>()
+                unsafe { std::ptr::write(storage as *mut _ as *mut libc::sockaddr_in, sin) };
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
             }
             SocketAddr::V6(a) => {
                 let sin6 = libc::sockaddr_in6 {
@@ -104,30 +259,80 @@ fn sendmmsg(fd: std::os::fd::RawFd, items: &[(SocketAddr, BytesMut)]) -> std::io
                     sin6_scope_id: a.scope_id(),
                 };
                 // SAFETY: as above.
-                unsafe {
-                    std::ptr::write(&mut addrs[i] as *mut _ as *mut libc::sockaddr_in6, sin6)
-                };
-                std::mem::size_of::<libc::sockaddr_in6>()
+                unsafe { std::ptr::write(storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
             }
-        };
-        iovs.push(libc::iovec {
-            iov_base: contents.as_ptr() as *mut libc::c_void,
-            iov_len: contents.len(),
-        });
-        msgs[i].msg_hdr.msg_namelen = len as libc::socklen_t;
+        }
     }
-    for i in 0..n {
-        msgs[i].msg_hdr.msg_name = &mut addrs[i] as *mut _ as *mut libc::c_void;
-        msgs[i].msg_hdr.msg_iov = &mut iovs[i];
-        msgs[i].msg_hdr.msg_iovlen = 1;
-    }
-    // SAFETY: msgs, addrs and iovs live until the call returns and describe
-    // valid buffers; the kernel only reads them.
-    let sent = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), n as libc::c_uint, 0) };
-    if sent < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(sent as usize)
+
+    impl Buffers {
+        /// One `sendmmsg` call for `messages`; returns how many messages the
+        /// kernel took.
+        pub(super) fn sendmmsg(
+            &mut self,
+            fd: std::os::fd::RawFd,
+            items: &[(SocketAddr, BytesMut)],
+            order: &[usize],
+            messages: &[Message],
+        ) -> std::io::Result<usize> {
+            let n = messages.len();
+            self.addrs.clear();
+            self.iovs.clear();
+            self.controls.clear();
+            self.msgs.clear();
+            // Fill every vector before taking pointers into them.
+            for m in messages {
+                // SAFETY: all-zero is a valid value for these plain C structs.
+                self.addrs.push(unsafe { zeroed() });
+                self.controls.push([0; 4]);
+                self.msgs.push(unsafe { zeroed() });
+                for &index in &order[m.first..m.first + m.count] {
+                    let contents = &items[index].1;
+                    self.iovs.push(libc::iovec {
+                        iov_base: contents.as_ptr() as *mut libc::c_void,
+                        iov_len: contents.len(),
+                    });
+                }
+            }
+            let mut iov = 0;
+            for (k, m) in messages.iter().enumerate() {
+                let to = &items[order[m.first]].0;
+                let name_len = write_addr(to, &mut self.addrs[k]);
+                let hdr = &mut self.msgs[k].msg_hdr;
+                hdr.msg_name = &mut self.addrs[k] as *mut _ as *mut libc::c_void;
+                hdr.msg_namelen = name_len;
+                hdr.msg_iov = &mut self.iovs[iov];
+                hdr.msg_iovlen = m.count as _;
+                iov += m.count;
+                if m.count > 1 {
+                    let control = &mut self.controls[k];
+                    hdr.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+                    // SAFETY: CMSG_SPACE only computes a size.
+                    hdr.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as _;
+                    // SAFETY: the control buffer is 32 bytes, 8-byte
+                    // aligned, more than CMSG_SPACE(2); the header points
+                    // at it, so CMSG_FIRSTHDR returns its start.
+                    unsafe {
+                        let cmsg = libc::CMSG_FIRSTHDR(hdr);
+                        (*cmsg).cmsg_level = SOL_UDP;
+                        (*cmsg).cmsg_type = UDP_SEGMENT;
+                        (*cmsg).cmsg_len = libc::CMSG_LEN(2) as _;
+                        std::ptr::write_unaligned(
+                            libc::CMSG_DATA(cmsg) as *mut u16,
+                            m.segment as u16,
+                        );
+                    }
+                }
+            }
+            // SAFETY: msgs, addrs, iovs and controls live until the call
+            // returns and describe valid buffers; the kernel only reads them.
+            let sent = unsafe { libc::sendmmsg(fd, self.msgs.as_mut_ptr(), n as libc::c_uint, 0) };
+            if sent < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(sent as usize)
+            }
+        }
     }
 }
 
@@ -135,12 +340,21 @@ fn sendmmsg(fd: std::os::fd::RawFd, items: &[(SocketAddr, BytesMut)]) -> std::io
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_batch_reaches_every_destination_in_order() {
+    async fn receive_all(socket: &UdpSocket, n: usize) -> Vec<Vec<u8>> {
+        let mut buf = [0u8; 2048];
+        let mut got = Vec::new();
+        for _ in 0..n {
+            let (len, _) = socket.recv_from(&mut buf).await.unwrap();
+            got.push(buf[..len].to_vec());
+        }
+        got
+    }
+
+    async fn a_batch_reaches_every_destination_in_order(batch: SendBatch) {
+        let mut batch = batch;
         let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let mut batch = SendBatch::default();
         for i in 0..150u8 {
             let to = if i % 2 == 0 {
                 a.local_addr().unwrap()
@@ -151,12 +365,56 @@ mod tests {
         }
         batch.flush(&sender).await;
         assert!(batch.is_empty());
-        let mut buf = [0u8; 64];
-        for i in (0..150u8).step_by(2) {
-            let (n, _) = a.recv_from(&mut buf).await.unwrap();
-            assert_eq!(&buf[..n], &[i; 20]);
-            let (n, _) = b.recv_from(&mut buf).await.unwrap();
-            assert_eq!(&buf[..n], &[i + 1; 20]);
+        let got_a = receive_all(&a, 75).await;
+        let got_b = receive_all(&b, 75).await;
+        for (k, i) in (0..150u8).step_by(2).enumerate() {
+            assert_eq!(got_a[k], vec![i; 20]);
+            assert_eq!(got_b[k], vec![i + 1; 20]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_reaches_every_destination_in_order_with_gso() {
+        a_batch_reaches_every_destination_in_order(SendBatch::default()).await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_reaches_every_destination_in_order_without_gso() {
+        a_batch_reaches_every_destination_in_order(SendBatch::new(false)).await;
+    }
+
+    /// Frames of unequal packets to several subscribers, interleaved as
+    /// the room queues them: each subscriber gets each datagram whole and
+    /// in its order, and runs became GSO messages.
+    #[tokio::test]
+    async fn runs_of_unequal_datagrams_arrive_whole() {
+        let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut subs = Vec::new();
+        for _ in 0..3 {
+            subs.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        }
+        let sizes = [1200, 1200, 1200, 700, 90, 1200, 1300, 1300, 40, 1];
+        let mut batch = SendBatch::default();
+        for (n, size) in sizes.iter().enumerate() {
+            for s in &subs {
+                batch.push(
+                    s.local_addr().unwrap(),
+                    BytesMut::from(&vec![n as u8; *size][..]),
+                );
+            }
+        }
+        batch.plan();
+        if cfg!(target_os = "linux") {
+            // Per subscriber: [1200 x3, 700], [90], [1200], [1300 x2, 40],
+            // [1]: five messages where ten datagrams went.
+            assert_eq!(batch.messages.len(), 15, "{:?}", batch.messages);
+        }
+        batch.flush(&sender).await;
+        for s in &subs {
+            let got = receive_all(s, sizes.len()).await;
+            for (n, size) in sizes.iter().enumerate() {
+                assert_eq!(got[n], vec![n as u8; *size], "datagram {n}");
+            }
         }
     }
 }

@@ -113,6 +113,10 @@ pub struct Config {
     /// same session (0: leave at once).
     #[arg(long, env = "SFU_RECONNECT_GRACE", default_value_t = 15)]
     pub reconnect_grace: u64,
+    /// Send runs of media datagrams to one client as UDP GSO messages
+    /// (Linux; falls back by itself where the kernel refuses them).
+    #[arg(long, env = "SFU_UDP_GSO", default_value_t = true, action = ArgAction::Set)]
+    pub udp_gso: bool,
     /// Default participant cap per room (0 = no cap).
     #[arg(long, env = "SFU_MAX_PARTICIPANTS", default_value_t = 0)]
     pub max_participants: usize,
@@ -258,6 +262,7 @@ impl Config {
             empty_room_timeout: 300,
             departure_timeout: 20,
             reconnect_grace: 15,
+            udp_gso: true,
             max_participants: 0,
             max_tracks_per_participant: 16,
             max_rooms: 0,
@@ -447,6 +452,7 @@ fn file_args(path: &Path) -> anyhow::Result<Vec<OsString>> {
                     out.push(OsString::from(format!("--{flag}")));
                 }
             }
+            toml::Value::Boolean(b) => out.push(format!("--{flag}={b}").into()),
             toml::Value::String(v) if !is_switch => out.push(format!("--{flag}={v}").into()),
             toml::Value::Integer(v) if !is_switch => out.push(format!("--{flag}={v}").into()),
             toml::Value::Float(v) if !is_switch => out.push(format!("--{flag}={v}").into()),
@@ -545,7 +551,7 @@ mod tests {
     fn file_settings_sit_under_flags_and_environment() {
         let file = TempFile::new(
             "layers.toml",
-            "http_addr = \"127.0.0.1:9000\"\nmax-rooms = 3\nmax_participants = 7\nlimit_loopback = true\nrest_rate_limit = \"1/2\"\nempty_room_timeout = 60\n",
+            "http_addr = \"127.0.0.1:9000\"\nmax-rooms = 3\nmax_participants = 7\nlimit_loopback = true\nrest_rate_limit = \"1/2\"\nempty_room_timeout = 60\nudp_gso = false\n",
             0o644,
         );
         let path = file.0.to_str().unwrap();
@@ -557,6 +563,7 @@ mod tests {
         );
         assert_eq!(cli.config.max_rooms, 3);
         assert!(cli.config.limit_loopback);
+        assert!(!cli.config.udp_gso);
         assert_eq!(
             cli.config.rest_rate_limit,
             Rate {
@@ -565,8 +572,16 @@ mod tests {
             }
         );
         // A flag beats the file.
-        let cli = load_cli(args(&["--config", path, "--max-rooms", "5"])).unwrap();
+        let cli = load_cli(args(&[
+            "--config",
+            path,
+            "--max-rooms",
+            "5",
+            "--udp-gso=true",
+        ]))
+        .unwrap();
         assert_eq!(cli.config.max_rooms, 5);
+        assert!(cli.config.udp_gso);
         // So does an environment variable (the only test here that sets
         // this one).
         std::env::set_var("SFU_EMPTY_ROOM_TIMEOUT", "11");

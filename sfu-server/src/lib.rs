@@ -102,6 +102,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
             empty_timeout: Duration::from_secs(config.empty_room_timeout),
             departure_timeout: Duration::from_secs(config.departure_timeout),
             reconnect_grace: Duration::from_secs(config.reconnect_grace),
+            udp_gso: config.udp_gso,
             max_participants: config.max_participants,
             max_tracks: config.max_tracks_per_participant,
             max_rooms: config.max_rooms,

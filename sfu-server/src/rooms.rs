@@ -112,6 +112,8 @@ pub struct RoomDefaults {
     pub departure_timeout: Duration,
     /// How long a participant without a signalling connection stays.
     pub reconnect_grace: Duration,
+    /// Whether media may go out as UDP GSO messages.
+    pub udp_gso: bool,
     pub max_participants: usize,
     /// Tracks per participant; 0 = no cap.
     pub max_tracks: usize,
@@ -276,7 +278,7 @@ impl Rooms {
             reported: Default::default(),
             last_report: Instant::now(),
             reported_conns: 0,
-            batch: SendBatch::default(),
+            batch: SendBatch::new(self.defaults.udp_gso),
         };
         self.metrics.rooms.fetch_add(1, Ordering::Relaxed);
         let metrics = self.metrics.clone();

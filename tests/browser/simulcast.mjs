@@ -1,7 +1,7 @@
 // Simulcast end to end: one Chromium page publishes 1280x720 as three
 // layers; a second page asks for low and must decode 320-wide frames within
 // 5 s, then high and 1280-wide within 5 s, without a freeze over 1 s.
-import { Run, waitIn, sleep } from './lib.mjs';
+import { Run, waitIn, sleep, pollUntil } from './lib.mjs';
 
 const run = new Run('simulcast', 120_000);
 
@@ -119,9 +119,13 @@ async function main() {
   run.check('maxFps 10 drops temporal layers', fullFps > 0 && limitedFps > 0 && limitedFps <= fullFps * 0.6,
     `${fullFps} fps -> ${limitedFps} fps`);
   await viewer.evaluate((sid) => window.sfuRoom.setSubscription(sid, { maxFps: 60 }), trackSid);
-  await sleep(3000);
-  const restoredFps = await fpsNow();
-  run.check('lifting the limit restores the frame rate', restoredFps >= fullFps * 0.8, `${restoredFps} fps`);
+  // Chromium's framesPerSecond is a one-second average that a busy
+  // machine makes noisy: the rate must come back within 8 s.
+  const liftedAt = Date.now();
+  let restoredFps = 0;
+  await pollUntil(async () => (restoredFps = await fpsNow()) >= fullFps * 0.8, 8_000, 250);
+  run.check('lifting the limit restores the frame rate', restoredFps >= fullFps * 0.8,
+    `${restoredFps} fps after ${Date.now() - liftedAt} ms`);
   const before = lastDecoded;
   await sleep(1000);
   sampling = false;
