@@ -38,7 +38,7 @@ impl SendBatch {
     pub fn new(gso: bool) -> Self {
         SendBatch {
             items: Vec::new(),
-            gso: gso && cfg!(target_os = "linux"),
+            gso: gso && gso_available(),
             order: Vec::new(),
             messages: Vec::new(),
             #[cfg(target_os = "linux")]
@@ -56,7 +56,8 @@ struct Message {
     segment: usize,
 }
 
-/// At most this many datagrams per GSO message (the kernel's limit).
+/// At most this many datagrams per GSO message (older kernels take no
+/// more).
 const MAX_SEGMENTS: usize = 64;
 /// At most this many bytes per GSO message (one IP datagram's worth).
 const MAX_GSO_BYTES: usize = 65_000;
@@ -120,30 +121,32 @@ impl SendBatch {
     /// from a departed client, say) are logged at debug level and skipped.
     pub async fn flush(&mut self, socket: &UdpSocket) {
         self.plan();
+        self.send_planned(socket).await;
+    }
+
+    async fn send_planned(&mut self, socket: &UdpSocket) {
         let mut start = 0;
         while start < self.messages.len() {
             let end = (start + MAX_BATCH).min(self.messages.len());
             match self.send_some(socket, start, end).await {
                 Ok(sent) => start += sent.max(1),
-                Err(e) if self.gso && self.messages[start].count > 1 && gso_refused(&e) => {
-                    tracing::info!(error = %e, "UDP GSO refused; sending datagrams one by one");
-                    self.gso = false;
-                    // Send the rest again, one datagram per message.
-                    let rest: Vec<usize> = self.messages[start..]
-                        .iter()
-                        .flat_map(|m| self.order[m.first..m.first + m.count].to_vec())
-                        .collect();
-                    self.messages.clear();
-                    self.order.clear();
-                    for (n, index) in rest.into_iter().enumerate() {
-                        self.order.push(index);
-                        self.messages.push(Message {
-                            first: n,
-                            count: 1,
-                            segment: self.items[index].1.len(),
-                        });
+                Err(e) if self.messages[start].count > 1 => {
+                    // The kernel refused a GSO message: a datagram too
+                    // large for the route (EINVAL), or no GSO on this
+                    // kernel or device, after which it is not tried again.
+                    if gso_unsupported(&e) {
+                        tracing::info!(error = %e, "UDP GSO refused; sending datagrams one by one");
+                        self.gso = false;
+                    } else {
+                        tracing::debug!(error = %e, "GSO message refused; sending its datagrams one by one");
                     }
-                    start = 0;
+                    let m = self.messages[start];
+                    let singles = (m.first..m.first + m.count).map(|first| Message {
+                        first,
+                        count: 1,
+                        segment: self.items[self.order[first]].1.len(),
+                    });
+                    self.messages.splice(start..start + 1, singles);
                 }
                 Err(e) => {
                     let to = self.items[self.order[self.messages[start].first]].0;
@@ -196,12 +199,29 @@ impl SendBatch {
     }
 }
 
-/// Whether a send failed because GSO is not available here.
-fn gso_refused(e: &std::io::Error) -> bool {
+/// Whether a send failed because GSO is not available here (EIO: the
+/// device cannot checksum the segments).
+fn gso_unsupported(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(libc::ENOPROTOOPT)
+        Some(libc::EIO) | Some(libc::EOPNOTSUPP) | Some(libc::ENOPROTOOPT)
     )
+}
+
+/// Whether this kernel knows UDP GSO (Linux 4.18 and later); asked once,
+/// by setting the option on a socket of our own. Older kernels would not
+/// refuse the control message but ignore it, sending each run as one
+/// oversized datagram.
+fn gso_available() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(linux::probe_gso)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -263,6 +283,26 @@ mod linux {
                 std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
             }
         }
+    }
+
+    /// Whether `setsockopt(UDP_SEGMENT)` works on a fresh UDP socket.
+    pub(super) fn probe_gso() -> bool {
+        let Ok(socket) = std::net::UdpSocket::bind("127.0.0.1:0") else {
+            return false;
+        };
+        use std::os::fd::AsRawFd;
+        let size: libc::c_int = 1200;
+        // SAFETY: a valid socket and a pointer to a c_int of the given size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                SOL_UDP,
+                UDP_SEGMENT,
+                &size as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        rc == 0
     }
 
     impl Buffers {
@@ -370,6 +410,37 @@ mod tests {
         for (k, i) in (0..150u8).step_by(2).enumerate() {
             assert_eq!(got_a[k], vec![i; 20]);
             assert_eq!(got_b[k], vec![i + 1; 20]);
+        }
+    }
+
+    /// A GSO message the kernel refuses (here: more segments than it
+    /// takes in one) is sent again one datagram at a time.
+    #[tokio::test]
+    async fn a_refused_gso_message_goes_out_datagram_by_datagram() {
+        let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut batch = SendBatch::default();
+        if !batch.gso {
+            return;
+        }
+        for i in 0..150u16 {
+            batch.push(
+                to.local_addr().unwrap(),
+                BytesMut::from(&i.to_be_bytes()[..]),
+            );
+        }
+        batch.plan();
+        batch.messages = vec![Message {
+            first: 0,
+            count: 150,
+            segment: 2,
+        }];
+        batch.send_planned(&sender).await;
+        assert_eq!(batch.messages.len(), 150, "split into single datagrams");
+        assert!(batch.gso, "EINVAL is about the message, not the kernel");
+        let got = receive_all(&to, 150).await;
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d[..], (i as u16).to_be_bytes()[..]);
         }
     }
 
