@@ -265,7 +265,7 @@ sys.exit(0)
 PY
     }
     for target in $targets; do
-      for n in 25 50 100 150 200 300 400; do
+      for n in 25 50 100 150 200 300 400 500 600 800; do
         run "$target" "livestream-1x$n" 1 "$n" 15 1.2M || true
         if knee "$target" "livestream-1x$n"; then echo "| knee | $target | livestream 1->$n |"; break; fi
       done
