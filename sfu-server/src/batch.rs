@@ -15,9 +15,19 @@ use std::net::SocketAddr;
 use bytes::BytesMut;
 use tokio::net::UdpSocket;
 
+/// What a batch has sent so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub datagrams: u64,
+    /// GSO messages, and the datagrams they carried.
+    pub gso_messages: u64,
+    pub gso_datagrams: u64,
+}
+
 /// Datagrams waiting to go out of the media socket.
 pub struct SendBatch {
     items: Vec<(SocketAddr, BytesMut)>,
+    pub sent: Sent,
     /// Runs to one address may be sent as one GSO message.
     gso: bool,
     /// Reused from flush to flush.
@@ -38,6 +48,7 @@ impl SendBatch {
     pub fn new(gso: bool) -> Self {
         SendBatch {
             items: Vec::new(),
+            sent: Sent::default(),
             gso: gso && gso_available(),
             order: Vec::new(),
             messages: Vec::new(),
@@ -129,7 +140,16 @@ impl SendBatch {
         while start < self.messages.len() {
             let end = (start + MAX_BATCH).min(self.messages.len());
             match self.send_some(socket, start, end).await {
-                Ok(sent) => start += sent.max(1),
+                Ok(sent) => {
+                    for m in &self.messages[start..start + sent] {
+                        self.sent.datagrams += m.count as u64;
+                        if m.count > 1 {
+                            self.sent.gso_messages += 1;
+                            self.sent.gso_datagrams += m.count as u64;
+                        }
+                    }
+                    start += sent.max(1);
+                }
                 Err(e) if self.messages[start].count > 1 => {
                     // The kernel refused a GSO message: a datagram too
                     // large for the route (EINVAL), or no GSO on this
@@ -481,6 +501,11 @@ mod tests {
             assert_eq!(batch.messages.len(), 15, "{:?}", batch.messages);
         }
         batch.flush(&sender).await;
+        assert_eq!(batch.sent.datagrams, 30);
+        if cfg!(target_os = "linux") {
+            assert_eq!(batch.sent.gso_messages, 6);
+            assert_eq!(batch.sent.gso_datagrams, 21);
+        }
         for s in &subs {
             let got = receive_all(s, sizes.len()).await;
             for (n, size) in sizes.iter().enumerate() {

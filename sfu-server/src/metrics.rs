@@ -16,6 +16,11 @@ pub struct Metrics {
     pub rtp_in: AtomicUsize,
     pub rtp_forwarded: AtomicUsize,
     pub bytes_forwarded: AtomicUsize,
+    /// Forwarded packets the rooms encrypted themselves.
+    pub rtp_encrypted_by_room: AtomicUsize,
+    pub datagrams_sent: AtomicUsize,
+    pub gso_messages: AtomicUsize,
+    pub gso_datagrams: AtomicUsize,
     /// Packets the rooms did not forward, indexed like `DropReason::ALL`.
     pub drops: [AtomicUsize; DropReason::ALL.len()],
     /// REST requests and signalling connects refused with 429.
@@ -33,7 +38,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicUsize); 13] = [
+        let rows: [(&str, &str, &str, &AtomicUsize); 17] = [
             ("sfu_rooms", "gauge", "Rooms open", &self.rooms),
             (
                 "sfu_participants",
@@ -76,6 +81,30 @@ impl Metrics {
                 "counter",
                 "RTP packets forwarded to subscribers",
                 &self.rtp_forwarded,
+            ),
+            (
+                "sfu_rtp_packets_encrypted_by_room_total",
+                "counter",
+                "Forwarded RTP packets the room encrypted itself (the rest went through the engine's send path)",
+                &self.rtp_encrypted_by_room,
+            ),
+            (
+                "sfu_datagrams_sent_total",
+                "counter",
+                "Datagrams sent from the media port by rooms",
+                &self.datagrams_sent,
+            ),
+            (
+                "sfu_udp_gso_messages_total",
+                "counter",
+                "UDP GSO messages sent, each carrying several datagrams to one client",
+                &self.gso_messages,
+            ),
+            (
+                "sfu_udp_gso_datagrams_total",
+                "counter",
+                "Datagrams sent inside UDP GSO messages",
+                &self.gso_datagrams,
             ),
             (
                 "sfu_rtp_payload_bytes_forwarded_total",

@@ -279,6 +279,7 @@ impl Rooms {
             last_report: Instant::now(),
             reported_conns: 0,
             batch: SendBatch::new(self.defaults.udp_gso),
+            reported_sent: Default::default(),
         };
         self.metrics.rooms.fetch_add(1, Ordering::Relaxed);
         let metrics = self.metrics.clone();
@@ -336,6 +337,8 @@ struct Worker {
     reported_conns: usize,
     /// Datagrams of this flush, sent together.
     batch: SendBatch,
+    /// What the batch had sent at the last report.
+    reported_sent: crate::batch::Sent,
 }
 
 impl Worker {
@@ -634,9 +637,29 @@ impl Worker {
                 .fetch_sub(self.reported_conns - conns, Ordering::Relaxed);
         }
         self.reported_conns = conns;
+        m.rtp_encrypted_by_room.fetch_add(
+            (stats.rtp_sent_by_room - self.reported.rtp_sent_by_room) as usize,
+            Ordering::Relaxed,
+        );
+        let sent = self.batch.sent;
+        let before = self.reported_sent;
+        m.datagrams_sent.fetch_add(
+            (sent.datagrams - before.datagrams) as usize,
+            Ordering::Relaxed,
+        );
+        m.gso_messages.fetch_add(
+            (sent.gso_messages - before.gso_messages) as usize,
+            Ordering::Relaxed,
+        );
+        m.gso_datagrams.fetch_add(
+            (sent.gso_datagrams - before.gso_datagrams) as usize,
+            Ordering::Relaxed,
+        );
+        self.reported_sent = sent;
         self.reported.rtp_in = stats.rtp_in;
         self.reported.rtp_forwarded = stats.rtp_forwarded;
         self.reported.bytes_forwarded = stats.bytes_forwarded;
+        self.reported.rtp_sent_by_room = stats.rtp_sent_by_room;
     }
 
     async fn close(&mut self, reason: LeaveReason) {
