@@ -433,6 +433,30 @@ mod tests {
         }
     }
 
+    /// IPv6 destinations, in runs and alone.
+    #[tokio::test]
+    async fn ipv6_runs_arrive_whole() {
+        let sender = UdpSocket::bind("[::1]:0").await.unwrap();
+        let to = UdpSocket::bind("[::1]:0").await.unwrap();
+        let mut batch = SendBatch::default();
+        let sizes = [1200, 1200, 1200, 500, 80];
+        for (n, size) in sizes.iter().enumerate() {
+            batch.push(
+                to.local_addr().unwrap(),
+                BytesMut::from(&vec![n as u8; *size][..]),
+            );
+        }
+        batch.flush(&sender).await;
+        assert_eq!(batch.sent.datagrams, 5);
+        if cfg!(target_os = "linux") {
+            assert_eq!((batch.sent.gso_messages, batch.sent.gso_datagrams), (1, 4));
+        }
+        let got = receive_all(&to, sizes.len()).await;
+        for (n, size) in sizes.iter().enumerate() {
+            assert_eq!(got[n], vec![n as u8; *size], "datagram {n}");
+        }
+    }
+
     /// A GSO message the kernel refuses (here: more segments than it
     /// takes in one) is sent again one datagram at a time.
     #[tokio::test]

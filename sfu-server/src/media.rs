@@ -302,4 +302,24 @@ mod tests {
             assert!(contents.iter().all(|x| *x == n as u8), "datagram {n}");
         }
     }
+
+    /// IPv6 senders come out with their address.
+    #[tokio::test]
+    async fn ipv6_senders_are_named() {
+        let socket = UdpSocket::bind("[::1]:0").await.unwrap();
+        let to = socket.local_addr().unwrap();
+        let from = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        from.send_to(b"hello", to).unwrap();
+        let mut receiver = Receiver::default();
+        let got: Vec<(SocketAddr, Vec<u8>)> = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            receiver.receive(&socket),
+        )
+        .await
+        .expect("a datagram within 10 s")
+        .unwrap()
+        .map(|(s, c)| (s, c.to_vec()))
+        .collect();
+        assert_eq!(got, vec![(from.local_addr().unwrap(), b"hello".to_vec())]);
+    }
 }
