@@ -291,7 +291,12 @@ struct Conn {
 struct Sink<'a> {
     outputs: &'a mut VecDeque<Output>,
     dirty: &'a mut Vec<ConnId>,
+    buffer: &'a mut BytesMut,
 }
+
+/// Room for this many full-size datagrams per allocation of the buffer
+/// forwarded packets are built in.
+const OUT_BUFFER_PACKETS: usize = 32;
 
 /// Who encrypted and queued a forwarded packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,21 +319,29 @@ impl Conn {
     ) -> Option<SentBy> {
         if let (Some((srtp, _)), Some(destination)) = (self.srtp.as_mut(), self.media_dest) {
             let header_len = packet.header.marshal_size();
-            let size = header_len + packet.payload.len();
-            let mut contents = BytesMut::with_capacity(size + srtp.profile().overhead());
-            contents.resize(size, 0);
-            if let Err(e) = packet.header.marshal_to(&mut contents[..header_len]) {
+            let size = header_len + packet.payload.len() + srtp.profile().overhead();
+            // Built at the end of the shared buffer (empty between
+            // packets), then split off it with exactly its own bytes.
+            let buffer = &mut *sink.buffer;
+            debug_assert!(buffer.is_empty());
+            if buffer.capacity() < size {
+                *buffer = BytesMut::with_capacity(size.max(OUT_BUFFER_PACKETS * 1500));
+            }
+            buffer.resize(header_len, 0);
+            if let Err(e) = packet.header.marshal_to(&mut buffer[..]) {
                 tracing::trace!(error = %e, "rtp header");
+                buffer.clear();
                 return None;
             }
-            contents[header_len..].copy_from_slice(&packet.payload);
-            if let Err(e) = srtp.protect(&mut contents, header_len) {
+            buffer.extend_from_slice(&packet.payload);
+            if let Err(e) = srtp.protect(buffer, header_len) {
                 tracing::trace!(error = %e, "srtp");
+                buffer.clear();
                 return None;
             }
             sink.outputs.push_back(Output::Transmit(Transmit {
                 destination,
-                contents,
+                contents: buffer.split(),
             }));
             return Some(SentBy::Room);
         }
@@ -528,6 +541,9 @@ pub struct Room {
     down_by_ssrc: HashMap<u32, (ParticipantId, TrackKey)>,
     dirty: Vec<ConnId>,
     outputs: VecDeque<Output>,
+    /// Forwarded datagrams are built in slices of this buffer: one
+    /// allocation for many packets.
+    out_buffer: BytesMut,
     stats: RoomStats,
     last_now: Instant,
     /// When subscribers with an estimate are next reallocated (upgrades
@@ -553,6 +569,7 @@ impl Room {
             down_by_ssrc: HashMap::new(),
             dirty: Vec::new(),
             outputs: VecDeque::new(),
+            out_buffer: BytesMut::new(),
             stats: RoomStats::default(),
             last_now: now,
             next_allocation: now + ALLOCATION_INTERVAL,
@@ -1916,6 +1933,7 @@ impl Room {
             conns,
             dirty,
             outputs,
+            out_buffer,
             stats,
             ..
         } = self;
@@ -1960,7 +1978,11 @@ impl Room {
         // retransmission): those later packets were dropped while the
         // subscriber waited, and are sent now from the cache, in order.
         let mut catch_up: Vec<ParticipantId> = Vec::new();
-        let mut sink = Sink { outputs, dirty };
+        let mut sink = Sink {
+            outputs,
+            dirty,
+            buffer: out_buffer,
+        };
         for sub in &track.subscribers {
             let Some(p) = participants.get_mut(sub) else {
                 continue;
@@ -2396,6 +2418,7 @@ impl Room {
             conns,
             dirty,
             outputs,
+            out_buffer,
             stats,
             ..
         } = self;
@@ -2437,7 +2460,12 @@ impl Room {
         let Some(c) = conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
             return;
         };
-        if let Some(by) = c.send_rtp(conn, down.sender, now, packet, &mut Sink { outputs, dirty }) {
+        let mut sink = Sink {
+            outputs,
+            dirty,
+            buffer: out_buffer,
+        };
+        if let Some(by) = c.send_rtp(conn, down.sender, now, packet, &mut sink) {
             stats.retransmissions += 1;
             stats.rtp_sent_by_room += u64::from(by == SentBy::Room);
         }
