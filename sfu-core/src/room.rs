@@ -1088,14 +1088,7 @@ impl Room {
                         "the subscriber connection has not been negotiated yet".to_owned(),
                     ));
                 }
-                // The next subscriber offer carries fresh ICE credentials.
-                if let Some(c) = self.conn_mut(conn) {
-                    c.pc.restart_ice();
-                }
-                if let Some(p) = self.participants.get_mut(&id) {
-                    p.negotiation.request();
-                }
-                self.maybe_offer(now, id);
+                self.restart_subscriber_ice(now, id, conn);
                 Ok(())
             }
             ClientMessage::Ping { ts } => {
@@ -1657,6 +1650,24 @@ impl Room {
             RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
                 tracing::debug!(?participant, ?target, %state, "connection state");
                 let connected = state == RTCPeerConnectionState::Connected;
+                if state == RTCPeerConnectionState::Failed && target == Target::Subscriber {
+                    // No check from the client on the selected path for the
+                    // engine's failure timeout: restart ICE from this side
+                    // rather than wait for the client to notice (a browser
+                    // whose checks still get answered on another path may
+                    // never do so).
+                    let negotiated = self
+                        .participants
+                        .get(&participant)
+                        .is_some_and(|p| p.negotiation.generation() > 0);
+                    if negotiated {
+                        tracing::info!(
+                            ?participant,
+                            "subscriber connection failed; restarting ICE"
+                        );
+                        self.restart_subscriber_ice(now, participant, conn);
+                    }
+                }
                 if let Some(c) = self.conn_mut(conn) {
                     c.connected = connected;
                     if connected && target == Target::Subscriber {
@@ -1682,6 +1693,17 @@ impl Room {
             }
             _ => {}
         }
+    }
+
+    /// Re-offers the subscriber connection with fresh ICE credentials.
+    fn restart_subscriber_ice(&mut self, now: Instant, id: ParticipantId, conn: ConnId) {
+        if let Some(c) = self.conn_mut(conn) {
+            c.pc.restart_ice();
+        }
+        if let Some(p) = self.participants.get_mut(&id) {
+            p.negotiation.request();
+        }
+        self.maybe_offer(now, id);
     }
 
     fn on_track_open(

@@ -382,6 +382,14 @@ async fn client(
 
 #[test]
 fn clients_behind_emulated_nats_reach_each_other_through_the_server() {
+    // Quiet unless RUST_LOG asks for more (e.g. sfu_core=debug).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
     let mut net = Net::new();
     let open = net.place(Cell::Open, 1);
     let cone = net.place(Cell::Cone, 2);

@@ -99,7 +99,21 @@ async function networkChange(pages, cells) {
       return now > (prev[t] || 0) + 10;
     }, [trackSid, before], 60_000);
     const left = await page.evaluate(() => window.sfuLeftSeen);
-    check(`${cell} page decodes the moved page again and never saw it leave`, !!back && left.length === 0, `${JSON.stringify(left)}`);
+    // What the page's receiver of that track saw, to tell a path that
+    // carries nothing from a decoder that waits for a keyframe.
+    const inbound = back ? '' : await page.evaluate(async (t) => {
+      const stats = await window.sfuRoom.subscriberPc.getStats();
+      let out = null;
+      stats.forEach((s) => {
+        if (s.type === 'inbound-rtp' && s.kind === 'video' && s.trackIdentifier === t) {
+          const { packetsReceived, packetsLost, framesReceived, framesDecoded, keyFramesDecoded, frameWidth, pliCount, firCount, nackCount } = s;
+          out = { packetsReceived, packetsLost, framesReceived, framesDecoded, keyFramesDecoded, frameWidth, pliCount, firCount, nackCount };
+        }
+      });
+      const shown = [...document.querySelectorAll('video.remote-video')].map((v) => v.dataset.trackSid);
+      return ` track ${t}: ${JSON.stringify(out)}; shown tracks ${JSON.stringify(shown)}; subscriber ${window.sfuRoom.subscriberPc.connectionState}`;
+    }, trackSid);
+    check(`${cell} page decodes the moved page again and never saw it leave`, !!back && left.length === 0, `${JSON.stringify(left)}${inbound}`);
   }
   const ufragsAfter = await ufrags();
   check('cone page restarted ICE on both connections', ufragsAfter[0] !== ufragsBefore[0] && ufragsAfter[1] !== ufragsBefore[1], `${ufragsBefore} -> ${ufragsAfter}`);
