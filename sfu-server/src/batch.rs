@@ -19,6 +19,8 @@ use tokio::net::UdpSocket;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Sent {
     pub datagrams: u64,
+    /// Dropped because the socket's send buffer was full.
+    pub dropped_full: u64,
     /// GSO messages, and the datagrams they carried.
     pub gso_messages: u64,
     pub gso_datagrams: u64,
@@ -150,6 +152,17 @@ impl SendBatch {
                     }
                     start += sent.max(1);
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // The socket's send buffer is full. It is shared by
+                    // every room, and datagrams to a path that died wait
+                    // in a router's neighbour queue holding their share
+                    // of it; waiting here would stall the whole room
+                    // (its checks unanswered, its media late). UDP drops.
+                    let dropped: usize = self.messages[start..].iter().map(|m| m.count).sum();
+                    self.sent.dropped_full += dropped as u64;
+                    tracing::debug!(dropped, "media socket send buffer full; dropping");
+                    break;
+                }
                 Err(e) if self.messages[start].count > 1 => {
                     // The kernel refused a GSO message: a datagram too
                     // large for the route (EINVAL), or no GSO on this
@@ -186,23 +199,30 @@ impl SendBatch {
         end: usize,
     ) -> std::io::Result<usize> {
         use std::os::fd::AsRawFd;
-        loop {
-            socket.writable().await?;
+        // Waits at most a millisecond for room in the send buffer (a
+        // socket just made is writable once the runtime has looked); a
+        // buffer still full after that is the caller's to drop.
+        for attempt in 0..2 {
+            match tokio::time::timeout(std::time::Duration::from_millis(1), socket.writable()).await
+            {
+                Ok(ready) => ready?,
+                Err(_) => break,
+            }
             let SendBatch {
                 items,
                 order,
                 messages,
                 sys,
                 ..
-            } = self;
+            } = &mut *self;
             match socket.try_io(tokio::io::Interest::WRITABLE, || {
                 sys.sendmmsg(socket.as_raw_fd(), items, order, &messages[start..end])
             }) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && attempt == 0 => continue,
+                result => return result,
             }
         }
+        Err(std::io::ErrorKind::WouldBlock.into())
     }
 
     #[cfg(not(target_os = "linux"))]
@@ -217,6 +237,41 @@ impl SendBatch {
         socket.send_to(contents, to).await?;
         Ok(1)
     }
+}
+
+/// The media socket's buffers, as large as the system allows up to 4 MiB
+/// each (beyond `net.core.wmem_max` / `rmem_max` only with
+/// CAP_NET_ADMIN): room for bursts to many clients, and for datagrams
+/// that wait in the network on a dead path.
+pub fn enlarge_buffers(socket: &UdpSocket) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        const SIZE: libc::c_int = 4 << 20;
+        let fd = socket.as_raw_fd();
+        for (force, plain) in [
+            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        ] {
+            let set = |option| {
+                // SAFETY: a valid socket and a pointer to a c_int of the given size.
+                unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        option,
+                        &SIZE as *const _ as *const libc::c_void,
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                }
+            };
+            if set(force) != 0 {
+                set(plain);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = socket;
 }
 
 /// Whether a send failed because GSO is not available here (EIO: the

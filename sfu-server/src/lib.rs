@@ -80,6 +80,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     let socket = UdpSocket::bind(config.media_addr)
         .await
         .with_context(|| format!("binding media UDP socket {}", config.media_addr))?;
+    batch::enlarge_buffers(&socket);
     let bound = socket.local_addr()?;
     let advertised_ip = match (config.public_ip, bound.ip()) {
         (Some(ip), _) => ip,

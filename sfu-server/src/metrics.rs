@@ -21,6 +21,7 @@ pub struct Metrics {
     pub datagrams_sent: AtomicUsize,
     pub gso_messages: AtomicUsize,
     pub gso_datagrams: AtomicUsize,
+    pub datagrams_send_buffer_full: AtomicUsize,
     /// Packets the rooms did not forward, indexed like `DropReason::ALL`.
     pub drops: [AtomicUsize; DropReason::ALL.len()],
     /// REST requests and signalling connects refused with 429.
@@ -38,7 +39,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicUsize); 17] = [
+        let rows: [(&str, &str, &str, &AtomicUsize); 18] = [
             ("sfu_rooms", "gauge", "Rooms open", &self.rooms),
             (
                 "sfu_participants",
@@ -93,6 +94,12 @@ impl Metrics {
                 "counter",
                 "Datagrams sent from the media port by rooms",
                 &self.datagrams_sent,
+            ),
+            (
+                "sfu_datagrams_send_buffer_full_total",
+                "counter",
+                "Datagrams dropped because the media socket's send buffer was full",
+                &self.datagrams_send_buffer_full,
             ),
             (
                 "sfu_udp_gso_messages_total",

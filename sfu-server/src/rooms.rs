@@ -655,6 +655,10 @@ impl Worker {
             (sent.gso_datagrams - before.gso_datagrams) as usize,
             Ordering::Relaxed,
         );
+        m.datagrams_send_buffer_full.fetch_add(
+            (sent.dropped_full - before.dropped_full) as usize,
+            Ordering::Relaxed,
+        );
         self.reported_sent = sent;
         self.reported.rtp_in = stats.rtp_in;
         self.reported.rtp_forwarded = stats.rtp_forwarded;
