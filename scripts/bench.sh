@@ -55,7 +55,7 @@ except OSError:
 # Starts a server of kind $1; sets server_pid and url (what the load tester
 # is pointed at).
 start_sfu() {
-  "$server_bin" --http-addr 127.0.0.1:0 --media-addr 127.0.0.1:0 --log error >"$out/server.out" 2>"$out/server.err" &
+  "$server_bin" --http-addr 127.0.0.1:0 --media-addr 127.0.0.1:0 --udp-gso=true --log error >"$out/server.out" 2>"$out/server.err" &
   server_pid=$!
   for _ in $(seq 200); do grep -q '^Demo:' "$out/server.out" 2>/dev/null && break; sleep 0.05; done
   url=$(sed -n 's/^Demo: \(http[^ ]*\)\/$/\1/p' "$out/server.out")
