@@ -305,6 +305,7 @@ mod linux {
     use std::net::SocketAddr;
 
     use bytes::BytesMut;
+    use socket2::SockAddr;
 
     use super::Message;
 
@@ -317,7 +318,7 @@ mod linux {
     /// The C structures of one `sendmmsg` call, kept between calls.
     #[derive(Default)]
     pub(super) struct Buffers {
-        addrs: Vec<libc::sockaddr_storage>,
+        addrs: Vec<SockAddr>,
         iovs: Vec<libc::iovec>,
         controls: Vec<Control>,
         msgs: Vec<libc::mmsghdr>,
@@ -327,38 +328,6 @@ mod linux {
     // `sendmmsg` call, which fills them in first; between calls they are
     // stale and never read.
     unsafe impl Send for Buffers {}
-
-    fn write_addr(to: &SocketAddr, storage: &mut libc::sockaddr_storage) -> libc::socklen_t {
-        match to {
-            SocketAddr::V4(a) => {
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(a.ip().octets()),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr.
-                unsafe { std::ptr::write(storage as *mut _ as *mut libc::sockaddr_in, sin) };
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
-            }
-            SocketAddr::V6(a) => {
-                let sin6 = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: a.port().to_be(),
-                    sin6_flowinfo: a.flowinfo(),
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: a.ip().octets(),
-                    },
-                    sin6_scope_id: a.scope_id(),
-                };
-                // SAFETY: as above.
-                unsafe { std::ptr::write(storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
-                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
-            }
-        }
-    }
 
     /// Whether `setsockopt(UDP_SEGMENT)` works on a fresh UDP socket.
     pub(super) fn probe_gso() -> bool {
@@ -397,9 +366,9 @@ mod linux {
             self.msgs.clear();
             // Fill every vector before taking pointers into them.
             for m in messages {
-                // SAFETY: all-zero is a valid value for these plain C structs.
-                self.addrs.push(unsafe { zeroed() });
+                self.addrs.push(SockAddr::from(items[order[m.first]].0));
                 self.controls.push([0; 4]);
+                // SAFETY: all-zero is a valid value for this plain C struct.
                 self.msgs.push(unsafe { zeroed() });
                 for &index in &order[m.first..m.first + m.count] {
                     let contents = &items[index].1;
@@ -411,11 +380,9 @@ mod linux {
             }
             let mut iov = 0;
             for (k, m) in messages.iter().enumerate() {
-                let to = &items[order[m.first]].0;
-                let name_len = write_addr(to, &mut self.addrs[k]);
                 let hdr = &mut self.msgs[k].msg_hdr;
-                hdr.msg_name = &mut self.addrs[k] as *mut _ as *mut libc::c_void;
-                hdr.msg_namelen = name_len;
+                hdr.msg_name = self.addrs[k].as_ptr() as *mut libc::c_void;
+                hdr.msg_namelen = self.addrs[k].len();
                 hdr.msg_iov = &mut self.iovs[iov];
                 hdr.msg_iovlen = m.count as _;
                 iov += m.count;

@@ -133,7 +133,7 @@ const ARENA_SLOTS: usize = 128;
 struct Receiver {
     arena: BytesMut,
     #[cfg(target_os = "linux")]
-    addrs: Vec<libc::sockaddr_storage>,
+    addrs: Vec<socket2::SockAddrStorage>,
     #[cfg(target_os = "linux")]
     iovs: Vec<libc::iovec>,
     #[cfg(target_os = "linux")]
@@ -141,8 +141,9 @@ struct Receiver {
     received: Vec<(SocketAddr, BytesMut)>,
 }
 
-// SAFETY: the raw pointers inside are only meaningful during one
-// `recvmmsg` call, which fills them in first.
+// SAFETY: the raw pointers inside point into the receiver's own vectors,
+// which are filled once and never grow afterwards, and are used only by
+// `recvmmsg` calls made through `&mut self`.
 unsafe impl Send for Receiver {}
 
 impl Receiver {
@@ -182,31 +183,36 @@ impl Receiver {
 
     #[cfg(target_os = "linux")]
     fn recvmmsg(&mut self, fd: std::os::fd::RawFd) -> std::io::Result<()> {
-        use std::mem::zeroed;
+        use socket2::{SockAddr, SockAddrStorage};
         if self.arena.len() < RECV_BATCH * MAX_DATAGRAM {
             // Zeroed once, so every slot handed on is initialised memory.
             self.arena = BytesMut::zeroed(ARENA_SLOTS * MAX_DATAGRAM);
         }
-        self.addrs.clear();
-        self.iovs.clear();
-        self.msgs.clear();
+        if self.msgs.is_empty() {
+            // The headers point into these vectors, which never grow again.
+            self.addrs = (0..RECV_BATCH).map(|_| SockAddrStorage::zeroed()).collect();
+            self.iovs = (0..RECV_BATCH)
+                .map(|_| libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: MAX_DATAGRAM,
+                })
+                .collect();
+            for i in 0..RECV_BATCH {
+                // SAFETY: all-zero is a valid value for this plain C struct.
+                let mut msg: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                msg.msg_hdr.msg_name = &mut self.addrs[i] as *mut _ as *mut libc::c_void;
+                msg.msg_hdr.msg_iov = &mut self.iovs[i];
+                msg.msg_hdr.msg_iovlen = 1;
+                self.msgs.push(msg);
+            }
+        }
+        // Per call, only where each slot is and how much room the
+        // kernel has for the sender's address.
         let base = self.arena.as_mut_ptr();
         for i in 0..RECV_BATCH {
-            // SAFETY: all-zero is a valid value for these plain C structs.
-            self.addrs.push(unsafe { zeroed() });
-            self.msgs.push(unsafe { zeroed() });
-            self.iovs.push(libc::iovec {
-                // SAFETY: slot i lies within the arena (checked above).
-                iov_base: unsafe { base.add(i * MAX_DATAGRAM) } as *mut libc::c_void,
-                iov_len: MAX_DATAGRAM,
-            });
-        }
-        for i in 0..RECV_BATCH {
-            let hdr = &mut self.msgs[i].msg_hdr;
-            hdr.msg_name = &mut self.addrs[i] as *mut _ as *mut libc::c_void;
-            hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            hdr.msg_iov = &mut self.iovs[i];
-            hdr.msg_iovlen = 1;
+            // SAFETY: slot i lies within the arena (checked above).
+            self.iovs[i].iov_base = unsafe { base.add(i * MAX_DATAGRAM) } as *mut libc::c_void;
+            self.msgs[i].msg_hdr.msg_namelen = self.addrs[i].size_of();
         }
         // SAFETY: msgs, addrs and iovs describe valid, writable buffers
         // that live until the call returns.
@@ -226,36 +232,14 @@ impl Receiver {
             let len = (self.msgs[i].msg_len as usize).min(MAX_DATAGRAM);
             let mut contents = self.arena.split_to(MAX_DATAGRAM);
             contents.truncate(len);
-            if let Some(source) = socket_addr(&self.addrs[i]) {
+            let storage = std::mem::replace(&mut self.addrs[i], SockAddrStorage::zeroed());
+            // SAFETY: the kernel wrote the sender's address and its length.
+            let source = unsafe { SockAddr::new(storage, self.msgs[i].msg_hdr.msg_namelen) };
+            if let Some(source) = source.as_socket() {
                 self.received.push((source, contents));
             }
         }
         Ok(())
-    }
-}
-
-/// The address `recvmmsg` wrote, if it is IPv4 or IPv6.
-#[cfg(target_os = "linux")]
-fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match storage.ss_family as libc::c_int {
-        libc::AF_INET => {
-            // SAFETY: the family says this is a sockaddr_in.
-            let a = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
-            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(SocketAddr::from((ip, u16::from_be(a.sin_port))))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says this is a sockaddr_in6.
-            let a = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
-            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
-                ip,
-                u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
-                a.sin6_scope_id,
-            )))
-        }
-        _ => None,
     }
 }
 

@@ -610,24 +610,36 @@ impl Worker {
         self.last_report = now;
         let stats = self.room.stats();
         let m = &self.metrics;
-        m.rtp_in.fetch_add(
-            (stats.rtp_in - self.reported.rtp_in) as usize,
-            Ordering::Relaxed,
+        // Counters grow by what the room and its batch did since the last report.
+        let add = |counter: &std::sync::atomic::AtomicUsize, now: u64, before: u64| {
+            counter.fetch_add((now - before) as usize, Ordering::Relaxed);
+        };
+        let (was, sent, had) = (&self.reported, self.batch.sent, self.reported_sent);
+        add(&m.rtp_in, stats.rtp_in, was.rtp_in);
+        add(&m.rtp_forwarded, stats.rtp_forwarded, was.rtp_forwarded);
+        add(
+            &m.bytes_forwarded,
+            stats.bytes_forwarded,
+            was.bytes_forwarded,
         );
-        m.rtp_forwarded.fetch_add(
-            (stats.rtp_forwarded - self.reported.rtp_forwarded) as usize,
-            Ordering::Relaxed,
-        );
-        m.bytes_forwarded.fetch_add(
-            (stats.bytes_forwarded - self.reported.bytes_forwarded) as usize,
-            Ordering::Relaxed,
+        add(
+            &m.rtp_encrypted_by_room,
+            stats.rtp_sent_by_room,
+            was.rtp_sent_by_room,
         );
         for (i, reason) in DropReason::ALL.iter().enumerate() {
-            let now = stats.dropped(*reason);
-            let before = self.reported.dropped(*reason);
-            m.drops[i].fetch_add((now - before) as usize, Ordering::Relaxed);
+            add(&m.drops[i], stats.dropped(*reason), was.dropped(*reason));
         }
-        self.reported.drops = stats.drops;
+        add(&m.datagrams_sent, sent.datagrams, had.datagrams);
+        add(&m.gso_messages, sent.gso_messages, had.gso_messages);
+        add(&m.gso_datagrams, sent.gso_datagrams, had.gso_datagrams);
+        add(
+            &m.datagrams_send_buffer_full,
+            sent.dropped_full,
+            had.dropped_full,
+        );
+        self.reported = stats.clone();
+        self.reported_sent = sent;
         let conns = self.room.connection_count();
         if conns >= self.reported_conns {
             m.peer_connections
@@ -637,33 +649,6 @@ impl Worker {
                 .fetch_sub(self.reported_conns - conns, Ordering::Relaxed);
         }
         self.reported_conns = conns;
-        m.rtp_encrypted_by_room.fetch_add(
-            (stats.rtp_sent_by_room - self.reported.rtp_sent_by_room) as usize,
-            Ordering::Relaxed,
-        );
-        let sent = self.batch.sent;
-        let before = self.reported_sent;
-        m.datagrams_sent.fetch_add(
-            (sent.datagrams - before.datagrams) as usize,
-            Ordering::Relaxed,
-        );
-        m.gso_messages.fetch_add(
-            (sent.gso_messages - before.gso_messages) as usize,
-            Ordering::Relaxed,
-        );
-        m.gso_datagrams.fetch_add(
-            (sent.gso_datagrams - before.gso_datagrams) as usize,
-            Ordering::Relaxed,
-        );
-        m.datagrams_send_buffer_full.fetch_add(
-            (sent.dropped_full - before.dropped_full) as usize,
-            Ordering::Relaxed,
-        );
-        self.reported_sent = sent;
-        self.reported.rtp_in = stats.rtp_in;
-        self.reported.rtp_forwarded = stats.rtp_forwarded;
-        self.reported.bytes_forwarded = stats.bytes_forwarded;
-        self.reported.rtp_sent_by_room = stats.rtp_sent_by_room;
     }
 
     async fn close(&mut self, reason: LeaveReason) {
