@@ -3,7 +3,7 @@
 //! the interceptor that lets keyframe requests and NACKs reach the room.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use rtc::interceptor::{
@@ -107,25 +107,44 @@ pub enum ConnRole {
     Offering,
 }
 
+/// A server-side peer connection and what the room reaches it by besides
+/// its API.
+pub struct BuiltConnection {
+    pub pc: RTCPeerConnection,
+    /// The connection's crypto provider, which notes its SRTP keys.
+    pub keys: Arc<KeyCapture>,
+    /// Publisher connections: the interceptors inbound RTP passes through,
+    /// shared with the room so RTP it decrypts itself passes them too.
+    pub interceptors: Option<SharedInterceptors>,
+}
+
 /// Builds one server-side peer connection: ICE-lite with credentials of
 /// its own (new ones at each ICE restart), VP8 + Opus, RTCP reports, TWCC feedback, NACK generation on
 /// publisher connections, and delivery of the feedback the room acts on.
 ///
 /// The connection's crypto goes through the returned [`KeyCapture`], from
-/// which the room takes the outbound SRTP keys once DTLS is up.
-pub fn build_peer_connection(
-    now: Instant,
-    role: ConnRole,
-) -> Result<(RTCPeerConnection, Arc<KeyCapture>), RtcError> {
+/// which the room takes the SRTP keys once DTLS is up.
+pub fn build_peer_connection(now: Instant, role: ConnRole) -> Result<BuiltConnection, RtcError> {
     let mut engine = media_engine()?;
     configure_simulcast_extension_headers(&mut engine)?;
-    let mut registry = configure_twcc_receiver_only(Registry::new(), &mut engine)?;
-    match role {
-        // Publisher connections report reception and ask the client to
-        // resend what got lost.
+    let twcc = configure_twcc_receiver_only(Registry::new(), &mut engine)?;
+    let (registry, interceptors) = match role {
+        // Publisher connections report reception (TWCC feedback, receiver
+        // reports) and ask the client to resend what got lost, for every
+        // inbound packet: those the engine decrypts and those the room
+        // does (see `SharedInterceptors`).
         ConnRole::Answering => {
-            registry = configure_rtcp_reports(registry)
-                .with(Slot::NackGenerator, NackGeneratorBuilder::new().build());
+            // The tap sits inside: the chain's end drops RTCP not marked
+            // for the application by then.
+            let chain = configure_rtcp_reports(twcc)
+                .with(Slot::NackGenerator, NackGeneratorBuilder::new().build())
+                .with(Slot::Custom(14_000), FeedbackTap::default())
+                .build();
+            let shared = SharedInterceptors::new(Box::new(chain));
+            (
+                Registry::new().with(Slot::Custom(7_500), shared.clone()),
+                Some(shared),
+            )
         }
         // Subscriber connections have no NACK responder of their own (the
         // room answers NACKs from its shared per-layer packet cache) and no
@@ -133,9 +152,11 @@ pub fn build_peer_connection(
         // publisher's clock through its timestamp rewriting). Their
         // bandwidth estimate comes from the loss their NACKs report, and
         // REMB, at no per-packet cost.
-        ConnRole::Offering => {}
-    }
-    let registry = registry.with(Slot::Custom(14_000), FeedbackTap::default());
+        ConnRole::Offering => (
+            twcc.with(Slot::Custom(14_000), FeedbackTap::default()),
+            None,
+        ),
+    };
     // No fixed ICE credentials: an ICE restart then gets fresh ones, as
     // it must (RFC 8445 9), and the room learns each ufrag from the
     // connection's local description.
@@ -154,7 +175,135 @@ pub fn build_peer_connection(
         .with_media_engine(engine)
         .with_interceptor_registry(registry)
         .build(now)?;
-    Ok((pc, keys))
+    Ok(BuiltConnection {
+        pc,
+        keys,
+        interceptors,
+    })
+}
+
+/// The interceptors of a publisher connection, in the engine's chain and
+/// reachable by the room as well.
+///
+/// The engine binds each inbound stream to them (with the stream's
+/// negotiated header extensions and feedback), runs their timers and sends
+/// the RTCP they make. The room decrypts RTP of streams it knows itself,
+/// past the engine's generic read path, and hands each packet to the same
+/// interceptors, so NACKs, receiver reports and TWCC feedback cover every
+/// packet whichever way it came in. Both sides run on the room's thread,
+/// one after the other: the lock is never contended.
+#[derive(Clone)]
+pub struct SharedInterceptors(Arc<Mutex<SharedChain>>);
+
+struct SharedChain {
+    chain: Box<dyn Interceptor>,
+    /// RTCP the chain made while the room fed it, for the engine's next
+    /// poll.
+    made: VecDeque<TaggedPacket>,
+}
+
+/// What feeding one packet to the interceptors gave.
+pub struct Fed {
+    /// The packet, as it came out of the chain.
+    pub packet: Option<rtc::rtp::Packet>,
+    /// The chain made RTCP, waiting for the engine to send it.
+    pub made_rtcp: bool,
+    /// The chain's next timer.
+    pub next_timeout: Option<Instant>,
+}
+
+impl SharedInterceptors {
+    fn new(chain: Box<dyn Interceptor>) -> SharedInterceptors {
+        SharedInterceptors(Arc::new(Mutex::new(SharedChain {
+            chain,
+            made: VecDeque::new(),
+        })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SharedChain> {
+        // A panic inside an interceptor leaves nothing half-done that the
+        // next packet cannot work with.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs one inbound RTP packet the room decrypted through the chain.
+    pub fn feed(&self, packet: TaggedPacket) -> Fed {
+        let mut inner = self.lock();
+        let SharedChain { chain, made } = &mut *inner;
+        if let Err(e) = chain.handle_read(packet) {
+            tracing::trace!(error = %e, "interceptors refused a packet");
+        }
+        let mut out = None;
+        while let Some(p) = chain.poll_read() {
+            if let Packet::Rtp(rtp) = p.message.packet {
+                out = Some(rtp);
+            }
+        }
+        let before = made.len();
+        while let Some(p) = chain.poll_write() {
+            made.push_back(p);
+        }
+        Fed {
+            packet: out,
+            made_rtcp: made.len() > before,
+            next_timeout: chain.poll_timeout(),
+        }
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for SharedInterceptors {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = RtcError;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), RtcError> {
+        self.lock().chain.handle_read(msg)
+    }
+
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.lock().chain.poll_read()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), RtcError> {
+        self.lock().chain.handle_write(msg)
+    }
+
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        let mut inner = self.lock();
+        match inner.made.pop_front() {
+            Some(p) => Some(p),
+            None => inner.chain.poll_write(),
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) -> Result<(), RtcError> {
+        self.lock().chain.handle_timeout(now)
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        self.lock().chain.poll_timeout()
+    }
+
+    fn close(&mut self) -> Result<(), RtcError> {
+        self.lock().chain.close()
+    }
+}
+
+impl Interceptor for SharedInterceptors {
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        self.lock().chain.bind_local_stream(info);
+    }
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        self.lock().chain.unbind_local_stream(info);
+    }
+    fn bind_remote_stream(&mut self, info: &StreamInfo) {
+        self.lock().chain.bind_remote_stream(info);
+    }
+    fn unbind_remote_stream(&mut self, info: &StreamInfo) {
+        self.lock().chain.unbind_remote_stream(info);
+    }
 }
 
 /// Marks inbound PLI, FIR, NACK, REMB and sender reports for delivery to the

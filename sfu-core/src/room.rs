@@ -32,7 +32,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rtc::sansio::Protocol;
-use rtc::shared::marshal::{Marshal, MarshalSize};
+use rtc::shared::marshal::{Marshal, MarshalSize, Unmarshal};
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use sfu_signal::negotiation::{Negotiator, State as NegotiationState};
 use sfu_signal::{
@@ -43,13 +43,13 @@ use sfu_signal::{
 use crate::allocator::{self, LossEstimator, RateMeter, VideoDemand};
 use crate::cache::{PacketCache, SentEntry, SentLog};
 use crate::engine::{
-    build_peer_connection, opus_codec, vp8_codec, ConnRole, INITIAL_DOWNLINK_ESTIMATE,
-    MAX_DOWNLINK_ESTIMATE,
+    build_peer_connection, opus_codec, vp8_codec, BuiltConnection, ConnRole, SharedInterceptors,
+    INITIAL_DOWNLINK_ESTIMATE, MAX_DOWNLINK_ESTIMATE,
 };
 use crate::forwarder::{Forwarder, Layer, PacketInfo, Preference, Verdict};
 use crate::ids::{ConnId, ParticipantId, SeededRng, TrackKey};
 use crate::seq::SeqExtender;
-use crate::srtp::{KeyCapture, MasterKeys, SrtpSender};
+use crate::srtp::{KeyCapture, MasterKeys, SrtpReceiver, SrtpSender, UnprotectError};
 use crate::vp8;
 
 /// Keyframe requests to one publisher track are sent at most this often.
@@ -116,10 +116,12 @@ pub enum DropReason {
     NotConnected,
     /// The engine refused the packet.
     EngineRejected,
+    /// Inbound RTP that failed SRTP authentication, or a replay.
+    SrtpRejected,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::UnknownSource,
         DropReason::UnknownUfrag,
         DropReason::UnknownTrack,
@@ -135,6 +137,7 @@ impl DropReason {
         DropReason::NotNegotiated,
         DropReason::NotConnected,
         DropReason::EngineRejected,
+        DropReason::SrtpRejected,
     ];
 
     /// Stable name for metrics labels. (`ALL` lists the reasons in
@@ -156,6 +159,7 @@ impl DropReason {
             DropReason::NotNegotiated => "not_negotiated",
             DropReason::NotConnected => "not_connected",
             DropReason::EngineRejected => "engine_rejected",
+            DropReason::SrtpRejected => "srtp_rejected",
         }
     }
 }
@@ -238,6 +242,9 @@ pub struct RoomStats {
     /// Forwarded packets (and retransmissions) the room encrypted itself;
     /// the rest went through the engine's send path.
     pub rtp_sent_by_room: u64,
+    /// Inbound RTP the room decrypted itself, past the engine's read
+    /// path; the rest of `rtp_in` came through the engine.
+    pub rtp_received_by_room: u64,
     pub bytes_forwarded: u64,
     pub keyframe_requests_sent: u64,
     /// Packets sent again from the cache in answer to NACKs.
@@ -284,6 +291,26 @@ struct Conn {
     /// Where the engine last sent something other than STUN: the remote
     /// end of the selected candidate pair.
     media_dest: Option<SocketAddr>,
+    /// Publisher connections: inbound RTP of the streams in `inbound` is
+    /// decrypted here, with the keys it was built from, and passed to these
+    /// interceptors, past the engine (which saw each stream's first packet
+    /// and announced it).
+    interceptors: Option<SharedInterceptors>,
+    srtp_in: Option<(SrtpReceiver, MasterKeys)>,
+    inbound: HashMap<u32, TrackKey>,
+}
+
+/// What became of a datagram offered to a connection's inbound fast path.
+enum Inbound {
+    /// Not RTP of a stream the room decrypts itself: for the engine.
+    ForEngine,
+    Dropped(DropReason),
+    Rtp {
+        key: TrackKey,
+        packet: rtc::rtp::Packet,
+        /// The interceptors made RTCP for the engine to send.
+        made_rtcp: bool,
+    },
 }
 
 /// Where sending on a connection leaves its traces: datagrams ready to go,
@@ -370,6 +397,74 @@ impl Conn {
         match SrtpSender::new(&keys, self.keys.inner_crypto()) {
             Ok(sender) => self.srtp = Some((sender, keys)),
             Err(e) => tracing::warn!(error = %e, "srtp keys; forwarding through the engine"),
+        }
+    }
+
+    /// Takes the inbound SRTP keys of a newly connected publisher
+    /// connection, unless they are the ones already in use.
+    fn take_inbound_keys(&mut self) {
+        let Some(keys) = self.keys.inbound() else {
+            return;
+        };
+        if self.srtp_in.as_ref().is_some_and(|(_, k)| *k == keys) {
+            return;
+        }
+        match SrtpReceiver::new(&keys, self.keys.inner_crypto()) {
+            Ok(receiver) => self.srtp_in = Some((receiver, keys)),
+            Err(e) => tracing::warn!(error = %e, "srtp keys; receiving through the engine"),
+        }
+    }
+
+    /// Inbound RTP of a known stream: decrypted and run through the
+    /// connection's interceptors here, without the engine's read path
+    /// (its demultiplexing, generic SRTP handling, queues and copies).
+    fn receive_rtp(
+        &mut self,
+        now: Instant,
+        transport: TransportContext,
+        contents: &[u8],
+    ) -> Inbound {
+        // RTP (version 2), not RTCP (RFC 5761: packet types 192-223).
+        if contents.len() < 12 || contents[0] >> 6 != 2 || (192..=223).contains(&contents[1]) {
+            return Inbound::ForEngine;
+        }
+        let ssrc = u32::from_be_bytes([contents[8], contents[9], contents[10], contents[11]]);
+        let (Some(key), Some((srtp, _)), Some(interceptors)) = (
+            self.inbound.get(&ssrc).copied(),
+            self.srtp_in.as_mut(),
+            self.interceptors.as_ref(),
+        ) else {
+            return Inbound::ForEngine;
+        };
+        let Ok(header) = rtc::rtp::Header::unmarshal(&mut &contents[..]) else {
+            return Inbound::ForEngine;
+        };
+        let plain = match srtp.unprotect(contents, &header) {
+            Ok(plain) => plain,
+            Err(UnprotectError::Replay) => return Inbound::Dropped(DropReason::SrtpRejected),
+            Err(e) => {
+                tracing::trace!(error = %e, ssrc, "srtp");
+                return Inbound::Dropped(DropReason::SrtpRejected);
+            }
+        };
+        let Ok(packet) = rtc::rtp::Packet::unmarshal(&mut plain.freeze()) else {
+            return Inbound::Dropped(DropReason::SrtpRejected);
+        };
+        let fed = interceptors.feed(rtc::interceptor::TaggedPacket {
+            now,
+            transport,
+            message: rtc::interceptor::AttributedPacket::new(rtc::interceptor::Packet::Rtp(packet)),
+        });
+        if let Some(t) = fed.next_timeout {
+            self.next_timeout = Some(self.next_timeout.map_or(t, |n| n.min(t)));
+        }
+        match fed.packet {
+            Some(packet) => Inbound::Rtp {
+                key,
+                packet,
+                made_rtcp: fed.made_rtcp,
+            },
+            None => Inbound::Dropped(DropReason::EngineRejected),
         }
     }
 
@@ -790,7 +885,11 @@ impl Room {
             Target::Publisher => ConnRole::Answering,
             Target::Subscriber => ConnRole::Offering,
         };
-        let (mut pc, keys) = build_peer_connection(now, role)?;
+        let BuiltConnection {
+            mut pc,
+            keys,
+            interceptors,
+        } = build_peer_connection(now, role)?;
         let addr = self.config.media_addr;
         let candidate = CandidateHostConfig {
             base_config: CandidateConfig {
@@ -818,6 +917,9 @@ impl Room {
             keys,
             srtp: None,
             media_dest: None,
+            interceptors,
+            srtp_in: None,
+            inbound: HashMap::new(),
         });
         self.open_conns += 1;
         let id = match self.conns.iter().position(Option::is_none) {
@@ -1411,13 +1513,18 @@ impl Room {
             self.unsubscribe(*sub, key);
         }
         self.tracks.remove(&key);
-        let participant_sid = match self.participants.get_mut(&publisher) {
+        let (participant_sid, publisher_conn) = match self.participants.get_mut(&publisher) {
             Some(p) => {
                 p.published.retain(|_, k| *k != key);
-                p.sid.clone()
+                (p.sid.clone(), p.publisher)
             }
-            None => String::new(),
+            None => (String::new(), None),
         };
+        // Its streams go back to the engine, which announces them anew if
+        // they come back (a transceiver reused with its SSRC).
+        if let Some(c) = publisher_conn.and_then(|id| self.conn_mut(id)) {
+            c.inbound.retain(|_, k| *k != key);
+        }
         self.broadcast(
             None,
             ServerMessage::TrackUnpublished {
@@ -1465,14 +1572,38 @@ impl Room {
         let Some(c) = self.conn_mut(conn) else {
             return;
         };
+        let transport = TransportContext {
+            local_addr,
+            peer_addr: source,
+            ecn: None,
+            transport_protocol: TransportProtocol::UDP,
+        };
+        if !is_check {
+            match c.receive_rtp(now, transport, &contents) {
+                Inbound::ForEngine => {}
+                Inbound::Dropped(reason) => {
+                    self.stats.drop(reason);
+                    return;
+                }
+                Inbound::Rtp {
+                    key,
+                    packet,
+                    made_rtcp,
+                } => {
+                    self.stats.rtp_in += 1;
+                    self.stats.rtp_received_by_room += 1;
+                    if made_rtcp {
+                        self.mark_dirty(conn);
+                    }
+                    self.forward(now, key, packet);
+                    self.drain(now);
+                    return;
+                }
+            }
+        }
         let result = c.pc.handle_read(TaggedBytesMut {
             now,
-            transport: TransportContext {
-                local_addr,
-                peer_addr: source,
-                ecn: None,
-                transport_protocol: TransportProtocol::UDP,
-            },
+            transport,
             message: contents,
         });
         if let Err(e) = result {
@@ -1673,6 +1804,9 @@ impl Room {
                     if connected && target == Target::Subscriber {
                         c.take_srtp_keys();
                     }
+                    if connected && target == Target::Publisher {
+                        c.take_inbound_keys();
+                    }
                 }
                 if connected && target == Target::Subscriber {
                     let keys: Vec<TrackKey> = self
@@ -1719,6 +1853,9 @@ impl Room {
             .and_then(|p| p.published.get(&init.track_id).copied());
         if let Some(key) = existing {
             self.add_layer(key, init.rid.as_deref(), init.ssrc);
+            if let Some(c) = self.conn_mut(conn) {
+                c.inbound.insert(init.ssrc, key);
+            }
             return;
         }
         let Some(c) = self.conn_mut(conn) else {
@@ -1750,6 +1887,9 @@ impl Room {
         };
         self.tracks.insert(key, track);
         self.add_layer(key, init.rid.as_deref(), init.ssrc);
+        if let Some(c) = self.conn_mut(conn) {
+            c.inbound.insert(init.ssrc, key);
+        }
         let Some(info) = self.tracks.get(&key).map(PublishedTrack::info) else {
             return;
         };

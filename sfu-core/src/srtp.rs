@@ -1,4 +1,5 @@
-//! Encrypting forwarded RTP without the engine's generic send path.
+//! Encrypting forwarded RTP without the engine's generic send path, and
+//! decrypting published RTP without its read path.
 //!
 //! Every forwarded packet used to go through the engine's `write_rtp`:
 //! codec and extension checks that rebuild the sender's parameters, the
@@ -6,14 +7,18 @@
 //! SRTP. A subscriber connection runs no per-packet interceptors, so all of
 //! that is overhead. The room instead encrypts forwarded packets itself
 //! with the connection's outbound SRTP keys (RFC 3711, RFC 7714) and sends
-//! them to the connection's selected path.
+//! them to the connection's selected path. Likewise, inbound RTP of the
+//! streams a publisher connection has announced is decrypted by the room
+//! ([`SrtpReceiver`]) and handed to that connection's interceptors
+//! directly, skipping the engine's demultiplexing, handlers and queues.
 //!
 //! The engine does not expose its SRTP keys. It does take the crypto
 //! provider each connection uses, and derives its SRTP session keys through
 //! that provider: [`KeyCapture`] wraps the real provider, passes every call
 //! through, and notes each SRTP master key and salt as the engine derives
 //! from them. The engine builds its outbound context first and its inbound
-//! one second, so the first of each pair is ours to send with.
+//! one second, so the first of each pair is ours to send with and the
+//! second is the publisher's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -117,12 +122,22 @@ impl KeyCapture {
     /// The outbound master keys of the last DTLS handshake: the first of
     /// the last pair of contexts the engine built.
     pub fn outbound(&self) -> Option<MasterKeys> {
+        self.of_last_pair(0)
+    }
+
+    /// The inbound master keys of the last DTLS handshake: the second of
+    /// the last pair.
+    pub fn inbound(&self) -> Option<MasterKeys> {
+        self.of_last_pair(1)
+    }
+
+    fn of_last_pair(&self, which: usize) -> Option<MasterKeys> {
         let seen = self.seen.lock().ok()?;
         let n = seen.keys.len();
         if n < 2 || n % 2 != 0 {
             return None;
         }
-        Some(seen.keys[n - 2].clone())
+        Some(seen.keys[n - 2 + which].clone())
     }
 
     fn note_block(&self, algorithm: BlockCipherAlgorithm, key: &[u8], block: &[u8]) {
@@ -453,6 +468,63 @@ impl SrtpSender {
     }
 }
 
+/// Decrypts inbound RTP of one connection with its inbound keys: the
+/// engine's own SRTP context (rollover estimation, the same 64-packet
+/// replay window the engine keeps), used by the room directly.
+pub struct SrtpReceiver {
+    context: rtc::srtp::context::Context,
+}
+
+/// Why an inbound packet could not be decrypted.
+#[derive(Debug, thiserror::Error)]
+pub enum UnprotectError {
+    #[error("replayed packet")]
+    Replay,
+    #[error(transparent)]
+    Srtp(rtc::shared::error::Error),
+}
+
+/// Inbound replay window, as the engine's (packets).
+const REPLAY_WINDOW: usize = 64;
+
+impl SrtpReceiver {
+    pub fn new(keys: &MasterKeys, crypto: &dyn RTCCrypto) -> Result<SrtpReceiver, UnprotectError> {
+        let profile = match keys.profile {
+            Profile::AeadAes128Gcm => {
+                rtc::srtp::protection_profile::ProtectionProfile::AeadAes128Gcm
+            }
+            Profile::Aes128CmHmacSha1_80 => {
+                rtc::srtp::protection_profile::ProtectionProfile::Aes128CmHmacSha1_80
+            }
+        };
+        let context = rtc::srtp::context::Context::new(
+            &keys.key,
+            &keys.salt,
+            profile,
+            Some(rtc::srtp::option::srtp_replay_protection(REPLAY_WINDOW)),
+            None,
+            crypto,
+        )
+        .map_err(UnprotectError::Srtp)?;
+        Ok(SrtpReceiver { context })
+    }
+
+    /// The decrypted packet (header and payload, tag removed) of the SRTP
+    /// packet `encrypted`, whose header is `header`.
+    pub fn unprotect(
+        &mut self,
+        encrypted: &[u8],
+        header: &rtc::rtp::Header,
+    ) -> Result<BytesMut, UnprotectError> {
+        self.context
+            .decrypt_rtp_with_header(encrypted, header)
+            .map_err(|e| match e {
+                rtc::shared::error::Error::SrtpSsrcDuplicated(..) => UnprotectError::Replay,
+                e => UnprotectError::Srtp(e),
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,6 +618,44 @@ mod tests {
                 Context::new(&k.key, &k.salt, rtc_profile, None, None, &capture).unwrap();
             }
             assert_eq!(capture.outbound(), Some(local));
+            assert_eq!(capture.inbound(), Some(remote));
+        }
+    }
+
+    /// What our sender protects, our receiver takes back once: a replay
+    /// and a damaged packet are refused.
+    #[test]
+    fn the_receiver_decrypts_once_and_refuses_damage() {
+        use rtc::shared::marshal::Unmarshal;
+        let provider = rtc::crypto::default_provider().unwrap();
+        for profile in [Profile::AeadAes128Gcm, Profile::Aes128CmHmacSha1_80] {
+            let keys = keys(profile);
+            let mut sender = SrtpSender::new(&keys, provider.crypto()).unwrap();
+            let mut receiver = SrtpReceiver::new(&keys, provider.crypto()).unwrap();
+            for seq in [65_534u16, 65_535, 0, 1] {
+                let payload = vec![seq as u8; 300];
+                let (mut buf, header_len) = packet(0x0BAD_CAFE, seq, &payload);
+                sender.protect(&mut buf, header_len).unwrap();
+                let header = rtc::rtp::Header::unmarshal(&mut &buf[..]).unwrap();
+                let mut damaged = buf.clone();
+                damaged[header_len + 7] ^= 0x40;
+                assert!(
+                    matches!(
+                        receiver.unprotect(&damaged, &header),
+                        Err(UnprotectError::Srtp(_))
+                    ),
+                    "{profile:?} seq {seq}: damaged"
+                );
+                let plain = receiver.unprotect(&buf, &header).unwrap();
+                assert_eq!(&plain[header_len..], &payload[..], "{profile:?} seq {seq}");
+                assert!(
+                    matches!(
+                        receiver.unprotect(&buf, &header),
+                        Err(UnprotectError::Replay)
+                    ),
+                    "{profile:?} seq {seq}: replay"
+                );
+            }
         }
     }
 

@@ -74,6 +74,29 @@ fn media_flows_between_two_peers() {
         stats.rtp_sent_by_room >= 400 && stats.rtp_sent_by_room <= stats.rtp_forwarded,
         "{stats:?}"
     );
+    // After each stream's first packets (through the engine, which
+    // announces the stream), the room decrypts inbound media itself.
+    assert!(
+        stats.rtp_received_by_room >= 400 && stats.rtp_received_by_room <= stats.rtp_in,
+        "{stats:?}"
+    );
+    // The server's receiver reports cover those packets: its report
+    // interceptor saw them although the engine did not decrypt them.
+    let before_reports = h.clients[a].receiver_reports.len();
+    h.run_for(Duration::from_secs(2));
+    let video_ssrc = h.clients[a].senders[0].1;
+    let last_sent = h.clients[a].seq;
+    let reported = h.clients[a].receiver_reports[before_reports..]
+        .iter()
+        .filter(|(ssrc, _)| *ssrc == video_ssrc)
+        .map(|(_, highest)| *highest as u16)
+        .next_back();
+    assert_eq!(
+        reported,
+        Some(last_sent),
+        "{:?}",
+        h.clients[a].receiver_reports
+    );
     // Each publisher's own media never comes back to it.
     assert_eq!(h.received_from(a, a), (0, 0));
 }
@@ -412,11 +435,13 @@ fn residual_loss(up: f64, down: f64) -> (f64, (u64, u64)) {
     h.run_for(Duration::from_secs(2));
     let got = distinct_video_frames(&h, b, a, start);
     RETRANSMISSIONS.with(|r| r.set(h.room.stats().retransmissions));
+    RECEIVED_BY_ROOM.with(|r| r.set(h.room.stats().rtp_received_by_room));
     (1.0 - got as f64 / n as f64, h.lost)
 }
 
 thread_local! {
     static RETRANSMISSIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static RECEIVED_BY_ROOM: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 #[test]
@@ -429,6 +454,10 @@ fn five_percent_uplink_loss_is_recovered_by_retransmission() {
     );
     assert!(lost.0 >= 60, "the loss was applied ({lost:?})");
     assert!(residual < 0.005, "residual loss {:.3}%", residual * 100.0);
+    // The gaps were seen, and NACKed, in packets the room decrypted past
+    // the engine: its NACK generator runs on them too.
+    let by_room = RECEIVED_BY_ROOM.with(|r| r.get());
+    assert!(by_room >= 1500, "{by_room} packets received by the room");
 }
 
 #[test]
@@ -857,4 +886,42 @@ fn heavy_downlink_loss_moves_the_subscriber_down_and_it_recovers() {
     h.downlink_loss.clear();
     let up = time_to_layer(&mut h, b, a, 2, Duration::from_secs(20));
     eprintln!("loss gone: high again after {up:?}");
+}
+
+/// Inbound RTP that the room decrypts itself is authenticated: a packet
+/// with a damaged payload, and a replay of one already received, are
+/// dropped (counted as `srtp_rejected`) and the stream goes on.
+#[test]
+fn forged_and_replayed_inbound_rtp_is_rejected() {
+    use sfu_core::DropReason;
+    let mut h = Harness::new();
+    let a = h.join("alice", true);
+    let b = h.join("bob", false);
+    connect_all(&mut h, &[a], &[(b, a)]);
+    let from = h.clients[a].pub_addr;
+    let frames = h.capture_media(a, 2);
+    let stats = h.room.stats().clone();
+    let now = h.now;
+    let mut damaged = frames[0].clone();
+    let at = damaged.len() - 20;
+    damaged[at] ^= 0x01;
+    h.room.handle_datagram(now, from, damaged);
+    assert_eq!(h.room.stats().dropped(DropReason::SrtpRejected), 1);
+    assert_eq!(h.room.stats().rtp_forwarded, stats.rtp_forwarded);
+    // The genuine packet is taken once, its replay is not.
+    h.room.handle_datagram(now, from, frames[0].clone());
+    h.room.handle_datagram(now, from, frames[0].clone());
+    assert_eq!(h.room.stats().dropped(DropReason::SrtpRejected), 2);
+    assert_eq!(h.room.stats().rtp_forwarded, stats.rtp_forwarded + 1);
+    // And the stream goes on.
+    h.room.handle_datagram(now, from, frames[1].clone());
+    assert_eq!(h.room.stats().rtp_forwarded, stats.rtp_forwarded + 2);
+    assert_eq!(
+        h.room.stats().rtp_received_by_room,
+        stats.rtp_received_by_room + 2
+    );
+    h.settle();
+    let before = h.received_from(b, a).0;
+    pump(&mut h, &[a], 10);
+    assert_eq!(h.received_from(b, a).0, before + 10);
 }

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub bytes_forwarded: AtomicUsize,
     /// Forwarded packets the rooms encrypted themselves.
     pub rtp_encrypted_by_room: AtomicUsize,
+    /// Inbound RTP the rooms decrypted themselves.
+    pub rtp_received_by_room: AtomicUsize,
     pub datagrams_sent: AtomicUsize,
     pub gso_messages: AtomicUsize,
     pub gso_datagrams: AtomicUsize,
@@ -39,7 +41,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicUsize); 18] = [
+        let rows: [(&str, &str, &str, &AtomicUsize); 19] = [
             ("sfu_rooms", "gauge", "Rooms open", &self.rooms),
             (
                 "sfu_participants",
@@ -88,6 +90,12 @@ impl Metrics {
                 "counter",
                 "Forwarded RTP packets the room encrypted itself (the rest went through the engine's send path)",
                 &self.rtp_encrypted_by_room,
+            ),
+            (
+                "sfu_rtp_packets_received_by_room_total",
+                "counter",
+                "Inbound RTP packets the room decrypted itself (the rest went through the engine's read path)",
+                &self.rtp_received_by_room,
             ),
             (
                 "sfu_datagrams_sent_total",

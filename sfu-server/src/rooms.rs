@@ -627,6 +627,11 @@ impl Worker {
             stats.rtp_sent_by_room,
             was.rtp_sent_by_room,
         );
+        add(
+            &m.rtp_received_by_room,
+            stats.rtp_received_by_room,
+            was.rtp_received_by_room,
+        );
         for (i, reason) in DropReason::ALL.iter().enumerate() {
             add(&m.drops[i], stats.dropped(*reason), was.dropped(*reason));
         }

@@ -152,14 +152,23 @@ async fn three_clients_exchange_media_late_joiner_receives_and_leave_is_seen() {
         let forwarded = m["sfu_rtp_packets_forwarded_total"] as usize;
         let by_room = m["sfu_rtp_packets_encrypted_by_room_total"] as usize;
         let sent = m["sfu_datagrams_sent_total"] as usize;
+        let rtp_in = m["sfu_rtp_packets_received_total"] as usize;
+        let received_by_room = m["sfu_rtp_packets_received_by_room_total"] as usize;
         assert!(m.contains_key("sfu_rtp_packets_dropped_total{reason=\"not_negotiated\"}"));
         // Forwarded media is encrypted by the room, not the engine, and
-        // every forwarded packet left as a datagram of its own.
-        (forwarded >= received && by_room * 10 >= forwarded * 9 && sent >= forwarded)
+        // every forwarded packet left as a datagram of its own. Inbound
+        // media is decrypted by the room too, once the engine has seen
+        // each stream's first packet.
+        (forwarded >= received
+            && by_room * 10 >= forwarded * 9
+            && sent >= forwarded
+            && received_by_room * 10 >= rtp_in * 9
+            && received_by_room <= rtp_in)
             .then_some(())
             .ok_or(format!(
                 "metrics report {forwarded} forwarded ({by_room} encrypted by the room, \
-                 {sent} datagrams sent), clients received {received}"
+                 {sent} datagrams sent), {rtp_in} received ({received_by_room} decrypted \
+                 by the room), clients received {received}"
             ))
     })
     .await;

@@ -22,6 +22,7 @@ use rtc::peer_connection::transport::{
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -55,7 +56,8 @@ fn client_pc(now: Instant, addr: SocketAddr) -> RTCPeerConnection {
     let mut engine = media_engine().unwrap();
     let registry = register_default_interceptors(Registry::new(), &mut engine)
         .unwrap()
-        .with(Slot::Custom(14_000), FeedbackTap::default());
+        .with(Slot::Custom(14_000), FeedbackTap::default())
+        .with(Slot::Custom(14_001), ReportTap::default());
     let mut pc = RTCPeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(engine)
@@ -77,6 +79,53 @@ fn client_pc(now: Instant, addr: SocketAddr) -> RTCPeerConnection {
     pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json().unwrap())
         .unwrap();
     pc
+}
+
+/// Lets receiver reports reach the client application, so tests can read
+/// what the server reports of a publisher's streams.
+#[derive(Default)]
+struct ReportTap {
+    read: VecDeque<rtc::interceptor::TaggedPacket>,
+    write: VecDeque<rtc::interceptor::TaggedPacket>,
+}
+
+impl Protocol<rtc::interceptor::TaggedPacket, rtc::interceptor::TaggedPacket, ()> for ReportTap {
+    type Rout = rtc::interceptor::TaggedPacket;
+    type Wout = rtc::interceptor::TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: rtc::interceptor::TaggedPacket) -> Result<(), Self::Error> {
+        if let rtc::interceptor::Packet::Rtcp(packets) = &msg.message.packet {
+            if packets.iter().any(|p| p.as_any().is::<ReceiverReport>()) {
+                msg.message
+                    .add(rtc::interceptor::Attribute::DeliverToApplication);
+            }
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<rtc::interceptor::TaggedPacket> {
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: rtc::interceptor::TaggedPacket) -> Result<(), Self::Error> {
+        self.write.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<rtc::interceptor::TaggedPacket> {
+        self.write.pop_front()
+    }
+}
+
+impl rtc::interceptor::Interceptor for ReportTap {
+    fn bind_local_stream(&mut self, _: &rtc::interceptor::StreamInfo) {}
+    fn unbind_local_stream(&mut self, _: &rtc::interceptor::StreamInfo) {}
+    fn bind_remote_stream(&mut self, _: &rtc::interceptor::StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _: &rtc::interceptor::StreamInfo) {}
 }
 
 /// What a subscriber received from one publisher's track.
@@ -110,6 +159,9 @@ pub struct Client {
     /// Sender reports received on the subscriber connection:
     /// (SSRC, NTP time, RTP time).
     pub sender_reports: Vec<(u32, u64, u32)>,
+    /// Receiver reports the server sent about this client's streams:
+    /// (SSRC, extended highest sequence number received).
+    pub receiver_reports: Vec<(u32, u32)>,
     /// Stream slots (simulcast layers) this publisher has stopped sending.
     pub stopped_slots: Vec<u8>,
     pub seq: u16,
@@ -204,6 +256,7 @@ impl Harness {
             keyframe_requests: Vec::new(),
             keyframes_sent_for: 0,
             sender_reports: Vec::new(),
+            receiver_reports: Vec::new(),
             stopped_slots: Vec::new(),
             seq: 0,
         };
@@ -373,6 +426,13 @@ impl Harness {
                                     }
                                     if let Some(sr) = p.as_any().downcast_ref::<SenderReport>() {
                                         c.sender_reports.push((sr.ssrc, sr.ntp_time, sr.rtp_time));
+                                    }
+                                    if let Some(rr) = p.as_any().downcast_ref::<ReceiverReport>() {
+                                        c.receiver_reports.extend(
+                                            rr.reports
+                                                .iter()
+                                                .map(|r| (r.ssrc, r.last_sequence_number)),
+                                        );
                                     }
                                 }
                             }
