@@ -352,6 +352,11 @@ impl Worker {
     }
 
     async fn run(mut self) {
+        // One timer for the room's life, moved only when its deadline
+        // changes (a datagram seldom changes it): registering a new one
+        // at every wake costs the timer wheel's lock twice.
+        let timer = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(timer);
         loop {
             let deadline = self.flush().await;
             let mut wake = match self.empty_since {
@@ -366,9 +371,13 @@ impl Worker {
             if self.reported_conns != self.room.connection_count() {
                 wake = wake.min(self.last_report + STATS_INTERVAL);
             }
+            let wake = tokio::time::Instant::from_std(wake);
+            if timer.deadline() != wake {
+                timer.as_mut().reset(wake);
+            }
             let cmd = tokio::select! {
                 cmd = self.rx.recv() => cmd,
-                _ = tokio::time::sleep_until(wake.into()) => {
+                _ = &mut timer => {
                     let now = Instant::now();
                     if self.empty_since.is_some_and(|s| now >= s + self.idle_limit()) {
                         tracing::info!(room = %self.handle.name, "closing empty room");
