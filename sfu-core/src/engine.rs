@@ -7,10 +7,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use rtc::interceptor::{
-    Attribute, Interceptor, NackGeneratorBuilder, Packet, Registry, Slot, StreamInfo, TaggedPacket,
+    Attribute, Interceptor, NackGeneratorBuilder, Packet, ReceiverReportBuilder, Registry, Slot,
+    StreamInfo, TaggedPacket,
 };
 use rtc::peer_connection::configuration::interceptor_registry::{
-    configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
+    configure_simulcast_extension_headers, configure_twcc_receiver_only,
 };
 use rtc::peer_connection::configuration::media_engine::{
     MediaEngine, MIME_TYPE_OPUS, MIME_TYPE_VP8,
@@ -135,8 +136,11 @@ pub fn build_peer_connection(now: Instant, role: ConnRole) -> Result<BuiltConnec
         // does (see `SharedInterceptors`).
         ConnRole::Answering => {
             // The tap sits inside: the chain's end drops RTCP not marked
-            // for the application by then.
-            let chain = configure_rtcp_reports(twcc)
+            // for the application by then. No sender-report generator: a
+            // publisher connection sends no media, and the generator's
+            // timer would wake the room every second for nothing.
+            let chain = twcc
+                .with(Slot::ReceiverReport, ReceiverReportBuilder::new().build())
                 .with(Slot::NackGenerator, NackGeneratorBuilder::new().build())
                 .with(Slot::Custom(14_000), FeedbackTap::default())
                 .build();
