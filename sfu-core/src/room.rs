@@ -49,7 +49,7 @@ use crate::engine::{
 use crate::forwarder::{Forwarder, Layer, PacketInfo, Preference, Verdict};
 use crate::ids::{ConnId, ParticipantId, SeededRng, TrackKey};
 use crate::seq::SeqExtender;
-use crate::srtp::{KeyCapture, MasterKeys, SrtpReceiver, SrtpSender, UnprotectError};
+use crate::srtp::{KeyCapture, MasterKeys, SrtpReceiver, SrtpSender};
 use crate::vp8;
 
 /// Keyframe requests to one publisher track are sent at most this often.
@@ -441,7 +441,6 @@ impl Conn {
         };
         let plain = match srtp.unprotect(contents, &header) {
             Ok(plain) => plain,
-            Err(UnprotectError::Replay) => return Inbound::Dropped(DropReason::SrtpRejected),
             Err(e) => {
                 tracing::trace!(error = %e, ssrc, "srtp");
                 return Inbound::Dropped(DropReason::SrtpRejected);
