@@ -4,11 +4,11 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rtc::interceptor::{
     Attribute, Interceptor, NackGeneratorBuilder, Packet, ReceiverReportBuilder, Registry, Slot,
-    StreamInfo, TaggedPacket,
+    StreamInfo, TaggedPacket, TwccReceiverBuilder,
 };
 use rtc::peer_connection::configuration::interceptor_registry::{
     configure_simulcast_extension_headers, configure_twcc_receiver_only,
@@ -99,6 +99,18 @@ pub fn media_engine() -> Result<MediaEngine, RtcError> {
     Ok(engine)
 }
 
+/// How often the room runs the interceptors of its publisher connections:
+/// TWCC feedback and NACKs go out on this beat, for every publisher of a
+/// room at once (see [`SharedInterceptors::tick`]).
+pub const FEEDBACK_TICK: Duration = Duration::from_millis(100);
+
+/// The interceptors' own intervals are only a floor under the room's beat:
+/// shorter than it by more than a late wake, so each tick finds them due.
+const TWCC_FEEDBACK_FLOOR: Duration = Duration::from_millis(50);
+const NACK_FLOOR: Duration = Duration::from_millis(50);
+/// Receiver reports go out on the first tick a second after the last.
+const RECEIVER_REPORT_FLOOR: Duration = Duration::from_millis(950);
+
 /// What a connection is for; decides the DTLS role and nothing else here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnRole {
@@ -138,10 +150,29 @@ pub fn build_peer_connection(now: Instant, role: ConnRole) -> Result<BuiltConnec
             // The tap sits inside: the chain's end drops RTCP not marked
             // for the application by then. No sender-report generator: a
             // publisher connection sends no media, and the generator's
-            // timer would wake the room every second for nothing.
-            let chain = twcc
-                .with(Slot::ReceiverReport, ReceiverReportBuilder::new().build())
-                .with(Slot::NackGenerator, NackGeneratorBuilder::new().build())
+            // timer would wake the room every second for nothing. (The
+            // registry `twcc` came with is left: its receiver would run
+            // on its own 100 ms timer, this one on the room's beat.)
+            drop(twcc);
+            let chain = Registry::new()
+                .with(
+                    Slot::TwccReceiver,
+                    TwccReceiverBuilder::new()
+                        .with_interval(TWCC_FEEDBACK_FLOOR)
+                        .build(),
+                )
+                .with(
+                    Slot::ReceiverReport,
+                    ReceiverReportBuilder::new()
+                        .with_interval(RECEIVER_REPORT_FLOOR)
+                        .build(),
+                )
+                .with(
+                    Slot::NackGenerator,
+                    NackGeneratorBuilder::new()
+                        .with_interval(NACK_FLOOR)
+                        .build(),
+                )
                 .with(Slot::Custom(14_000), FeedbackTap::default())
                 .build();
             let shared = SharedInterceptors::new(Box::new(chain));
@@ -190,12 +221,17 @@ pub fn build_peer_connection(now: Instant, role: ConnRole) -> Result<BuiltConnec
 /// reachable by the room as well.
 ///
 /// The engine binds each inbound stream to them (with the stream's
-/// negotiated header extensions and feedback), runs their timers and sends
-/// the RTCP they make. The room decrypts RTP of streams it knows itself,
-/// past the engine's generic read path, and hands each packet to the same
+/// negotiated header extensions and feedback) and sends the RTCP they
+/// make. The room decrypts RTP of streams it knows itself, past the
+/// engine's generic read path, and hands each packet to the same
 /// interceptors, so NACKs, receiver reports and TWCC feedback cover every
 /// packet whichever way it came in. Both sides run on the room's thread,
 /// one after the other: the lock is never contended.
+///
+/// Their timers are the room's, not the engine's: the engine sees none
+/// (each would wake the room on its own phase and run the engine's whole
+/// pipeline), and the room ticks every publisher connection's interceptors
+/// together, every [`FEEDBACK_TICK`].
 #[derive(Clone)]
 pub struct SharedInterceptors(Arc<Mutex<SharedChain>>);
 
@@ -212,8 +248,8 @@ pub struct Fed {
     pub packet: Option<rtc::rtp::Packet>,
     /// The chain made RTCP, waiting for the engine to send it.
     pub made_rtcp: bool,
-    /// The chain's next timer.
-    pub next_timeout: Option<Instant>,
+    /// The chain has timers running, for the room to tick.
+    pub ticking: bool,
 }
 
 impl SharedInterceptors {
@@ -250,8 +286,32 @@ impl SharedInterceptors {
         Fed {
             packet: out,
             made_rtcp: made.len() > before,
-            next_timeout: chain.poll_timeout(),
+            ticking: chain.poll_timeout().is_some(),
         }
+    }
+
+    /// Runs the interceptors' timers at the room's tick; true when they
+    /// made RTCP for the engine to send.
+    pub fn tick(&self, now: Instant) -> bool {
+        let mut inner = self.lock();
+        let SharedChain { chain, made } = &mut *inner;
+        if chain.poll_timeout().is_none_or(|t| t > now) {
+            return false;
+        }
+        if let Err(e) = chain.handle_timeout(now) {
+            tracing::trace!(error = %e, "interceptor timers");
+        }
+        let before = made.len();
+        while let Some(p) = chain.poll_write() {
+            made.push_back(p);
+        }
+        made.len() > before
+    }
+
+    /// Whether the interceptors have timers running (they start with a
+    /// stream's first packet).
+    pub fn ticking(&self) -> bool {
+        self.lock().chain.poll_timeout().is_some()
     }
 }
 
@@ -282,12 +342,13 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for SharedInterceptors {
         }
     }
 
-    fn handle_timeout(&mut self, now: Instant) -> Result<(), RtcError> {
-        self.lock().chain.handle_timeout(now)
+    // The room runs the timers (`tick`); the engine's wakes leave them.
+    fn handle_timeout(&mut self, _now: Instant) -> Result<(), RtcError> {
+        Ok(())
     }
 
     fn poll_timeout(&mut self) -> Option<Instant> {
-        self.lock().chain.poll_timeout()
+        None
     }
 
     fn close(&mut self) -> Result<(), RtcError> {

@@ -44,7 +44,7 @@ use crate::allocator::{self, LossEstimator, RateMeter, VideoDemand};
 use crate::cache::{PacketCache, SentEntry, SentLog};
 use crate::engine::{
     build_peer_connection, opus_codec, vp8_codec, BuiltConnection, ConnRole, SharedInterceptors,
-    INITIAL_DOWNLINK_ESTIMATE, MAX_DOWNLINK_ESTIMATE,
+    FEEDBACK_TICK, INITIAL_DOWNLINK_ESTIMATE, MAX_DOWNLINK_ESTIMATE,
 };
 use crate::forwarder::{Forwarder, Layer, PacketInfo, Preference, Verdict};
 use crate::ids::{ConnId, ParticipantId, SeededRng, TrackKey};
@@ -68,6 +68,12 @@ const MIN_LOSS_ESTIMATE: u64 = 300_000;
 const SENDER_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often subscribers' allocations are revisited.
 const ALLOCATION_INTERVAL: Duration = Duration::from_millis(500);
+/// A connected connection's own timers run at most this often, on the
+/// room's beat. All that is left of them then is the ICE agent's watch
+/// over the selected path (it asks for a wake every 200 ms; going
+/// disconnected takes 5 s without a packet): a second is precise enough,
+/// and the connections of a room then share their wakes.
+const CONNECTED_ENGINE_TICK: Duration = Duration::from_secs(1);
 /// Requests for a newly connected subscriber wait at most this long.
 const URGENT_KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -283,6 +289,12 @@ struct Conn {
     /// The engine's next timer, as of the last time this connection was
     /// drained (every change to a connection drains it).
     next_timeout: Option<Instant>,
+    /// When the room runs the engine's timers next: `next_timeout`, or
+    /// once connected, the first beat of the room at least
+    /// [`CONNECTED_ENGINE_TICK`] after they last ran.
+    wake: Option<Instant>,
+    /// When the engine's timers last ran.
+    engine_ran: Instant,
     /// The connection's crypto, which notes its SRTP keys.
     keys: Arc<KeyCapture>,
     /// Forwarded RTP is encrypted here, not by the engine, once DTLS is up
@@ -310,6 +322,8 @@ enum Inbound {
         packet: rtc::rtp::Packet,
         /// The interceptors made RTCP for the engine to send.
         made_rtcp: bool,
+        /// The interceptors have timers running.
+        ticking: bool,
     },
 }
 
@@ -324,6 +338,40 @@ struct Sink<'a> {
 /// Room for this many full-size datagrams per allocation of the buffer
 /// forwarded packets are built in.
 const OUT_BUFFER_PACKETS: usize = 32;
+
+/// The room's beat: instants a whole number of [`FEEDBACK_TICK`]s after
+/// its creation. Timers that can wait a little are run on it, so a room
+/// wakes once for many of them.
+#[derive(Debug, Clone, Copy)]
+struct Beats {
+    epoch: Instant,
+}
+
+impl Beats {
+    fn tick_nanos() -> u128 {
+        FEEDBACK_TICK.as_nanos()
+    }
+
+    /// The first beat at or after `t`.
+    fn at_or_after(self, t: Instant) -> Instant {
+        let since = t.saturating_duration_since(self.epoch).as_nanos();
+        let beats = since.div_ceil(Self::tick_nanos());
+        self.epoch + Duration::from_nanos((beats * Self::tick_nanos()) as u64)
+    }
+
+    /// The first beat after `t`.
+    fn after(self, t: Instant) -> Instant {
+        let since = t.saturating_duration_since(self.epoch).as_nanos();
+        let beats = since / Self::tick_nanos() + 1;
+        self.epoch + Duration::from_nanos((beats * Self::tick_nanos()) as u64)
+    }
+
+    /// The beat `interval` (whole ticks) after the last beat at or before
+    /// `now`: a periodic timer run late keeps its phase.
+    fn later(self, now: Instant, interval: Duration) -> Instant {
+        self.after(now + interval.saturating_sub(FEEDBACK_TICK))
+    }
+}
 
 /// Who encrypted and queued a forwarded packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -454,17 +502,27 @@ impl Conn {
             transport,
             message: rtc::interceptor::AttributedPacket::new(rtc::interceptor::Packet::Rtp(packet)),
         });
-        if let Some(t) = fed.next_timeout {
-            self.next_timeout = Some(self.next_timeout.map_or(t, |n| n.min(t)));
-        }
         match fed.packet {
             Some(packet) => Inbound::Rtp {
                 key,
                 packet,
                 made_rtcp: fed.made_rtcp,
+                ticking: fed.ticking,
             },
             None => Inbound::Dropped(DropReason::EngineRejected),
         }
+    }
+
+    /// Takes the engine's next timer and works out when the room runs it.
+    fn set_engine_timeout(&mut self, next: Option<Instant>, beats: Beats) {
+        self.next_timeout = next;
+        self.wake = next.map(|t| {
+            if self.connected {
+                beats.at_or_after(t.max(self.engine_ran + CONNECTED_ENGINE_TICK))
+            } else {
+                t
+            }
+        });
     }
 
     /// Notes where a datagram the engine sends goes, if it is not STUN
@@ -645,6 +703,11 @@ pub struct Room {
     next_allocation: Instant,
     /// When down tracks next get sender reports.
     next_sender_reports: Instant,
+    beats: Beats,
+    /// When the publisher connections' interceptors next run (TWCC
+    /// feedback, NACKs, receiver reports), all at once; none while no
+    /// interceptor has a timer running.
+    next_feedback: Option<Instant>,
 }
 
 impl Room {
@@ -668,6 +731,8 @@ impl Room {
             last_now: now,
             next_allocation: now + ALLOCATION_INTERVAL,
             next_sender_reports: now + SENDER_REPORT_INTERVAL,
+            beats: Beats { epoch: now },
+            next_feedback: None,
         }
     }
 
@@ -905,6 +970,8 @@ impl Room {
         let next_timeout = pc.poll_timeout();
         let conn = Box::new(Conn {
             next_timeout,
+            wake: next_timeout,
+            engine_ran: now,
             pc,
             participant,
             target,
@@ -971,6 +1038,17 @@ impl Room {
     fn mark_dirty(&mut self, id: ConnId) {
         if let Some(conn) = self.conn_mut(id) {
             conn.fed = true;
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    /// Schedules a connection for a drain of its datagrams only: what was
+    /// written to it needs nothing else from the engine.
+    fn mark_written(&mut self, id: ConnId) {
+        if let Some(conn) = self.conn_mut(id) {
             if !conn.dirty {
                 conn.dirty = true;
                 self.dirty.push(id);
@@ -1588,11 +1666,15 @@ impl Room {
                     key,
                     packet,
                     made_rtcp,
+                    ticking,
                 } => {
                     self.stats.rtp_in += 1;
                     self.stats.rtp_received_by_room += 1;
                     if made_rtcp {
-                        self.mark_dirty(conn);
+                        self.mark_written(conn);
+                    }
+                    if ticking && self.next_feedback.is_none() {
+                        self.next_feedback = Some(self.beats.after(now));
                     }
                     self.forward(now, key, packet);
                     self.drain(now);
@@ -1630,22 +1712,40 @@ impl Room {
             let Some(c) = self.conns[index].as_deref_mut() else {
                 continue;
             };
-            if c.next_timeout.is_some_and(|t| t <= now) {
+            if c.wake.is_some_and(|t| t <= now) {
                 if let Err(e) = c.pc.handle_timeout(now) {
                     tracing::debug!(error = %e, "peer connection timeout handling");
                 }
+                c.engine_ran = now;
                 self.mark_dirty(ConnId(index));
             }
         }
+        if self.next_feedback.is_some_and(|t| t <= now) {
+            let mut ticking = false;
+            for index in 0..self.conns.len() {
+                let Some(i) = self.conns[index]
+                    .as_deref()
+                    .and_then(|c| c.interceptors.as_ref())
+                else {
+                    continue;
+                };
+                let made = i.tick(now);
+                ticking |= i.ticking();
+                if made {
+                    self.mark_written(ConnId(index));
+                }
+            }
+            self.next_feedback = ticking.then(|| self.beats.after(now));
+        }
         if now >= self.next_allocation {
-            self.next_allocation = now + ALLOCATION_INTERVAL;
+            self.next_allocation = self.beats.later(now, ALLOCATION_INTERVAL);
             self.retire_stopped_layers(now);
             let keys: Vec<TrackKey> = self.tracks.keys().copied().collect();
             for key in keys {
                 self.update_dynacast(now, key);
             }
             if now >= self.next_sender_reports {
-                self.next_sender_reports = now + SENDER_REPORT_INTERVAL;
+                self.next_sender_reports = self.beats.later(now, SENDER_REPORT_INTERVAL);
                 self.send_sender_reports(now);
                 self.update_loss_estimates(now);
             }
@@ -1671,8 +1771,11 @@ impl Room {
         if !self.tracks.is_empty() {
             next = next.min(self.next_allocation);
         }
+        if let Some(t) = self.next_feedback {
+            next = next.min(t);
+        }
         for c in self.conns.iter().flatten() {
-            if let Some(t) = c.next_timeout {
+            if let Some(t) = c.wake {
                 next = next.min(t);
             }
         }
@@ -1726,7 +1829,12 @@ impl Room {
                     break;
                 }
             }
-            c.next_timeout = c.pc.poll_timeout();
+            let next = c.pc.poll_timeout();
+            c.set_engine_timeout(next, self.beats);
+            if self.next_feedback.is_none() && c.interceptors.as_ref().is_some_and(|i| i.ticking())
+            {
+                self.next_feedback = Some(self.beats.after(now));
+            }
             for event in events {
                 self.on_event(now, id, participant, target, event);
             }
@@ -1798,8 +1906,10 @@ impl Room {
                         self.restart_subscriber_ice(now, participant, conn);
                     }
                 }
+                let beats = self.beats;
                 if let Some(c) = self.conn_mut(conn) {
                     c.connected = connected;
+                    c.set_engine_timeout(c.next_timeout, beats);
                     if connected && target == Target::Subscriber {
                         c.take_srtp_keys();
                     }

@@ -925,3 +925,67 @@ fn forged_and_replayed_inbound_rtp_is_rejected() {
     pump(&mut h, &[a], 10);
     assert_eq!(h.received_from(b, a).0, before + 10);
 }
+
+#[test]
+fn a_rooms_timers_keep_one_beat_and_feedback_keeps_its_pace() {
+    let mut h = Harness::new();
+    h.client_twcc = true;
+    let epoch = h.now;
+    // Joined, and so connected and publishing, at moments off the beat:
+    // left to themselves, their timers would each keep a phase of their
+    // own.
+    let mut clients = Vec::new();
+    for name in ["alice", "bob", "carol"] {
+        clients.push(h.join(name, true));
+        h.run_for(Duration::from_millis(37));
+    }
+    let pairs: Vec<(usize, usize)> = clients
+        .iter()
+        .flat_map(|&to| clients.iter().map(move |&from| (to, from)))
+        .filter(|(to, from)| to != from)
+        .collect();
+    connect_all(&mut h, &clients, &pairs);
+    pump(&mut h, &clients, 50);
+    let start = h.now;
+    let wakes_before = h.room_wakes.len();
+    let before: Vec<(usize, usize)> = clients
+        .iter()
+        .map(|&c| {
+            (
+                h.clients[c].twcc_feedback,
+                h.clients[c].receiver_reports.len(),
+            )
+        })
+        .collect();
+    pump(&mut h, &clients, 150);
+    let seconds = (h.now - start).as_secs_f64();
+    // Every timer of the room (its connections' engines, their
+    // interceptors, allocation and sender reports) ran on the 100 ms beat:
+    // six connections, one wake per beat at most.
+    let wakes = &h.room_wakes[wakes_before..];
+    let tick = Duration::from_millis(100).as_nanos();
+    let off_beat: Vec<u128> = wakes
+        .iter()
+        .map(|w| (*w - epoch).as_nanos() % tick)
+        .filter(|r| *r != 0)
+        .collect();
+    assert!(off_beat.is_empty(), "wakes off the beat by {off_beat:?} ns");
+    assert!(
+        wakes.len() as f64 <= seconds * 10.0 + 1.0,
+        "{} wakes in {seconds} s",
+        wakes.len()
+    );
+    // Each publisher still gets TWCC feedback about every 100 ms and a
+    // receiver report for each of its streams about every second.
+    for (&c, (twcc, reports)) in clients.iter().zip(before) {
+        let twcc = (h.clients[c].twcc_feedback - twcc) as f64 / seconds;
+        assert!((8.0..=11.0).contains(&twcc), "{twcc} TWCC feedback/s");
+        let video = h.clients[c].senders[0].1;
+        let rr = h.clients[c].receiver_reports[reports..]
+            .iter()
+            .filter(|(ssrc, _)| *ssrc == video)
+            .count() as f64
+            / seconds;
+        assert!((0.6..=1.1).contains(&rr), "{rr} receiver reports/s");
+    }
+}

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use rtc::interceptor::{Registry, Slot};
+use rtc::interceptor::{Registry, Slot, TwccSenderBuilder};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
@@ -24,6 +24,7 @@ use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::sender_report::SenderReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
@@ -52,12 +53,20 @@ pub fn epoch() -> Instant {
     Instant::now()
 }
 
-fn client_pc(now: Instant, addr: SocketAddr) -> RTCPeerConnection {
+fn client_pc(now: Instant, addr: SocketAddr, twcc: bool) -> RTCPeerConnection {
     let mut engine = media_engine().unwrap();
-    let registry = register_default_interceptors(Registry::new(), &mut engine)
+    let mut registry = register_default_interceptors(Registry::new(), &mut engine)
         .unwrap()
         .with(Slot::Custom(14_000), FeedbackTap::default())
         .with(Slot::Custom(14_001), ReportTap::default());
+    if twcc {
+        // Numbered for transport-wide feedback, as a browser's packets
+        // are. Not by default: the engine's sender reports take wall-clock
+        // time at each packet, so the more real time the clients take, the
+        // further the reports of two layers drift apart on the virtual
+        // clock.
+        registry = registry.with(Slot::TwccSender, TwccSenderBuilder::new().build());
+    }
     let mut pc = RTCPeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(engine)
@@ -98,7 +107,10 @@ impl Protocol<rtc::interceptor::TaggedPacket, rtc::interceptor::TaggedPacket, ()
 
     fn handle_read(&mut self, mut msg: rtc::interceptor::TaggedPacket) -> Result<(), Self::Error> {
         if let rtc::interceptor::Packet::Rtcp(packets) = &msg.message.packet {
-            if packets.iter().any(|p| p.as_any().is::<ReceiverReport>()) {
+            if packets
+                .iter()
+                .any(|p| p.as_any().is::<ReceiverReport>() || p.as_any().is::<TransportLayerCc>())
+            {
                 msg.message
                     .add(rtc::interceptor::Attribute::DeliverToApplication);
             }
@@ -162,6 +174,9 @@ pub struct Client {
     /// Receiver reports the server sent about this client's streams:
     /// (SSRC, extended highest sequence number received).
     pub receiver_reports: Vec<(u32, u32)>,
+    /// Transport-wide congestion control feedback the server sent this
+    /// client.
+    pub twcc_feedback: usize,
     /// Stream slots (simulcast layers) this publisher has stopped sending.
     pub stopped_slots: Vec<u8>,
     pub seq: u16,
@@ -180,6 +195,11 @@ pub struct Harness {
     pub downlink_loss: HashMap<SocketAddr, f64>,
     /// Datagrams the loss dropped: (uplink, downlink).
     pub lost: (u64, u64),
+    /// The instants the room's own timers woke it.
+    pub room_wakes: Vec<Instant>,
+    /// Clients joining from now on number their packets for
+    /// transport-wide congestion control feedback.
+    pub client_twcc: bool,
     rng: sfu_core::SeededRng,
 }
 
@@ -208,6 +228,8 @@ impl Harness {
             uplink_loss: HashMap::new(),
             downlink_loss: HashMap::new(),
             lost: (0, 0),
+            room_wakes: Vec::new(),
+            client_twcc: false,
             rng: sfu_core::SeededRng::new(42),
         }
     }
@@ -245,7 +267,7 @@ impl Harness {
             name: name.into(),
             id,
             publisher: None,
-            subscriber: client_pc(self.now, sub_addr),
+            subscriber: client_pc(self.now, sub_addr, self.client_twcc),
             pub_addr,
             sub_addr,
             senders: Vec::new(),
@@ -257,11 +279,12 @@ impl Harness {
             keyframes_sent_for: 0,
             sender_reports: Vec::new(),
             receiver_reports: Vec::new(),
+            twcc_feedback: 0,
             stopped_slots: Vec::new(),
             seq: 0,
         };
         if publish {
-            let mut pc = client_pc(self.now, pub_addr);
+            let mut pc = client_pc(self.now, pub_addr, self.client_twcc);
             let video_rids: &[&str] = if simulcast { &["q", "h", "f"] } else { &[""] };
             for (kind, codec, pt, base, rids) in [
                 (
@@ -427,6 +450,9 @@ impl Harness {
                                     if let Some(sr) = p.as_any().downcast_ref::<SenderReport>() {
                                         c.sender_reports.push((sr.ssrc, sr.ntp_time, sr.rtp_time));
                                     }
+                                    if p.as_any().is::<TransportLayerCc>() {
+                                        c.twcc_feedback += 1;
+                                    }
                                     if let Some(rr) = p.as_any().downcast_ref::<ReceiverReport>() {
                                         c.receiver_reports.extend(
                                             rr.reports
@@ -530,8 +556,10 @@ impl Harness {
     pub fn step(&mut self, max: Duration) {
         let limit = self.now + max;
         let mut next = limit;
+        let mut room_due = None;
         if let Output::Timeout(t) = self.room.poll_output() {
             next = next.min(t);
+            room_due = Some(t);
         }
         for c in &mut self.clients {
             if let Some(t) = c.subscriber.poll_timeout() {
@@ -543,6 +571,9 @@ impl Harness {
         }
         self.now = next.max(self.now);
         let now = self.now;
+        if room_due.is_some_and(|t| t <= now) {
+            self.room_wakes.push(now);
+        }
         self.room.handle_timeout(now);
         for c in &mut self.clients {
             if c.subscriber.poll_timeout().is_some_and(|t| t <= now) {
