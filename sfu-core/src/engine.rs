@@ -246,9 +246,7 @@ struct SharedChain {
 pub struct Fed {
     /// The packet, as it came out of the chain.
     pub packet: Option<rtc::rtp::Packet>,
-    /// The chain made RTCP, waiting for the engine to send it.
-    pub made_rtcp: bool,
-    /// The chain has timers running, for the room to tick.
+    /// The chain has timers running, for the room to tick (asked for).
     pub ticking: bool,
 }
 
@@ -267,9 +265,15 @@ impl SharedInterceptors {
     }
 
     /// Runs one inbound RTP packet the room decrypted through the chain.
-    pub fn feed(&self, packet: TaggedPacket) -> Fed {
+    /// `ticking`: whether to find out if the chain's timers run (a walk of
+    /// the chain, needed only until they do).
+    ///
+    /// The chain's interceptors make RTCP only on their timers, not on
+    /// reading a packet: their output is collected at [`Self::tick`] (and
+    /// anything else the engine finds when it next polls the connection).
+    pub fn feed(&self, packet: TaggedPacket, ticking: bool) -> Fed {
         let mut inner = self.lock();
-        let SharedChain { chain, made } = &mut *inner;
+        let chain = &mut inner.chain;
         if let Err(e) = chain.handle_read(packet) {
             tracing::trace!(error = %e, "interceptors refused a packet");
         }
@@ -279,14 +283,9 @@ impl SharedInterceptors {
                 out = Some(rtp);
             }
         }
-        let before = made.len();
-        while let Some(p) = chain.poll_write() {
-            made.push_back(p);
-        }
         Fed {
             packet: out,
-            made_rtcp: made.len() > before,
-            ticking: chain.poll_timeout().is_some(),
+            ticking: ticking && chain.poll_timeout().is_some(),
         }
     }
 

@@ -68,12 +68,6 @@ const MIN_LOSS_ESTIMATE: u64 = 300_000;
 const SENDER_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often subscribers' allocations are revisited.
 const ALLOCATION_INTERVAL: Duration = Duration::from_millis(500);
-/// A connected connection's own timers run at most this often, on the
-/// room's beat. All that is left of them then is the ICE agent's watch
-/// over the selected path (it asks for a wake every 200 ms; going
-/// disconnected takes 5 s without a packet): a second is precise enough,
-/// and the connections of a room then share their wakes.
-const CONNECTED_ENGINE_TICK: Duration = Duration::from_secs(1);
 /// Requests for a newly connected subscriber wait at most this long.
 const URGENT_KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -290,8 +284,7 @@ struct Conn {
     /// drained (every change to a connection drains it).
     next_timeout: Option<Instant>,
     /// When the room runs the engine's timers next: `next_timeout`, or
-    /// once connected, the first beat of the room at least
-    /// [`CONNECTED_ENGINE_TICK`] after they last ran.
+    /// once connected, the first beat of the room at or after it.
     wake: Option<Instant>,
     /// When the engine's timers last ran.
     engine_ran: Instant,
@@ -320,9 +313,8 @@ enum Inbound {
     Rtp {
         key: TrackKey,
         packet: rtc::rtp::Packet,
-        /// The interceptors made RTCP for the engine to send.
-        made_rtcp: bool,
-        /// The interceptors have timers running.
+        /// The interceptors have timers running (asked for only while the
+        /// room has no feedback tick scheduled).
         ticking: bool,
     },
 }
@@ -471,6 +463,7 @@ impl Conn {
         now: Instant,
         transport: TransportContext,
         contents: &[u8],
+        feedback_scheduled: bool,
     ) -> Inbound {
         // RTP (version 2), not RTCP (RFC 5761: packet types 192-223).
         if contents.len() < 12 || contents[0] >> 6 != 2 || (192..=223).contains(&contents[1]) {
@@ -497,16 +490,20 @@ impl Conn {
         let Ok(packet) = rtc::rtp::Packet::unmarshal(&mut plain.freeze()) else {
             return Inbound::Dropped(DropReason::SrtpRejected);
         };
-        let fed = interceptors.feed(rtc::interceptor::TaggedPacket {
-            now,
-            transport,
-            message: rtc::interceptor::AttributedPacket::new(rtc::interceptor::Packet::Rtp(packet)),
-        });
+        let fed = interceptors.feed(
+            rtc::interceptor::TaggedPacket {
+                now,
+                transport,
+                message: rtc::interceptor::AttributedPacket::new(rtc::interceptor::Packet::Rtp(
+                    packet,
+                )),
+            },
+            !feedback_scheduled,
+        );
         match fed.packet {
             Some(packet) => Inbound::Rtp {
                 key,
                 packet,
-                made_rtcp: fed.made_rtcp,
                 ticking: fed.ticking,
             },
             None => Inbound::Dropped(DropReason::EngineRejected),
@@ -514,11 +511,21 @@ impl Conn {
     }
 
     /// Takes the engine's next timer and works out when the room runs it.
+    ///
+    /// Once connected, all that is left of the engine's own timers is the
+    /// ICE agent's watch over the selected path (a wake every 200 ms): it
+    /// runs on the room's next beat, so the connections of a room share
+    /// their wakes, each about every 300 ms. (Held to once a second, a
+    /// moved client's recovery took twice as long, sometimes failed, in
+    /// the NAT matrix test.) A timer due no later than the engine's last
+    /// run is work it deferred to its next wake (as the ICE agent does
+    /// with a check a new candidate or a restart asks for): it runs at
+    /// once, connected or not.
     fn set_engine_timeout(&mut self, next: Option<Instant>, beats: Beats) {
         self.next_timeout = next;
         self.wake = next.map(|t| {
-            if self.connected {
-                beats.at_or_after(t.max(self.engine_ran + CONNECTED_ENGINE_TICK))
+            if self.connected && t > self.engine_ran {
+                beats.at_or_after(t)
             } else {
                 t
             }
@@ -1646,6 +1653,7 @@ impl Room {
             },
         };
         let local_addr = self.config.media_addr;
+        let feedback_scheduled = self.next_feedback.is_some();
         let Some(c) = self.conn_mut(conn) else {
             return;
         };
@@ -1656,7 +1664,7 @@ impl Room {
             transport_protocol: TransportProtocol::UDP,
         };
         if !is_check {
-            match c.receive_rtp(now, transport, &contents) {
+            match c.receive_rtp(now, transport, &contents, feedback_scheduled) {
                 Inbound::ForEngine => {}
                 Inbound::Dropped(reason) => {
                     self.stats.drop(reason);
@@ -1665,14 +1673,10 @@ impl Room {
                 Inbound::Rtp {
                     key,
                     packet,
-                    made_rtcp,
                     ticking,
                 } => {
                     self.stats.rtp_in += 1;
                     self.stats.rtp_received_by_room += 1;
-                    if made_rtcp {
-                        self.mark_written(conn);
-                    }
                     if ticking && self.next_feedback.is_none() {
                         self.next_feedback = Some(self.beats.after(now));
                     }

@@ -156,11 +156,24 @@ impl Receiver {
         use std::os::fd::AsRawFd;
         loop {
             socket.readable().await?;
+            // A read that did not fill the batch emptied the socket: the
+            // readiness is cleared then and there (as a would-block does),
+            // which saves the call that would only have found it empty.
+            // A datagram arriving after the read marks the socket ready
+            // anew, so none waits unseen.
             match socket.try_io(tokio::io::Interest::READABLE, || {
-                self.recvmmsg(socket.as_raw_fd())
+                self.recvmmsg(socket.as_raw_fd())?;
+                if self.received.len() < RECV_BATCH {
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
             }) {
                 Ok(()) => return Ok(self.received.drain(..)),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if !self.received.is_empty() {
+                        return Ok(self.received.drain(..));
+                    }
+                }
                 Err(e) => return Err(e),
             }
         }
