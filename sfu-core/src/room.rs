@@ -340,22 +340,26 @@ struct Beats {
 }
 
 impl Beats {
-    fn tick_nanos() -> u128 {
-        FEEDBACK_TICK.as_nanos()
+    /// Whole and part beats from the epoch to `t`.
+    fn count(self, t: Instant) -> (u128, bool) {
+        let since = t.saturating_duration_since(self.epoch).as_nanos();
+        let tick = FEEDBACK_TICK.as_nanos();
+        (since / tick, !since.is_multiple_of(tick))
+    }
+
+    fn nth(self, n: u128) -> Instant {
+        self.epoch + Duration::from_nanos((n * FEEDBACK_TICK.as_nanos()) as u64)
     }
 
     /// The first beat at or after `t`.
     fn at_or_after(self, t: Instant) -> Instant {
-        let since = t.saturating_duration_since(self.epoch).as_nanos();
-        let beats = since.div_ceil(Self::tick_nanos());
-        self.epoch + Duration::from_nanos((beats * Self::tick_nanos()) as u64)
+        let (whole, part) = self.count(t);
+        self.nth(whole + part as u128)
     }
 
     /// The first beat after `t`.
     fn after(self, t: Instant) -> Instant {
-        let since = t.saturating_duration_since(self.epoch).as_nanos();
-        let beats = since / Self::tick_nanos() + 1;
-        self.epoch + Duration::from_nanos((beats * Self::tick_nanos()) as u64)
+        self.nth(self.count(t).0 + 1)
     }
 
     /// The beat `interval` (whole ticks) after the last beat at or before
@@ -1045,11 +1049,8 @@ impl Room {
     fn mark_dirty(&mut self, id: ConnId) {
         if let Some(conn) = self.conn_mut(id) {
             conn.fed = true;
-            if !conn.dirty {
-                conn.dirty = true;
-                self.dirty.push(id);
-            }
         }
+        self.mark_written(id);
     }
 
     /// Schedules a connection for a drain of its datagrams only: what was
@@ -2959,7 +2960,25 @@ fn deliver(
 
 #[cfg(test)]
 mod tests {
-    use super::DropReason;
+    use super::{Beats, DropReason};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn beats_round_to_the_room_s_tick_and_periodic_timers_keep_their_phase() {
+        #[allow(clippy::disallowed_methods)]
+        let epoch = Instant::now();
+        let beats = Beats { epoch };
+        let ms = |n: u64| epoch + Duration::from_millis(n);
+        assert_eq!(beats.at_or_after(ms(200)), ms(200));
+        assert_eq!(beats.at_or_after(ms(201)), ms(300));
+        assert_eq!(beats.after(ms(200)), ms(300));
+        assert_eq!(beats.after(ms(299)), ms(300));
+        // Run on the beat or a little late, a 500 ms timer comes back on
+        // the beat 500 ms after the one it was due on.
+        assert_eq!(beats.later(ms(1000), Duration::from_millis(500)), ms(1500));
+        assert_eq!(beats.later(ms(1003), Duration::from_millis(500)), ms(1500));
+        assert_eq!(beats.later(ms(1003), Duration::from_millis(100)), ms(1100));
+    }
 
     #[test]
     fn drop_reasons_index_all_in_order() {
