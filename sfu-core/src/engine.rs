@@ -250,6 +250,15 @@ pub struct Fed {
     pub ticking: bool,
 }
 
+/// What a tick of the interceptors' timers gave.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Ticked {
+    /// They made RTCP, waiting for the engine to send it.
+    pub made_rtcp: bool,
+    /// They still have timers running.
+    pub ticking: bool,
+}
+
 impl SharedInterceptors {
     fn new(chain: Box<dyn Interceptor>) -> SharedInterceptors {
         SharedInterceptors(Arc::new(Mutex::new(SharedChain {
@@ -289,13 +298,18 @@ impl SharedInterceptors {
         }
     }
 
-    /// Runs the interceptors' timers at the room's tick; true when they
-    /// made RTCP for the engine to send.
-    pub fn tick(&self, now: Instant) -> bool {
+    /// Runs the interceptors' timers at the room's tick.
+    pub fn tick(&self, now: Instant) -> Ticked {
         let mut inner = self.lock();
         let SharedChain { chain, made } = &mut *inner;
-        if chain.poll_timeout().is_none_or(|t| t > now) {
-            return false;
+        let Some(due) = chain.poll_timeout() else {
+            return Ticked::default();
+        };
+        if due > now {
+            return Ticked {
+                made_rtcp: false,
+                ticking: true,
+            };
         }
         if let Err(e) = chain.handle_timeout(now) {
             tracing::trace!(error = %e, "interceptor timers");
@@ -304,7 +318,10 @@ impl SharedInterceptors {
         while let Some(p) = chain.poll_write() {
             made.push_back(p);
         }
-        made.len() > before
+        Ticked {
+            made_rtcp: made.len() > before,
+            ticking: chain.poll_timeout().is_some(),
+        }
     }
 
     /// Whether the interceptors have timers running (they start with a

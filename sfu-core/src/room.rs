@@ -340,33 +340,42 @@ struct Beats {
 }
 
 impl Beats {
-    /// Whole and part beats from the epoch to `t`.
-    fn count(self, t: Instant) -> (u128, bool) {
-        let since = t.saturating_duration_since(self.epoch).as_nanos();
-        let tick = FEEDBACK_TICK.as_nanos();
-        (since / tick, !since.is_multiple_of(tick))
-    }
-
-    fn nth(self, n: u128) -> Instant {
-        self.epoch + Duration::from_nanos((n * FEEDBACK_TICK.as_nanos()) as u64)
+    fn since(self, t: Instant) -> Duration {
+        t.saturating_duration_since(self.epoch)
     }
 
     /// The first beat at or after `t`.
     fn at_or_after(self, t: Instant) -> Instant {
-        let (whole, part) = self.count(t);
-        self.nth(whole + part as u128)
+        self.epoch + beat_at_or_after(self.since(t))
     }
 
     /// The first beat after `t`.
     fn after(self, t: Instant) -> Instant {
-        self.nth(self.count(t).0 + 1)
+        self.epoch + beat_after(self.since(t))
     }
 
     /// The beat `interval` (whole ticks) after the last beat at or before
     /// `now`: a periodic timer run late keeps its phase.
     fn later(self, now: Instant, interval: Duration) -> Instant {
-        self.after(now + interval.saturating_sub(FEEDBACK_TICK))
+        self.epoch + beat_later(self.since(now), interval)
     }
+}
+
+/// The first beat at or after `since` the epoch, as time since it.
+fn beat_at_or_after(since: Duration) -> Duration {
+    let (since, tick) = (since.as_nanos(), FEEDBACK_TICK.as_nanos());
+    Duration::from_nanos((since.div_ceil(tick) * tick) as u64)
+}
+
+/// The first beat after `since` the epoch.
+fn beat_after(since: Duration) -> Duration {
+    let (since, tick) = (since.as_nanos(), FEEDBACK_TICK.as_nanos());
+    Duration::from_nanos(((since / tick + 1) * tick) as u64)
+}
+
+/// The beat `interval` after the last beat at or before `since`.
+fn beat_later(since: Duration, interval: Duration) -> Duration {
+    beat_after(since + interval.saturating_sub(FEEDBACK_TICK))
 }
 
 /// Who encrypted and queued a forwarded packet.
@@ -1734,9 +1743,9 @@ impl Room {
                 else {
                     continue;
                 };
-                let made = i.tick(now);
-                ticking |= i.ticking();
-                if made {
+                let ticked = i.tick(now);
+                ticking |= ticked.ticking;
+                if ticked.made_rtcp {
                     self.mark_written(ConnId(index));
                 }
             }
@@ -2960,24 +2969,22 @@ fn deliver(
 
 #[cfg(test)]
 mod tests {
-    use super::{Beats, DropReason};
-    use std::time::{Duration, Instant};
+    use super::{beat_after, beat_at_or_after, beat_later, DropReason};
+    use std::time::Duration;
 
     #[test]
     fn beats_round_to_the_room_s_tick_and_periodic_timers_keep_their_phase() {
-        #[allow(clippy::disallowed_methods)]
-        let epoch = Instant::now();
-        let beats = Beats { epoch };
-        let ms = |n: u64| epoch + Duration::from_millis(n);
-        assert_eq!(beats.at_or_after(ms(200)), ms(200));
-        assert_eq!(beats.at_or_after(ms(201)), ms(300));
-        assert_eq!(beats.after(ms(200)), ms(300));
-        assert_eq!(beats.after(ms(299)), ms(300));
+        let ms = Duration::from_millis;
+        assert_eq!(beat_at_or_after(ms(0)), ms(0));
+        assert_eq!(beat_at_or_after(ms(200)), ms(200));
+        assert_eq!(beat_at_or_after(ms(201)), ms(300));
+        assert_eq!(beat_after(ms(200)), ms(300));
+        assert_eq!(beat_after(ms(299)), ms(300));
         // Run on the beat or a little late, a 500 ms timer comes back on
         // the beat 500 ms after the one it was due on.
-        assert_eq!(beats.later(ms(1000), Duration::from_millis(500)), ms(1500));
-        assert_eq!(beats.later(ms(1003), Duration::from_millis(500)), ms(1500));
-        assert_eq!(beats.later(ms(1003), Duration::from_millis(100)), ms(1100));
+        assert_eq!(beat_later(ms(1000), ms(500)), ms(1500));
+        assert_eq!(beat_later(ms(1003), ms(500)), ms(1500));
+        assert_eq!(beat_later(ms(1003), ms(100)), ms(1100));
     }
 
     #[test]
