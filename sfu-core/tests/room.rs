@@ -929,7 +929,6 @@ fn forged_and_replayed_inbound_rtp_is_rejected() {
 #[test]
 fn a_rooms_timers_keep_one_beat_and_feedback_keeps_its_pace() {
     let mut h = Harness::new();
-    h.client_twcc = true;
     let epoch = h.now;
     // Joined, and so connected and publishing, at moments off the beat:
     // left to themselves, their timers would each keep a phase of their

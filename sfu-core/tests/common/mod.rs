@@ -53,18 +53,18 @@ pub fn epoch() -> Instant {
     Instant::now()
 }
 
-fn client_pc(now: Instant, addr: SocketAddr, twcc: bool) -> RTCPeerConnection {
+fn client_pc(epoch: Instant, now: Instant, addr: SocketAddr, twcc: bool) -> RTCPeerConnection {
     let mut engine = media_engine().unwrap();
     let mut registry = register_default_interceptors(Registry::new(), &mut engine)
         .unwrap()
+        // The engine's own sender reports read the wall clock at each
+        // frame; on the virtual clock they would drift by however long the
+        // machine takes to run the test.
+        .with(Slot::SenderReport, VirtualSenderReports::new(epoch))
         .with(Slot::Custom(14_000), FeedbackTap::default())
         .with(Slot::Custom(14_001), ReportTap::default());
     if twcc {
-        // Numbered for transport-wide feedback, as a browser's packets
-        // are. Not by default: the engine's sender reports take wall-clock
-        // time at each packet, so the more real time the clients take, the
-        // further the reports of two layers drift apart on the virtual
-        // clock.
+        // Numbered for transport-wide feedback, as a browser's packets are.
         registry = registry.with(Slot::TwccSender, TwccSenderBuilder::new().build());
     }
     let mut pc = RTCPeerConnectionBuilder::new()
@@ -140,6 +140,119 @@ impl rtc::interceptor::Interceptor for ReportTap {
     fn unbind_remote_stream(&mut self, _: &rtc::interceptor::StreamInfo) {}
 }
 
+/// A client's sender reports, once a second, timed by the virtual clock
+/// alone: NTP time is a fixed wall-clock origin plus the virtual time since
+/// the harness's epoch, and each stream's RTP time is extrapolated from the
+/// first packet of its latest frame, as a browser does. Tests that check
+/// how the server aligns streams by their reports get the same reports on
+/// any machine.
+struct VirtualSenderReports {
+    epoch: Instant,
+    next: Option<Instant>,
+    /// SSRC -> (clock rate, RTP time and instant of the latest frame's first packet).
+    streams: HashMap<u32, (u32, Option<(u32, Instant)>)>,
+    queue: VecDeque<rtc::interceptor::TaggedPacket>,
+    read: VecDeque<rtc::interceptor::TaggedPacket>,
+}
+
+impl VirtualSenderReports {
+    /// 2026-01-01T00:00:00Z in NTP seconds.
+    const NTP_ORIGIN_SECS: u64 = 3_976_214_400;
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    fn new(epoch: Instant) -> Self {
+        Self {
+            epoch,
+            next: None,
+            streams: HashMap::new(),
+            queue: VecDeque::new(),
+            read: VecDeque::new(),
+        }
+    }
+
+    fn ntp(&self, now: Instant) -> u64 {
+        let since = now.duration_since(self.epoch).as_nanos();
+        (Self::NTP_ORIGIN_SECS << 32) + ((since << 32) / 1_000_000_000) as u64
+    }
+}
+
+impl Protocol<rtc::interceptor::TaggedPacket, rtc::interceptor::TaggedPacket, ()>
+    for VirtualSenderReports
+{
+    type Rout = rtc::interceptor::TaggedPacket;
+    type Wout = rtc::interceptor::TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: rtc::interceptor::TaggedPacket) -> Result<(), Self::Error> {
+        self.read.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<rtc::interceptor::TaggedPacket> {
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: rtc::interceptor::TaggedPacket) -> Result<(), Self::Error> {
+        if let rtc::interceptor::Packet::Rtp(p) = &msg.message.packet {
+            if let Some((_, last)) = self.streams.get_mut(&p.header.ssrc) {
+                if last.is_none_or(|(ts, _)| ts != p.header.timestamp) {
+                    *last = Some((p.header.timestamp, msg.now));
+                }
+                self.next.get_or_insert(msg.now + Self::INTERVAL);
+            }
+        }
+        self.queue.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<rtc::interceptor::TaggedPacket> {
+        self.queue.pop_front()
+    }
+
+    fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
+        let Some(next) = self.next.filter(|next| now >= *next) else {
+            return Ok(());
+        };
+        self.next = Some(next + Self::INTERVAL);
+        let ntp_time = self.ntp(now);
+        for (&ssrc, &(clock, last)) in &self.streams {
+            let Some((ts, at)) = last else { continue };
+            let ticks = (now.duration_since(at).as_nanos() * clock as u128 / 1_000_000_000) as u32;
+            let report = SenderReport {
+                ssrc,
+                ntp_time,
+                rtp_time: ts.wrapping_add(ticks),
+                ..Default::default()
+            };
+            self.queue.push_back(rtc::interceptor::TaggedPacket {
+                now,
+                transport: TransportContext::default(),
+                message: rtc::interceptor::AttributedPacket::new(rtc::interceptor::Packet::Rtcp(
+                    vec![Box::new(report)],
+                )),
+            });
+        }
+        Ok(())
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        self.next
+    }
+}
+
+impl rtc::interceptor::Interceptor for VirtualSenderReports {
+    fn bind_local_stream(&mut self, info: &rtc::interceptor::StreamInfo) {
+        self.streams.insert(info.ssrc, (info.clock_rate, None));
+    }
+    fn unbind_local_stream(&mut self, info: &rtc::interceptor::StreamInfo) {
+        self.streams.remove(&info.ssrc);
+    }
+    fn bind_remote_stream(&mut self, _: &rtc::interceptor::StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _: &rtc::interceptor::StreamInfo) {}
+}
+
 /// What a subscriber received from one publisher's track.
 #[derive(Default, Debug)]
 pub struct Received {
@@ -183,6 +296,8 @@ pub struct Client {
 }
 
 pub struct Harness {
+    /// Where the virtual clock started.
+    pub epoch: Instant,
     pub now: Instant,
     pub room: Room,
     pub clients: Vec<Client>,
@@ -198,7 +313,8 @@ pub struct Harness {
     /// The instants the room's own timers woke it.
     pub room_wakes: Vec<Instant>,
     /// Clients joining from now on number their packets for
-    /// transport-wide congestion control feedback.
+    /// transport-wide congestion control feedback, as browsers do (on by
+    /// default).
     pub client_twcc: bool,
     rng: sfu_core::SeededRng,
 }
@@ -219,6 +335,7 @@ impl Harness {
             now,
         );
         Harness {
+            epoch: now,
             now,
             room,
             clients: Vec::new(),
@@ -229,7 +346,7 @@ impl Harness {
             downlink_loss: HashMap::new(),
             lost: (0, 0),
             room_wakes: Vec::new(),
-            client_twcc: false,
+            client_twcc: true,
             rng: sfu_core::SeededRng::new(42),
         }
     }
@@ -267,7 +384,7 @@ impl Harness {
             name: name.into(),
             id,
             publisher: None,
-            subscriber: client_pc(self.now, sub_addr, self.client_twcc),
+            subscriber: client_pc(self.epoch, self.now, sub_addr, self.client_twcc),
             pub_addr,
             sub_addr,
             senders: Vec::new(),
@@ -284,7 +401,7 @@ impl Harness {
             seq: 0,
         };
         if publish {
-            let mut pc = client_pc(self.now, pub_addr, self.client_twcc);
+            let mut pc = client_pc(self.epoch, self.now, pub_addr, self.client_twcc);
             let video_rids: &[&str] = if simulcast { &["q", "h", "f"] } else { &[""] };
             for (kind, codec, pt, base, rids) in [
                 (
