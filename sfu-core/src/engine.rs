@@ -6,10 +6,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rtc::interceptor::{
-    Attribute, Interceptor, NackGeneratorBuilder, Packet, ReceiverReportBuilder, Registry, Slot,
-    StreamInfo, TaggedPacket, TwccReceiverBuilder,
-};
+use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
 use rtc::peer_connection::configuration::interceptor_registry::{
     configure_simulcast_extension_headers, configure_twcc_receiver_only,
 };
@@ -31,6 +28,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error as RtcError;
 
+use crate::feedback::{InboundFeedback, StreamSpec};
 use crate::srtp::{KeyCapture, PROFILES};
 
 /// Payload type the server uses for VP8 in its own offers.
@@ -99,17 +97,10 @@ pub fn media_engine() -> Result<MediaEngine, RtcError> {
     Ok(engine)
 }
 
-/// How often the room runs the interceptors of its publisher connections:
-/// TWCC feedback and NACKs go out on this beat, for every publisher of a
-/// room at once (see [`SharedInterceptors::tick`]).
+/// How often the room runs the reception feedback of its publisher
+/// connections: TWCC feedback and NACKs go out on this beat, for every
+/// publisher of a room at once (see [`SharedFeedback::tick`]).
 pub const FEEDBACK_TICK: Duration = Duration::from_millis(100);
-
-/// The interceptors' own intervals are only a floor under the room's beat:
-/// shorter than it by more than a late wake, so each tick finds them due.
-const TWCC_FEEDBACK_FLOOR: Duration = Duration::from_millis(50);
-const NACK_FLOOR: Duration = Duration::from_millis(50);
-/// Receiver reports go out on the first tick a second after the last.
-const RECEIVER_REPORT_FLOOR: Duration = Duration::from_millis(950);
 
 /// What a connection is for; decides the DTLS role and nothing else here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,9 +117,9 @@ pub struct BuiltConnection {
     pub pc: RTCPeerConnection,
     /// The connection's crypto provider, which notes its SRTP keys.
     pub keys: Arc<KeyCapture>,
-    /// Publisher connections: the interceptors inbound RTP passes through,
-    /// shared with the room so RTP it decrypts itself passes them too.
-    pub interceptors: Option<SharedInterceptors>,
+    /// Publisher connections: their reception feedback, which records
+    /// inbound RTP whether the engine or the room decrypts it.
+    pub feedback: Option<SharedFeedback>,
 }
 
 /// Builds one server-side peer connection: ICE-lite with credentials of
@@ -137,45 +128,30 @@ pub struct BuiltConnection {
 ///
 /// The connection's crypto goes through the returned [`KeyCapture`], from
 /// which the room takes the SRTP keys once DTLS is up.
-pub fn build_peer_connection(now: Instant, role: ConnRole) -> Result<BuiltConnection, RtcError> {
+///
+/// `rtcp_ssrc`: the SSRC a publisher connection's reception feedback is
+/// sent from.
+pub fn build_peer_connection(
+    now: Instant,
+    role: ConnRole,
+    rtcp_ssrc: u32,
+) -> Result<BuiltConnection, RtcError> {
     let mut engine = media_engine()?;
     configure_simulcast_extension_headers(&mut engine)?;
     let twcc = configure_twcc_receiver_only(Registry::new(), &mut engine)?;
-    let (registry, interceptors) = match role {
+    let (registry, feedback) = match role {
         // Publisher connections report reception (TWCC feedback, receiver
         // reports) and ask the client to resend what got lost, for every
         // inbound packet: those the engine decrypts and those the room
-        // does (see `SharedInterceptors`).
+        // does (see `SharedFeedback`).
         ConnRole::Answering => {
-            // The tap sits inside: the chain's end drops RTCP not marked
-            // for the application by then. No sender-report generator: a
-            // publisher connection sends no media, and the generator's
-            // timer would wake the room every second for nothing. (The
-            // registry `twcc` came with is left: its receiver would run
-            // on its own 100 ms timer, this one on the room's beat.)
+            // The TWCC receiver `twcc` came with is left: reception
+            // feedback is the room's, on its beat (`SharedFeedback`).
+            // No sender-report generator: a publisher connection sends no
+            // media, and the generator's timer would wake the room every
+            // second for nothing.
             drop(twcc);
-            let chain = Registry::new()
-                .with(
-                    Slot::TwccReceiver,
-                    TwccReceiverBuilder::new()
-                        .with_interval(TWCC_FEEDBACK_FLOOR)
-                        .build(),
-                )
-                .with(
-                    Slot::ReceiverReport,
-                    ReceiverReportBuilder::new()
-                        .with_interval(RECEIVER_REPORT_FLOOR)
-                        .build(),
-                )
-                .with(
-                    Slot::NackGenerator,
-                    NackGeneratorBuilder::new()
-                        .with_interval(NACK_FLOOR)
-                        .build(),
-                )
-                .with(Slot::Custom(14_000), FeedbackTap::default())
-                .build();
-            let shared = SharedInterceptors::new(Box::new(chain));
+            let shared = SharedFeedback::new(rtcp_ssrc);
             (
                 Registry::new().with(Slot::Custom(7_500), shared.clone()),
                 Some(shared),
@@ -210,155 +186,169 @@ pub fn build_peer_connection(now: Instant, role: ConnRole) -> Result<BuiltConnec
         .with_media_engine(engine)
         .with_interceptor_registry(registry)
         .build(now)?;
-    Ok(BuiltConnection {
-        pc,
-        keys,
-        interceptors,
-    })
+    Ok(BuiltConnection { pc, keys, feedback })
 }
 
-/// The interceptors of a publisher connection, in the engine's chain and
-/// reachable by the room as well.
+/// The reception feedback of a publisher connection ([`InboundFeedback`]),
+/// as an interceptor in the engine's chain and reachable by the room as
+/// well.
 ///
-/// The engine binds each inbound stream to them (with the stream's
-/// negotiated header extensions and feedback) and sends the RTCP they
-/// make. The room decrypts RTP of streams it knows itself, past the
-/// engine's generic read path, and hands each packet to the same
-/// interceptors, so NACKs, receiver reports and TWCC feedback cover every
-/// packet whichever way it came in. Both sides run on the room's thread,
-/// one after the other: the lock is never contended.
+/// The engine binds each inbound stream to it (with the stream's
+/// negotiated header extensions and feedback), passes it what it decrypts
+/// itself and sends the RTCP it makes. The room decrypts RTP of streams it
+/// knows itself, past the engine's generic read path, and records each
+/// packet's header here, so NACKs, receiver reports and TWCC feedback cover
+/// every packet whichever way it came in. Both sides run on the room's
+/// thread, one after the other: the lock is never contended.
 ///
-/// Their timers are the room's, not the engine's: the engine sees none
-/// (each would wake the room on its own phase and run the engine's whole
-/// pipeline), and the room ticks every publisher connection's interceptors
-/// together, every [`FEEDBACK_TICK`].
+/// Its timer is the room's, not the engine's: the engine sees none (it
+/// would wake the room on a phase of its own and run the engine's whole
+/// pipeline), and the room ticks every publisher connection together,
+/// every [`FEEDBACK_TICK`].
+///
+/// It also marks the inbound RTCP the room acts on for delivery past the
+/// engine's chain, as [`FeedbackTap`] does on subscriber connections.
 #[derive(Clone)]
-pub struct SharedInterceptors(Arc<Mutex<SharedChain>>);
+pub struct SharedFeedback(Arc<Mutex<Shared>>);
 
-struct SharedChain {
-    chain: Box<dyn Interceptor>,
-    /// RTCP the chain made while the room fed it, for the engine's next
-    /// poll.
-    made: VecDeque<TaggedPacket>,
+struct Shared {
+    feedback: InboundFeedback,
+    read: VecDeque<TaggedPacket>,
+    /// RTCP made on the room's tick, and what the engine wrote through,
+    /// for the engine's next poll.
+    write: VecDeque<TaggedPacket>,
+    /// Reused for each tick's RTCP.
+    made: Vec<Box<dyn rtc::rtcp::Packet>>,
 }
 
-/// What feeding one packet to the interceptors gave.
-pub struct Fed {
-    /// The packet, as it came out of the chain.
-    pub packet: Option<rtc::rtp::Packet>,
-    /// The chain has timers running, for the room to tick (asked for).
-    pub ticking: bool,
-}
-
-/// What a tick of the interceptors' timers gave.
+/// What a tick of the feedback gave.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Ticked {
-    /// They made RTCP, waiting for the engine to send it.
+    /// It made RTCP, waiting for the engine to send it.
     pub made_rtcp: bool,
-    /// They still have timers running.
+    /// It has work on later beats.
     pub ticking: bool,
 }
 
-impl SharedInterceptors {
-    fn new(chain: Box<dyn Interceptor>) -> SharedInterceptors {
-        SharedInterceptors(Arc::new(Mutex::new(SharedChain {
-            chain,
-            made: VecDeque::new(),
+/// RTCP made on one tick goes out as compound packets of at most this many
+/// bytes (one datagram each).
+const MAX_COMPOUND_BYTES: usize = 1_100;
+
+impl SharedFeedback {
+    fn new(rtcp_ssrc: u32) -> SharedFeedback {
+        SharedFeedback(Arc::new(Mutex::new(Shared {
+            feedback: InboundFeedback::new(rtcp_ssrc),
+            read: VecDeque::new(),
+            write: VecDeque::new(),
+            made: Vec::new(),
         })))
     }
 
-    fn lock(&self) -> MutexGuard<'_, SharedChain> {
-        // A panic inside an interceptor leaves nothing half-done that the
-        // next packet cannot work with.
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A panic while recording leaves nothing half-done that the next
+        // packet cannot work with.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs one inbound RTP packet the room decrypted through the chain.
-    /// `ticking`: whether to find out if the chain's timers run (a walk of
-    /// the chain, needed only until they do).
-    ///
-    /// The chain's interceptors make RTCP only on their timers, not on
-    /// reading a packet: their output is collected at [`Self::tick`] (and
-    /// anything else the engine finds when it next polls the connection).
-    pub fn feed(&self, packet: TaggedPacket, ticking: bool) -> Fed {
-        let mut inner = self.lock();
-        let chain = &mut inner.chain;
-        if let Err(e) = chain.handle_read(packet) {
-            tracing::trace!(error = %e, "interceptors refused a packet");
-        }
-        let mut out = None;
-        while let Some(p) = chain.poll_read() {
-            if let Packet::Rtp(rtp) = p.message.packet {
-                out = Some(rtp);
-            }
-        }
-        Fed {
-            packet: out,
-            ticking: ticking && chain.poll_timeout().is_some(),
-        }
+    /// Records one inbound RTP packet the room decrypted. From the first
+    /// packet on, the feedback has work on every beat.
+    pub fn feed(&self, now: Instant, header: &rtc::rtp::Header) {
+        self.lock().feedback.record(now, header);
     }
 
-    /// Runs the interceptors' timers at the room's tick.
+    /// Runs the feedback at the room's tick: what is due goes to the
+    /// engine as compound RTCP.
     pub fn tick(&self, now: Instant) -> Ticked {
         let mut inner = self.lock();
-        let SharedChain { chain, made } = &mut *inner;
-        let Some(due) = chain.poll_timeout() else {
+        let Shared {
+            feedback,
+            write,
+            made,
+            ..
+        } = &mut *inner;
+        if !feedback.started() {
             return Ticked::default();
-        };
-        if due > now {
-            return Ticked {
-                made_rtcp: false,
-                ticking: true,
-            };
         }
-        if let Err(e) = chain.handle_timeout(now) {
-            tracing::trace!(error = %e, "interceptor timers");
+        feedback.tick(now, made);
+        let made_rtcp = !made.is_empty();
+        let mut compound: Vec<Box<dyn rtc::rtcp::Packet>> = Vec::new();
+        let mut size = 0;
+        for p in made.drain(..) {
+            let len = p.marshal_size();
+            if !compound.is_empty() && size + len > MAX_COMPOUND_BYTES {
+                write.push_back(rtcp_out(now, std::mem::take(&mut compound)));
+                size = 0;
+            }
+            size += len;
+            compound.push(p);
         }
-        let before = made.len();
-        while let Some(p) = chain.poll_write() {
-            made.push_back(p);
+        if !compound.is_empty() {
+            write.push_back(rtcp_out(now, compound));
         }
         Ticked {
-            made_rtcp: made.len() > before,
-            ticking: chain.poll_timeout().is_some(),
+            made_rtcp,
+            ticking: true,
         }
     }
 
-    /// Whether the interceptors have timers running (they start with a
-    /// stream's first packet).
+    /// Whether the feedback has work on the beat (it starts with the
+    /// first packet).
     pub fn ticking(&self) -> bool {
-        self.lock().chain.poll_timeout().is_some()
+        self.lock().feedback.started()
     }
 }
 
-impl Protocol<TaggedPacket, TaggedPacket, ()> for SharedInterceptors {
+fn rtcp_out(now: Instant, packets: Vec<Box<dyn rtc::rtcp::Packet>>) -> TaggedPacket {
+    TaggedPacket {
+        now,
+        transport: Default::default(),
+        message: rtc::interceptor::AttributedPacket::new(Packet::Rtcp(packets)),
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for SharedFeedback {
     type Rout = TaggedPacket;
     type Wout = TaggedPacket;
     type Eout = ();
     type Error = RtcError;
     type Time = Instant;
 
-    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), RtcError> {
-        self.lock().chain.handle_read(msg)
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), RtcError> {
+        let mut inner = self.lock();
+        match &msg.message.packet {
+            Packet::Rtp(rtp) => inner.feedback.record(msg.now, &rtp.header),
+            Packet::Rtcp(packets) => {
+                let mut for_room = false;
+                for p in packets {
+                    if let Some(sr) = p.as_any().downcast_ref::<SenderReport>() {
+                        inner.feedback.sender_report(msg.now, sr.ssrc, sr.ntp_time);
+                    }
+                    for_room |= is_for_the_room(p.as_ref());
+                }
+                if for_room {
+                    msg.message.add(Attribute::DeliverToApplication);
+                }
+            }
+            _ => {}
+        }
+        inner.read.push_back(msg);
+        Ok(())
     }
 
     fn poll_read(&mut self) -> Option<TaggedPacket> {
-        self.lock().chain.poll_read()
+        self.lock().read.pop_front()
     }
 
     fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), RtcError> {
-        self.lock().chain.handle_write(msg)
+        self.lock().write.push_back(msg);
+        Ok(())
     }
 
     fn poll_write(&mut self) -> Option<TaggedPacket> {
-        let mut inner = self.lock();
-        match inner.made.pop_front() {
-            Some(p) => Some(p),
-            None => inner.chain.poll_write(),
-        }
+        self.lock().write.pop_front()
     }
 
-    // The room runs the timers (`tick`); the engine's wakes leave them.
+    // The room runs the timer (`tick`); the engine's wakes leave it.
     fn handle_timeout(&mut self, _now: Instant) -> Result<(), RtcError> {
         Ok(())
     }
@@ -366,24 +356,28 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for SharedInterceptors {
     fn poll_timeout(&mut self) -> Option<Instant> {
         None
     }
-
-    fn close(&mut self) -> Result<(), RtcError> {
-        self.lock().chain.close()
-    }
 }
 
-impl Interceptor for SharedInterceptors {
-    fn bind_local_stream(&mut self, info: &StreamInfo) {
-        self.lock().chain.bind_local_stream(info);
-    }
-    fn unbind_local_stream(&mut self, info: &StreamInfo) {
-        self.lock().chain.unbind_local_stream(info);
-    }
+impl Interceptor for SharedFeedback {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
     fn bind_remote_stream(&mut self, info: &StreamInfo) {
-        self.lock().chain.bind_remote_stream(info);
+        self.lock().feedback.bind(StreamSpec {
+            ssrc: info.ssrc,
+            clock_rate: info.clock_rate,
+            nack: info
+                .rtcp_feedback
+                .iter()
+                .any(|fb| fb.typ == "nack" && fb.parameter.is_empty()),
+            twcc_ext: info
+                .rtp_header_extensions
+                .iter()
+                .find(|ext| ext.uri == rtc::sdp::extmap::TRANSPORT_CC_URI)
+                .map(|ext| ext.id as u8),
+        });
     }
     fn unbind_remote_stream(&mut self, info: &StreamInfo) {
-        self.lock().chain.unbind_remote_stream(info);
+        self.lock().feedback.unbind(info.ssrc);
     }
 }
 

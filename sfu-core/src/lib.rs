@@ -25,6 +25,7 @@ pub mod allocator;
 pub mod cache;
 pub mod demux;
 pub mod engine;
+pub mod feedback;
 pub mod forwarder;
 mod ids;
 pub mod munger;

@@ -43,7 +43,7 @@ use sfu_signal::{
 use crate::allocator::{self, LossEstimator, RateMeter, VideoDemand};
 use crate::cache::{PacketCache, SentEntry, SentLog};
 use crate::engine::{
-    build_peer_connection, opus_codec, vp8_codec, BuiltConnection, ConnRole, SharedInterceptors,
+    build_peer_connection, opus_codec, vp8_codec, BuiltConnection, ConnRole, SharedFeedback,
     FEEDBACK_TICK, INITIAL_DOWNLINK_ESTIMATE, MAX_DOWNLINK_ESTIMATE,
 };
 use crate::forwarder::{Forwarder, Layer, PacketInfo, Preference, Verdict};
@@ -297,10 +297,10 @@ struct Conn {
     /// end of the selected candidate pair.
     media_dest: Option<SocketAddr>,
     /// Publisher connections: inbound RTP of the streams in `inbound` is
-    /// decrypted here, with the keys it was built from, and passed to these
-    /// interceptors, past the engine (which saw each stream's first packet
-    /// and announced it).
-    interceptors: Option<SharedInterceptors>,
+    /// decrypted here, with the keys it was built from, and recorded for
+    /// this reception feedback, past the engine (which saw each stream's
+    /// first packet and announced it).
+    feedback: Option<SharedFeedback>,
     srtp_in: Option<(SrtpReceiver, MasterKeys)>,
     inbound: HashMap<u32, TrackKey>,
 }
@@ -313,9 +313,6 @@ enum Inbound {
     Rtp {
         key: TrackKey,
         packet: rtc::rtp::Packet,
-        /// The interceptors have timers running (asked for only while the
-        /// room has no feedback tick scheduled).
-        ticking: bool,
     },
 }
 
@@ -468,25 +465,20 @@ impl Conn {
         }
     }
 
-    /// Inbound RTP of a known stream: decrypted and run through the
-    /// connection's interceptors here, without the engine's read path
-    /// (its demultiplexing, generic SRTP handling, queues and copies).
-    fn receive_rtp(
-        &mut self,
-        now: Instant,
-        transport: TransportContext,
-        contents: &[u8],
-        feedback_scheduled: bool,
-    ) -> Inbound {
+    /// Inbound RTP of a known stream: decrypted and recorded for the
+    /// connection's reception feedback here, without the engine's read
+    /// path (its demultiplexing, generic SRTP handling, interceptor chain,
+    /// queues and copies).
+    fn receive_rtp(&mut self, now: Instant, contents: &[u8]) -> Inbound {
         // RTP (version 2), not RTCP (RFC 5761: packet types 192-223).
         if contents.len() < 12 || contents[0] >> 6 != 2 || (192..=223).contains(&contents[1]) {
             return Inbound::ForEngine;
         }
         let ssrc = u32::from_be_bytes([contents[8], contents[9], contents[10], contents[11]]);
-        let (Some(key), Some((srtp, _)), Some(interceptors)) = (
+        let (Some(key), Some((srtp, _)), Some(feedback)) = (
             self.inbound.get(&ssrc).copied(),
             self.srtp_in.as_mut(),
-            self.interceptors.as_ref(),
+            self.feedback.as_ref(),
         ) else {
             return Inbound::ForEngine;
         };
@@ -503,24 +495,8 @@ impl Conn {
         let Ok(packet) = rtc::rtp::Packet::unmarshal(&mut plain.freeze()) else {
             return Inbound::Dropped(DropReason::SrtpRejected);
         };
-        let fed = interceptors.feed(
-            rtc::interceptor::TaggedPacket {
-                now,
-                transport,
-                message: rtc::interceptor::AttributedPacket::new(rtc::interceptor::Packet::Rtp(
-                    packet,
-                )),
-            },
-            !feedback_scheduled,
-        );
-        match fed.packet {
-            Some(packet) => Inbound::Rtp {
-                key,
-                packet,
-                ticking: fed.ticking,
-            },
-            None => Inbound::Dropped(DropReason::EngineRejected),
-        }
+        feedback.feed(now, &packet.header);
+        Inbound::Rtp { key, packet }
     }
 
     /// Takes the engine's next timer and works out when the room runs it.
@@ -724,9 +700,9 @@ pub struct Room {
     /// When down tracks next get sender reports.
     next_sender_reports: Instant,
     beats: Beats,
-    /// When the publisher connections' interceptors next run (TWCC
-    /// feedback, NACKs, receiver reports), all at once; none while no
-    /// interceptor has a timer running.
+    /// When the publisher connections' reception feedback next runs (TWCC
+    /// feedback, NACKs, receiver reports), all at once; none until a
+    /// publisher has sent something.
     next_feedback: Option<Instant>,
 }
 
@@ -972,8 +948,8 @@ impl Room {
         let BuiltConnection {
             mut pc,
             keys,
-            interceptors,
-        } = build_peer_connection(now, role)?;
+            feedback,
+        } = build_peer_connection(now, role, self.rng.next_u32())?;
         let addr = self.config.media_addr;
         let candidate = CandidateHostConfig {
             base_config: CandidateConfig {
@@ -1003,7 +979,7 @@ impl Room {
             keys,
             srtp: None,
             media_dest: None,
-            interceptors,
+            feedback,
             srtp_in: None,
             inbound: HashMap::new(),
         });
@@ -1663,7 +1639,6 @@ impl Room {
             },
         };
         let local_addr = self.config.media_addr;
-        let feedback_scheduled = self.next_feedback.is_some();
         let Some(c) = self.conn_mut(conn) else {
             return;
         };
@@ -1674,20 +1649,16 @@ impl Room {
             transport_protocol: TransportProtocol::UDP,
         };
         if !is_check {
-            match c.receive_rtp(now, transport, &contents, feedback_scheduled) {
+            match c.receive_rtp(now, &contents) {
                 Inbound::ForEngine => {}
                 Inbound::Dropped(reason) => {
                     self.stats.drop(reason);
                     return;
                 }
-                Inbound::Rtp {
-                    key,
-                    packet,
-                    ticking,
-                } => {
+                Inbound::Rtp { key, packet } => {
                     self.stats.rtp_in += 1;
                     self.stats.rtp_received_by_room += 1;
-                    if ticking && self.next_feedback.is_none() {
+                    if self.next_feedback.is_none() {
                         self.next_feedback = Some(self.beats.after(now));
                     }
                     self.forward(now, key, packet);
@@ -1739,7 +1710,7 @@ impl Room {
             for index in 0..self.conns.len() {
                 let Some(i) = self.conns[index]
                     .as_deref()
-                    .and_then(|c| c.interceptors.as_ref())
+                    .and_then(|c| c.feedback.as_ref())
                 else {
                     continue;
                 };
@@ -1845,8 +1816,7 @@ impl Room {
             }
             let next = c.pc.poll_timeout();
             c.set_engine_timeout(next, self.beats);
-            if self.next_feedback.is_none() && c.interceptors.as_ref().is_some_and(|i| i.ticking())
-            {
+            if self.next_feedback.is_none() && c.feedback.as_ref().is_some_and(|i| i.ticking()) {
                 self.next_feedback = Some(self.beats.after(now));
             }
             for event in events {

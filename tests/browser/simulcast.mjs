@@ -65,6 +65,25 @@ async function main() {
   // The full layer appears once the publisher's bandwidth estimate allows it.
   const full = await waitWidth(1280, 20_000);
   run.check('viewer first receives the 1280-wide layer', full !== null, `after ${full} ms`);
+
+  // Chromium's send-side bandwidth estimate is built from the server's
+  // transport-wide feedback: it must carry all three layers, and the
+  // full layer must not be held back for bandwidth.
+  const estimate = await pollUntil(async () => {
+    const e = await publisher.evaluate(async () => {
+      const stats = await window.sfuRoom.publisherPc.getStats();
+      let bps = 0;
+      let limited = null;
+      stats.forEach((s) => {
+        if (s.type === 'candidate-pair' && s.nominated && s.availableOutgoingBitrate) bps = s.availableOutgoingBitrate;
+        if (s.type === 'outbound-rtp' && s.kind === 'video' && s.rid === 'f') limited = s.qualityLimitationReason;
+      });
+      return { bps, limited };
+    });
+    return e.bps >= 1_500_000 && e.limited !== 'bandwidth' ? e : null;
+  }, 15_000);
+  run.check('the publisher\'s estimate from the server\'s TWCC feedback carries all layers', estimate !== null,
+    estimate ? `${Math.round(estimate.bps / 1000)} kbit/s, full layer limited by: ${estimate.limited}` : 'under 1.5 Mbit/s or limited by bandwidth for 15 s');
   await viewer.evaluate((sid) => window.sfuRoom.setSubscription(sid, { quality: 'low' }), trackSid);
   const low = await waitWidth(320, 5_000);
   run.check('asking for low gives 320-wide frames within 5 s', low !== null, `after ${low} ms`);
