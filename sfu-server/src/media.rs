@@ -147,6 +147,26 @@ struct Receiver {
 unsafe impl Send for Receiver {}
 
 impl Receiver {
+    /// Gives the arena `size` bytes of initialised memory to receive into.
+    ///
+    /// Once every datagram handed on from its buffer has been dropped (the
+    /// room is done with them by the time the slots run out), the buffer
+    /// is taken back as it is: no allocation, no page faults, no zeroing.
+    /// Otherwise a fresh one, zeroed once, so every slot handed on is
+    /// initialised memory.
+    fn refill_arena(&mut self, size: usize) {
+        self.arena.clear();
+        if self.arena.try_reclaim(size) {
+            // SAFETY: the reclaimed buffer is the one `BytesMut::zeroed`
+            // made (reclaiming never reallocates), and its capacity is no
+            // more than the zeroed length: every byte of it has been
+            // initialised since. It has room for `size`.
+            unsafe { self.arena.set_len(size) };
+        } else {
+            self.arena = BytesMut::zeroed(size);
+        }
+    }
+
     /// Waits for datagrams and returns those that can be read now.
     #[cfg(target_os = "linux")]
     async fn receive(
@@ -185,7 +205,7 @@ impl Receiver {
         socket: &UdpSocket,
     ) -> std::io::Result<std::vec::Drain<'_, (SocketAddr, BytesMut)>> {
         if self.arena.len() < MAX_DATAGRAM {
-            self.arena = BytesMut::zeroed(MAX_DATAGRAM * 64);
+            self.refill_arena(MAX_DATAGRAM * 64);
         }
         let (n, source) = socket.recv_from(&mut self.arena[..MAX_DATAGRAM]).await?;
         let mut contents = self.arena.split_to(MAX_DATAGRAM);
@@ -198,8 +218,7 @@ impl Receiver {
     fn recvmmsg(&mut self, fd: std::os::fd::RawFd) -> std::io::Result<()> {
         use socket2::{SockAddr, SockAddrStorage};
         if self.arena.len() < RECV_BATCH * MAX_DATAGRAM {
-            // Zeroed once, so every slot handed on is initialised memory.
-            self.arena = BytesMut::zeroed(ARENA_SLOTS * MAX_DATAGRAM);
+            self.refill_arena(ARENA_SLOTS * MAX_DATAGRAM);
         }
         if self.msgs.is_empty() {
             // The headers point into these vectors, which never grow again.
@@ -298,6 +317,30 @@ mod tests {
             assert_eq!(contents.len(), 1 + (n * 37) % MAX_DATAGRAM, "datagram {n}");
             assert!(contents.iter().all(|x| *x == n as u8), "datagram {n}");
         }
+    }
+
+    /// Once every slot handed on from the arena has been dropped, the next
+    /// refill takes the same buffer back; while one is still held, a
+    /// fresh, zeroed one.
+    #[test]
+    fn a_drained_arena_is_reused_and_a_held_one_is_not() {
+        let size = 4 * MAX_DATAGRAM;
+        let mut r = Receiver::default();
+        r.refill_arena(size);
+        let first = r.arena.as_ptr();
+        let slots: Vec<BytesMut> = (0..4).map(|_| r.arena.split_to(MAX_DATAGRAM)).collect();
+        drop(slots);
+        r.refill_arena(size);
+        assert_eq!(r.arena.as_ptr(), first, "taken back");
+        assert_eq!(r.arena.len(), size);
+        let mut held: Vec<BytesMut> = (0..4).map(|_| r.arena.split_to(MAX_DATAGRAM)).collect();
+        held[2][..5].copy_from_slice(b"held!");
+        let kept = held.swap_remove(2);
+        drop(held);
+        r.refill_arena(size);
+        assert_ne!(r.arena.as_ptr(), first, "one slot still in use");
+        assert!(r.arena.iter().all(|&b| b == 0));
+        assert_eq!(&kept[..5], b"held!");
     }
 
     /// IPv6 senders come out with their address.
