@@ -20,6 +20,8 @@ use rtc::rtcp::transport_feedbacks::transport_layer_nack::{
     nack_pairs_from_sequence_numbers, TransportLayerNack,
 };
 
+use crate::seq::SeqExtender;
+
 /// TWCC feedback and NACKs go out at most this often (a floor under the
 /// room's beat, shorter than it by more than a late wake).
 const FAST_FLOOR: Duration = Duration::from_millis(50);
@@ -39,7 +41,7 @@ const MAX_TWCC_PENDING: usize = 8192;
 /// Packets reported received in one feedback packet (about 600 bytes).
 const MAX_TWCC_PER_FEEDBACK: usize = 400;
 /// Most sequence numbers a feedback spans before its first reported packet.
-const MAX_TWCC_MISSING: i64 = 0x7FFE;
+const MAX_TWCC_MISSING: u64 = 0x7FFE;
 const TWCC_DELTA_US: i64 = 250;
 const TWCC_REFERENCE_US: i64 = 64_000;
 
@@ -72,6 +74,7 @@ pub struct StreamSpec {
 struct Stream {
     ssrc: u32,
     clock_rate: u32,
+    seq: SeqExtender,
     stats: ReceptionStats,
     nack: Option<NackLog>,
 }
@@ -98,6 +101,7 @@ impl InboundFeedback {
         self.streams.push(Stream {
             ssrc: spec.ssrc,
             clock_rate: spec.clock_rate.max(1),
+            seq: SeqExtender::new(),
             stats: ReceptionStats::default(),
             nack: spec.nack.then(NackLog::default),
         });
@@ -130,14 +134,10 @@ impl InboundFeedback {
             }
         }
         if let Some(s) = self.streams.iter_mut().find(|s| s.ssrc == header.ssrc) {
-            s.stats.record(
-                header.sequence_number,
-                header.timestamp,
-                since,
-                s.clock_rate,
-            );
+            let seq = s.seq.extend(header.sequence_number as u64);
+            s.stats.record(seq, header.timestamp, since, s.clock_rate);
             if let Some(log) = s.nack.as_mut() {
-                log.add(header.sequence_number);
+                log.add(seq);
             }
         }
     }
@@ -200,17 +200,17 @@ impl InboundFeedback {
     }
 }
 
-/// RFC 3550 A.3 and A.8: highest sequence number, loss and jitter.
+/// RFC 3550 A.3 and A.8: highest sequence number, loss and jitter, on
+/// extended sequence numbers ([`SeqExtender`]).
 #[derive(Default)]
 struct ReceptionStats {
-    started: bool,
-    /// Extended (with wrap cycles) highest sequence number received.
-    max_ext: u32,
-    base_ext: u32,
-    received: u32,
-    expected_prior: u32,
-    received_prior: u32,
-    /// Arrival and RTP time of the last packet, in clock ticks.
+    /// The first and the highest sequence number received.
+    base: Option<u64>,
+    highest: u64,
+    received: u64,
+    expected_prior: u64,
+    received_prior: u64,
+    /// Arrival minus RTP time of the last packet, in clock ticks.
     last_transit: Option<f64>,
     jitter: f64,
     /// Middle 32 bits of the last sender report's NTP time, and when it came.
@@ -218,21 +218,10 @@ struct ReceptionStats {
 }
 
 impl ReceptionStats {
-    fn record(&mut self, seq: u16, timestamp: u32, since: Duration, clock_rate: u32) {
-        if !self.started {
-            self.started = true;
-            self.max_ext = seq as u32;
-            self.base_ext = seq as u32;
-        } else {
-            let max = self.max_ext as u16;
-            let ahead = seq.wrapping_sub(max);
-            if ahead != 0 && ahead < 0x8000 {
-                let cycles = self.max_ext & 0xFFFF_0000;
-                let wrapped = seq < max;
-                self.max_ext = (cycles + if wrapped { 0x1_0000 } else { 0 }) | seq as u32;
-            }
-        }
-        self.received = self.received.wrapping_add(1);
+    fn record(&mut self, seq: u64, timestamp: u32, since: Duration, clock_rate: u32) {
+        self.base.get_or_insert(seq);
+        self.highest = self.highest.max(seq);
+        self.received += 1;
         let arrival = since.as_secs_f64() * clock_rate as f64;
         let transit = arrival - timestamp as f64;
         if let Some(last) = self.last_transit {
@@ -247,21 +236,17 @@ impl ReceptionStats {
     }
 
     fn report(&mut self, ssrc: u32, now: Instant) -> Option<ReceptionReport> {
-        if !self.started {
-            return None;
-        }
-        let expected = self.max_ext.wrapping_sub(self.base_ext).wrapping_add(1);
-        let total_lost = expected.saturating_sub(self.received).min(0x7F_FFFF);
-        let expected_interval = expected.wrapping_sub(self.expected_prior);
-        let received_interval = self.received.wrapping_sub(self.received_prior);
+        let base = self.base?;
+        let expected = self.highest.saturating_sub(base) + 1;
+        let total_lost = expected.saturating_sub(self.received).min(0x7F_FFFF) as u32;
+        let expected_interval = expected.saturating_sub(self.expected_prior);
+        let received_interval = self.received.saturating_sub(self.received_prior);
         self.expected_prior = expected;
         self.received_prior = self.received;
         let lost_interval = expected_interval.saturating_sub(received_interval);
-        let fraction_lost = if expected_interval == 0 {
-            0
-        } else {
-            ((lost_interval as u64 * 256) / expected_interval as u64).min(255) as u8
-        };
+        let fraction_lost = (lost_interval * 256)
+            .checked_div(expected_interval)
+            .map_or(0, |f| f.min(255) as u8);
         let (last_sender_report, delay) = match self.last_sr {
             Some((lsr, at)) => (
                 lsr,
@@ -273,7 +258,8 @@ impl ReceptionStats {
             ssrc,
             fraction_lost,
             total_lost,
-            last_sequence_number: self.max_ext,
+            // The extender's first cycle is 1; the report's is 0.
+            last_sequence_number: self.highest.saturating_sub(1 << 16) as u32,
             jitter: self.jitter as u32,
             last_sender_report,
             delay,
@@ -281,72 +267,57 @@ impl ReceptionStats {
     }
 }
 
-/// Which of the last [`NACK_WINDOW`] sequence numbers arrived, and how
-/// often each missing one was asked for.
+/// Which of the last [`NACK_WINDOW`] (extended) sequence numbers arrived,
+/// and how often each missing one was asked for.
 struct NackLog {
     bits: [u64; NACK_WINDOW as usize / 64],
-    started: bool,
     /// Highest sequence number received.
-    end: u16,
+    end: Option<u64>,
     /// Lost packets still asked for: (sequence number, times asked).
-    missing: Vec<(u16, u8)>,
+    missing: Vec<(u64, u8)>,
 }
 
 impl Default for NackLog {
     fn default() -> Self {
         Self {
             bits: [0; NACK_WINDOW as usize / 64],
-            started: false,
-            end: 0,
+            end: None,
             missing: Vec::new(),
         }
     }
 }
 
 impl NackLog {
-    fn bit(seq: u16) -> (usize, u64) {
-        let pos = (seq % NACK_WINDOW) as usize;
-        (pos / 64, 1 << (pos % 64))
-    }
-
-    fn set(&mut self, seq: u16, on: bool) {
-        let (word, mask) = Self::bit(seq);
+    fn set(&mut self, seq: u64, on: bool) {
+        let pos = (seq % NACK_WINDOW as u64) as usize;
+        let mask = 1u64 << (pos % 64);
         if on {
-            self.bits[word] |= mask;
+            self.bits[pos / 64] |= mask;
         } else {
-            self.bits[word] &= !mask;
+            self.bits[pos / 64] &= !mask;
         }
     }
 
-    fn add(&mut self, seq: u16) {
-        if !self.started {
-            self.started = true;
-            self.end = seq;
+    fn add(&mut self, seq: u64) {
+        let Some(end) = self.end else {
+            self.end = Some(seq);
             self.set(seq, true);
             return;
-        }
-        let ahead = seq.wrapping_sub(self.end);
-        if ahead == 0 {
-            return;
-        }
-        if ahead < 0x8000 {
-            // Newer: what lies between is missing (as far as the window
-            // reaches back).
-            let gap = ahead - 1;
-            let first = seq.wrapping_sub(gap.min(NACK_WINDOW - 1));
-            let mut s = first;
-            while s != seq {
+        };
+        if seq > end {
+            // What lies between is missing, as far as the window reaches.
+            let first = (end + 1).max(seq.saturating_sub(NACK_WINDOW as u64 - 1));
+            for s in first..seq {
                 self.set(s, false);
                 self.missing.push((s, 0));
-                s = s.wrapping_add(1);
             }
             if self.missing.len() > MAX_NACK_TRACKED {
                 let excess = self.missing.len() - MAX_NACK_TRACKED;
                 self.missing.drain(..excess);
             }
-            self.end = seq;
+            self.end = Some(seq);
             self.set(seq, true);
-        } else if self.end.wrapping_sub(seq) < NACK_WINDOW {
+        } else if end - seq < NACK_WINDOW as u64 {
             // Late or retransmitted: no longer missing.
             self.set(seq, true);
             if let Some(i) = self.missing.iter().position(|&(s, _)| s == seq) {
@@ -357,15 +328,14 @@ impl NackLog {
 
     /// The sequence numbers to ask for now; each counts one more ask.
     fn due(&mut self) -> Vec<u16> {
-        let end = self.end;
-        self.missing.retain(|&(s, asked)| {
-            asked < MAX_NACKS_PER_PACKET && end.wrapping_sub(s) < NACK_WINDOW
-        });
+        let end = self.end.unwrap_or(0);
+        self.missing
+            .retain(|&(s, asked)| asked < MAX_NACKS_PER_PACKET && end - s < NACK_WINDOW as u64);
         self.missing
             .iter_mut()
             .map(|(s, asked)| {
                 *asked += 1;
-                *s
+                *s as u16
             })
             .collect()
     }
@@ -375,27 +345,22 @@ impl NackLog {
 /// feedback.
 #[derive(Default)]
 struct TwccRecorder {
-    /// The last sequence number, unwrapped.
-    last: Option<i64>,
-    /// (unwrapped sequence number, arrival in µs).
-    pending: Vec<(i64, i64)>,
+    seq: SeqExtender,
+    /// (extended sequence number, arrival in µs).
+    pending: Vec<(u64, i64)>,
     /// The first sequence number not yet covered by a feedback; a packet
     /// before it comes too late, and was reported lost.
-    next: Option<i64>,
+    next: Option<u64>,
     count: u8,
 }
 
 impl TwccRecorder {
     fn record(&mut self, seq: u16, arrival_us: i64) {
-        let unwrapped = match self.last {
-            None => seq as i64,
-            Some(last) => last + (seq.wrapping_sub(last as u16) as i16) as i64,
-        };
-        self.last = Some(self.last.map_or(unwrapped, |l| l.max(unwrapped)));
-        if self.next.is_some_and(|n| unwrapped < n) || self.pending.len() >= MAX_TWCC_PENDING {
+        let seq = self.seq.extend(seq as u64);
+        if self.next.is_some_and(|n| seq < n) || self.pending.len() >= MAX_TWCC_PENDING {
             return;
         }
-        self.pending.push((unwrapped, arrival_us));
+        self.pending.push((seq, arrival_us));
     }
 
     fn feedback(&mut self, sender_ssrc: u32, media_ssrc: u32) -> Vec<TransportLayerCc> {
@@ -411,7 +376,7 @@ impl TwccRecorder {
         let mut next = self.next.unwrap_or(pending[0].0);
         let mut i = 0;
         while i < pending.len() {
-            let base = next.max(pending[i].0 - MAX_TWCC_MISSING);
+            let base = next.max(pending[i].0.saturating_sub(MAX_TWCC_MISSING));
             let reference = pending[i].1.div_euclid(TWCC_REFERENCE_US);
             let mut last_us = reference * TWCC_REFERENCE_US;
             let mut symbols = Vec::new();
@@ -646,19 +611,22 @@ mod tests {
     #[test]
     fn nacks_ask_for_each_lost_packet_until_it_comes_or_ten_times() {
         let mut log = NackLog::default();
+        // Wire sequence numbers, extended as `InboundFeedback::record` does.
+        let mut ext = SeqExtender::new();
+        let mut add = |log: &mut NackLog, seq: u16| log.add(ext.extend(seq as u64));
         for seq in (65_530u16..=65_535).chain(0..10) {
             if seq != 65_534 && seq != 3 {
-                log.add(seq);
+                add(&mut log, seq);
             }
         }
         assert_eq!(log.due(), vec![65_534, 3]);
-        log.add(65_534);
+        add(&mut log, 65_534);
         for _ in 1..MAX_NACKS_PER_PACKET {
             assert_eq!(log.due(), vec![3]);
         }
         assert!(log.due().is_empty(), "given up on after ten asks");
         // A jump past the window asks for no more than the window holds.
-        log.add(2_000);
+        add(&mut log, 2_000);
         assert_eq!(log.due().len(), MAX_NACK_TRACKED);
     }
 
