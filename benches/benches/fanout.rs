@@ -3,6 +3,10 @@
 //! decision, rewrite, the engine's send path and SRTP encryption for every
 //! subscriber. Peers are in-memory `rtc` clients on a virtual clock; only
 //! the server side (`Room::handle_datagram` + draining its output) is timed.
+//!
+//! `FANOUT_N=20,100` sets the room sizes (default 10, 100 and 1000); each
+//! room is built before its measurement, so a smaller set starts sooner
+//! (under `valgrind --tool=callgrind`, say).
 
 #[path = "../../sfu-core/tests/common/mod.rs"]
 #[allow(clippy::all)]
@@ -34,7 +38,18 @@ fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("fanout");
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(5));
-    for n in [10usize, 100, 1000] {
+    let sizes: Vec<usize> = match std::env::var("FANOUT_N") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .expect("FANOUT_N: room sizes, comma-separated")
+            })
+            .collect(),
+        Err(_) => vec![10, 100, 1000],
+    };
+    for n in sizes {
         let (mut h, a) = room_with(n);
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {

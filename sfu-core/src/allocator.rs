@@ -30,29 +30,33 @@ const BUCKET: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, Default)]
 pub struct RateMeter {
     buckets: [u64; BUCKETS],
-    current_start: Option<Instant>,
+    /// When the current bucket ends: one comparison per sample while
+    /// samples fall in it.
+    current_end: Option<Instant>,
     index: usize,
 }
 
 impl RateMeter {
     fn advance(&mut self, now: Instant) {
-        let Some(start) = self.current_start else {
-            self.current_start = Some(now);
+        let Some(mut end) = self.current_end else {
+            self.current_end = Some(now + BUCKET);
             return;
         };
-        let mut start = start;
+        if now < end {
+            return;
+        }
         let mut steps = 0;
-        while now.saturating_duration_since(start) >= BUCKET && steps <= BUCKETS {
-            start += BUCKET;
+        while now >= end && steps <= BUCKETS {
+            end += BUCKET;
             self.index = (self.index + 1) % BUCKETS;
             self.buckets[self.index] = 0;
             steps += 1;
         }
         if steps > BUCKETS {
             // Idle for longer than the window: start afresh.
-            start = now;
+            end = now + BUCKET;
         }
-        self.current_start = Some(start);
+        self.current_end = Some(end);
     }
 
     pub fn add(&mut self, now: Instant, bytes: usize) {
@@ -330,6 +334,9 @@ mod tests {
         }
         let bps = m.bps(now + Duration::from_millis(999));
         assert!((900_000..=1_100_000).contains(&bps), "{bps}");
+        // Half a second on, the buckets of the first 600 ms are gone: the
+        // four from 600 ms to 1 s remain (12,500 bytes each).
+        assert_eq!(m.bps(now + Duration::from_millis(1500)), 400_000);
         assert_eq!(m.bps(now + Duration::from_secs(5)), 0);
     }
 

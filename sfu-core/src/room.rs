@@ -34,6 +34,7 @@ use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rtc::sansio::Protocol;
 use rtc::shared::marshal::{Marshal, MarshalSize, Unmarshal};
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use rustc_hash::FxHashMap;
 use sfu_signal::negotiation::{Negotiator, State as NegotiationState};
 use sfu_signal::{
     ClientMessage, ErrorCode, IceCandidate, IceServer, LayerState, LeaveReason, ParticipantInfo,
@@ -302,7 +303,7 @@ struct Conn {
     /// first packet and announced it).
     feedback: Option<SharedFeedback>,
     srtp_in: Option<(SrtpReceiver, MasterKeys)>,
-    inbound: HashMap<u32, TrackKey>,
+    inbound: FxHashMap<u32, TrackKey>,
 }
 
 /// What became of a datagram offered to a connection's inbound fast path.
@@ -382,35 +383,81 @@ enum SentBy {
     Engine,
 }
 
+/// How a packet goes out on one down track: its header fields, and the
+/// VP8 fields to write into the payload where they differ from the
+/// source's (after a layer switch).
+struct Outgoing<'a> {
+    ssrc: u32,
+    payload_type: u8,
+    seq: u16,
+    timestamp: u32,
+    vp8: Option<(&'a vp8::Vp8Descriptor, u16, u8)>,
+}
+
+impl Outgoing<'_> {
+    /// Writes the fields over a marshalled RTP header (RFC 3550 5.1): the
+    /// marker bit stays, the payload type, sequence number, timestamp and
+    /// SSRC are this down track's.
+    fn write_header(&self, header: &mut [u8]) {
+        header[1] = (header[1] & 0x80) | (self.payload_type & 0x7F);
+        header[2..4].copy_from_slice(&self.seq.to_be_bytes());
+        header[4..8].copy_from_slice(&self.timestamp.to_be_bytes());
+        header[8..12].copy_from_slice(&self.ssrc.to_be_bytes());
+    }
+
+    /// The rewritten packet as the engine takes it.
+    fn packet(&self, source: &rtc::rtp::Packet) -> rtc::rtp::Packet {
+        let mut packet = source.clone();
+        packet.header.ssrc = self.ssrc;
+        packet.header.payload_type = self.payload_type;
+        packet.header.sequence_number = self.seq;
+        packet.header.timestamp = self.timestamp;
+        if let Some((d, picture_id, tl0_pic_idx)) = self.vp8 {
+            let mut payload = BytesMut::from(&source.payload[..]);
+            vp8::rewrite(&mut payload, d, picture_id, tl0_pic_idx);
+            packet.payload = payload.freeze();
+        }
+        packet
+    }
+}
+
 impl Conn {
-    /// Sends one rewritten RTP packet on `sender`: encrypted here and
-    /// queued straight to the selected path when the connection's keys are
-    /// known, else through the engine. Returns how it was sent, if it was.
+    /// Sends `source` on `sender`, rewritten as `out` says: encrypted here
+    /// and queued straight to the selected path when the connection's keys
+    /// are known, else through the engine. Returns how it was sent, if it
+    /// was.
     fn send_rtp(
         &mut self,
         id: ConnId,
         sender: RTCRtpSenderId,
         now: Instant,
-        packet: rtc::rtp::Packet,
+        source: &rtc::rtp::Packet,
+        out: &Outgoing<'_>,
         sink: &mut Sink<'_>,
     ) -> Option<SentBy> {
         if let (Some((srtp, _)), Some(destination)) = (self.srtp.as_mut(), self.media_dest) {
-            let header_len = packet.header.marshal_size();
-            let size = header_len + packet.payload.len() + srtp.profile().overhead();
+            let header_len = source.header.marshal_size();
+            let size = header_len + source.payload.len() + srtp.profile().overhead();
             // Built at the end of the shared buffer (empty between
-            // packets), then split off it with exactly its own bytes.
+            // packets), then split off it with exactly its own bytes: the
+            // source's header with this down track's fields written over
+            // it, and the source's payload.
             let buffer = &mut *sink.buffer;
             debug_assert!(buffer.is_empty());
             if buffer.capacity() < size {
                 *buffer = BytesMut::with_capacity(size.max(OUT_BUFFER_PACKETS * 1500));
             }
             buffer.resize(header_len, 0);
-            if let Err(e) = packet.header.marshal_to(&mut buffer[..]) {
+            if let Err(e) = source.header.marshal_to(&mut buffer[..]) {
                 tracing::trace!(error = %e, "rtp header");
                 buffer.clear();
                 return None;
             }
-            buffer.extend_from_slice(&packet.payload);
+            out.write_header(&mut buffer[..header_len]);
+            buffer.extend_from_slice(&source.payload);
+            if let Some((d, picture_id, tl0_pic_idx)) = out.vp8 {
+                vp8::rewrite(&mut buffer[header_len..], d, picture_id, tl0_pic_idx);
+            }
             if let Err(e) = srtp.protect(buffer, header_len) {
                 tracing::trace!(error = %e, "srtp");
                 buffer.clear();
@@ -423,7 +470,7 @@ impl Conn {
             return Some(SentBy::Room);
         }
         let mut rtp_sender = self.pc.rtp_sender(sender)?;
-        if let Err(e) = rtp_sender.write_rtp(now, packet) {
+        if let Err(e) = rtp_sender.write_rtp(now, out.packet(source)) {
             tracing::trace!(error = %e, "write_rtp");
             return None;
         }
@@ -683,10 +730,10 @@ pub struct Room {
     /// How many of `conns` are open.
     open_conns: usize,
     by_ufrag: HashMap<String, ConnId>,
-    by_addr: HashMap<SocketAddr, ConnId>,
+    by_addr: FxHashMap<SocketAddr, ConnId>,
     tracks: BTreeMap<TrackKey, PublishedTrack>,
     next_track: u64,
-    down_by_ssrc: HashMap<u32, (ParticipantId, TrackKey)>,
+    down_by_ssrc: FxHashMap<u32, (ParticipantId, TrackKey)>,
     dirty: Vec<ConnId>,
     outputs: VecDeque<Output>,
     /// Forwarded datagrams are built in slices of this buffer: one
@@ -716,10 +763,10 @@ impl Room {
             conns: Vec::new(),
             open_conns: 0,
             by_ufrag: HashMap::new(),
-            by_addr: HashMap::new(),
+            by_addr: FxHashMap::default(),
             tracks: BTreeMap::new(),
             next_track: 1,
-            down_by_ssrc: HashMap::new(),
+            down_by_ssrc: FxHashMap::default(),
             dirty: Vec::new(),
             outputs: VecDeque::new(),
             out_buffer: BytesMut::new(),
@@ -981,7 +1028,7 @@ impl Room {
             media_dest: None,
             feedback,
             srtp_in: None,
-            inbound: HashMap::new(),
+            inbound: FxHashMap::default(),
         });
         self.open_conns += 1;
         let id = match self.conns.iter().position(Option::is_none) {
@@ -2686,32 +2733,34 @@ impl Room {
         let found = down.sent.lookup(seq).and_then(|entry| {
             let track = tracks.get(&key)?;
             let layer = track.layers.iter().find(|l| l.layer == entry.layer)?;
-            Some((entry, layer.cache.get(entry.ext_seq, now)?.clone()))
+            Some((entry, layer.cache.get(entry.ext_seq, now)?))
         });
-        let (Some((entry, mut packet)), Some(pt)) = (found, down.payload_type) else {
+        let (Some((entry, packet)), Some(pt)) = (found, down.payload_type) else {
             stats.retransmissions_missed += 1;
             return;
         };
-        packet.header.ssrc = down.ssrc;
-        packet.header.payload_type = pt;
-        packet.header.sequence_number = entry.rewrite.seq;
-        packet.header.timestamp = entry.rewrite.timestamp;
-        if entry.rewrite.picture_id.is_some() || entry.rewrite.tl0_pic_idx.is_some() {
-            if let Some(d) = vp8::parse(&packet.payload) {
-                let unchanged = d.picture_id.map(|(id, _)| id) == entry.rewrite.picture_id
-                    && d.tl0_pic_idx == entry.rewrite.tl0_pic_idx;
-                if !unchanged {
-                    let mut payload = BytesMut::from(&packet.payload[..]);
-                    vp8::rewrite(
-                        &mut payload,
-                        &d,
-                        entry.rewrite.picture_id.unwrap_or(0),
-                        entry.rewrite.tl0_pic_idx.unwrap_or(0),
-                    );
-                    packet.payload = payload.freeze();
-                }
-            }
-        }
+        let descriptor =
+            if entry.rewrite.picture_id.is_some() || entry.rewrite.tl0_pic_idx.is_some() {
+                vp8::parse(&packet.payload).filter(|d| {
+                    d.picture_id.map(|(id, _)| id) != entry.rewrite.picture_id
+                        || d.tl0_pic_idx != entry.rewrite.tl0_pic_idx
+                })
+            } else {
+                None
+            };
+        let out = Outgoing {
+            ssrc: down.ssrc,
+            payload_type: pt,
+            seq: entry.rewrite.seq,
+            timestamp: entry.rewrite.timestamp,
+            vp8: descriptor.as_ref().map(|d| {
+                (
+                    d,
+                    entry.rewrite.picture_id.unwrap_or(0),
+                    entry.rewrite.tl0_pic_idx.unwrap_or(0),
+                )
+            }),
+        };
         let Some(c) = conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
             return;
         };
@@ -2720,7 +2769,7 @@ impl Room {
             dirty,
             buffer: out_buffer,
         };
-        if let Some(by) = c.send_rtp(conn, down.sender, now, packet, &mut sink) {
+        if let Some(by) = c.send_rtp(conn, down.sender, now, packet, &out, &mut sink) {
             stats.retransmissions += 1;
             stats.rtp_sent_by_room += u64::from(by == SentBy::Room);
         }
@@ -2898,26 +2947,25 @@ fn deliver(
         }
     };
     let bytes = packet.payload.len() as u64;
-    let mut out = packet.clone();
-    out.header.ssrc = down.ssrc;
-    out.header.payload_type = pt;
-    out.header.sequence_number = rewrite.seq;
-    out.header.timestamp = rewrite.timestamp;
-    if let Some(d) = vp8 {
-        if rewrite.picture_id != info.picture_id || rewrite.tl0_pic_idx != info.tl0_pic_idx {
-            // Only after a switch do the VP8 fields differ; then this
-            // subscriber gets its own copy of the payload.
-            let mut payload = BytesMut::from(&packet.payload[..]);
-            vp8::rewrite(
-                &mut payload,
-                d,
-                rewrite.picture_id.unwrap_or(0),
-                rewrite.tl0_pic_idx.unwrap_or(0),
-            );
-            out.payload = payload.freeze();
-        }
-    }
-    if let Some(by) = c.send_rtp(conn, down.sender, now, out, sink) {
+    let out = Outgoing {
+        ssrc: down.ssrc,
+        payload_type: pt,
+        seq: rewrite.seq,
+        timestamp: rewrite.timestamp,
+        // Only after a switch do the VP8 fields differ from the source's.
+        vp8: vp8
+            .filter(|_| {
+                rewrite.picture_id != info.picture_id || rewrite.tl0_pic_idx != info.tl0_pic_idx
+            })
+            .map(|d| {
+                (
+                    d,
+                    rewrite.picture_id.unwrap_or(0),
+                    rewrite.tl0_pic_idx.unwrap_or(0),
+                )
+            }),
+    };
+    if let Some(by) = c.send_rtp(conn, down.sender, now, packet, &out, sink) {
         stats.rtp_forwarded += 1;
         stats.rtp_sent_by_room += u64::from(by == SentBy::Room);
         stats.bytes_forwarded += bytes;

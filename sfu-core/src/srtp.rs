@@ -20,7 +20,6 @@
 //! one second, so the first of each pair is ours to send with and the
 //! second is the publisher's.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -30,6 +29,7 @@ use rtc::crypto::{
     HmacAlgorithm, KeyExchangeAlgorithm, Mac, PublicKey, RTCCrypto, RTCCryptoProvider, RTCRandom,
     SignatureScheme, SigningKey, StreamCipher, StreamCipherAlgorithm,
 };
+use rustc_hash::FxHashMap;
 
 /// The SRTP protection profiles the server negotiates, in its order of
 /// preference. [`KeyCapture`] tells them apart by the ciphers the engine
@@ -334,7 +334,7 @@ pub struct SrtpSender {
     profile: Profile,
     cipher: Cipher,
     session_salt: Vec<u8>,
-    rollover: HashMap<u32, Rollover>,
+    rollover: FxHashMap<u32, Rollover>,
 }
 
 /// The SRTP key derivation function (RFC 3711 4.3.3, key derivation rate
@@ -401,7 +401,7 @@ impl SrtpSender {
             profile: keys.profile,
             cipher,
             session_salt,
-            rollover: HashMap::new(),
+            rollover: FxHashMap::default(),
         })
     }
 

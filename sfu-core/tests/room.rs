@@ -399,6 +399,26 @@ fn subscribers_get_the_layer_they_ask_for_switching_only_on_keyframes() {
             "timestamp went back: {w:?}"
         );
     }
+    // The layers number their pictures from different bases; bob's
+    // picture ids and TL0PICIDX still go up by one a frame (a frame per
+    // packet here), so his decoder sees no gap.
+    let payloads = h.video_payloads_from(b, a);
+    let pictures: Vec<(u16, u8)> = payloads
+        .iter()
+        .map(|p| (u16::from_be_bytes([p[2] & 0x7F, p[3]]), p[4]))
+        .collect();
+    for (i, w) in pictures.windows(2).enumerate() {
+        assert_eq!(
+            w[1].0,
+            (w[0].0 + 1) & 0x7FFF,
+            "picture id gap after packet {i}"
+        );
+        assert_eq!(
+            w[1].1,
+            w[0].1.wrapping_add(1),
+            "TL0PICIDX gap after packet {i}"
+        );
+    }
 }
 
 /// Distinct video frames (by the sender's sequence tag) `to` received from

@@ -906,14 +906,17 @@ impl Harness {
             } else {
                 i as u8
             };
-            let pid = seq & 0x7FFF;
+            // Each layer numbers its pictures from a base of its own, as
+            // a browser's encoders do: a subscriber moved between layers
+            // sees continuous numbers only if the room rewrites them.
+            let pid = seq.wrapping_add(1000 * i as u16) & 0x7FFF;
             let mut payload = vec![
                 0x90,                    // X, S, partition 0
                 0xC0,                    // I, L
                 0x80 | (pid >> 8) as u8, // 15-bit picture id
                 pid as u8,
-                seq as u8,                          // TL0PICIDX
-                if keyframe { 0x10 } else { 0x11 }, // VP8 frame tag: P bit
+                seq.wrapping_add(50 * i as u16) as u8, // TL0PICIDX
+                if keyframe { 0x10 } else { 0x11 },    // VP8 frame tag: P bit
                 index as u8,
                 slot,
             ];
