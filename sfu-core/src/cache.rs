@@ -13,6 +13,9 @@ pub const CACHE_PACKETS: usize = 1024;
 /// Packets older than this (by arrival) are not retransmitted: the
 /// receiver's jitter buffer has given up on them.
 pub const CACHE_MAX_AGE: Duration = Duration::from_millis(1500);
+/// At most this many slots are looked at for expiry per insert (more than
+/// one, so the cache keeps up after a burst or across lost packets).
+const EXPIRE_PER_INSERT: usize = 4;
 /// Output packets remembered per down track (a power of two).
 pub const SENT_LOG: usize = 1024;
 
@@ -26,6 +29,8 @@ struct Cached {
 /// sequence number. Storing is a reference-count increment of the payload.
 pub struct PacketCache {
     slots: Vec<Option<Cached>>,
+    /// No packet before this one is held.
+    oldest: Option<u64>,
 }
 
 impl Default for PacketCache {
@@ -38,6 +43,7 @@ impl PacketCache {
     pub fn new() -> PacketCache {
         PacketCache {
             slots: (0..CACHE_PACKETS).map(|_| None).collect(),
+            oldest: None,
         }
     }
 
@@ -52,6 +58,31 @@ impl PacketCache {
             at,
             packet: packet.clone(),
         });
+        self.expire(ext_seq, at);
+    }
+
+    /// Lets go of packets too old to be sent again, oldest first, a few
+    /// per insert: a slow stream (audio, a low layer) does not hold a
+    /// thousand payloads, and the buffers they share with other packets,
+    /// for half a minute.
+    fn expire(&mut self, newest: u64, now: Instant) {
+        let oldest = self.oldest.get_or_insert(newest);
+        *oldest = (*oldest)
+            .min(newest)
+            .max((newest + 1).saturating_sub(CACHE_PACKETS as u64));
+        for _ in 0..EXPIRE_PER_INSERT {
+            if *oldest >= newest {
+                break;
+            }
+            let slot = &mut self.slots[*oldest as usize % CACHE_PACKETS];
+            if let Some(c) = slot.as_ref().filter(|c| c.ext_seq == *oldest) {
+                if now.saturating_duration_since(c.at) <= CACHE_MAX_AGE {
+                    break;
+                }
+                *slot = None;
+            }
+            *oldest += 1;
+        }
     }
 
     /// The packet with this extended sequence number, if still held and
@@ -165,6 +196,31 @@ mod tests {
             c.get(65_536 + 1999, now).unwrap().header.sequence_number,
             1999
         );
+    }
+
+    /// A slow stream's cache lets go of payloads once they are too old to
+    /// be sent again, not only when a thousand newer ones push them out.
+    #[test]
+    fn expired_payloads_are_let_go() {
+        let mut c = PacketCache::new();
+        let now = t0();
+        let first = packet(0);
+        c.insert(65_536, now, &first);
+        assert!(!first.payload.is_unique(), "held by the cache");
+        // Audio-like: 50 packets a second for three seconds.
+        for s in 1..150u64 {
+            c.insert(
+                65_536 + s,
+                now + Duration::from_millis(20 * s),
+                &packet(s as u16),
+            );
+        }
+        assert!(first.payload.is_unique(), "let go once expired");
+        let newest = now + Duration::from_millis(20 * 149);
+        assert!(c.get(65_536 + 149, newest).is_some());
+        assert!(c.get(65_536 + 149 - 70, newest).is_some(), "1.4 s old");
+        let held = c.slots.iter().filter(|s| s.is_some()).count();
+        assert!((75..=80).contains(&held), "{held} held, about 1.5 s worth");
     }
 
     #[test]

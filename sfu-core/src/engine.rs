@@ -28,7 +28,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error as RtcError;
 
-use crate::feedback::{InboundFeedback, StreamSpec};
+use crate::feedback::{Arrival, InboundFeedback, StreamSpec};
 use crate::srtp::{KeyCapture, PROFILES};
 
 /// Payload type the server uses for VP8 in its own offers.
@@ -252,8 +252,28 @@ impl SharedFeedback {
 
     /// Records one inbound RTP packet the room decrypted. From the first
     /// packet on, the feedback has work on every beat.
-    pub fn feed(&self, now: Instant, header: &rtc::rtp::Header) {
-        self.lock().feedback.record(now, header);
+    ///
+    /// `transport_seq` reads the packet's transport-wide sequence number,
+    /// given the extension id it was negotiated under.
+    pub fn feed(
+        &self,
+        now: Instant,
+        ssrc: u32,
+        sequence_number: u16,
+        timestamp: u32,
+        transport_seq: impl FnOnce(u8) -> Option<u16>,
+    ) {
+        let mut inner = self.lock();
+        let transport_seq = inner.feedback.twcc_ext().and_then(transport_seq);
+        inner.feedback.record_arrival(
+            now,
+            Arrival {
+                ssrc,
+                sequence_number,
+                timestamp,
+                transport_seq,
+            },
+        );
     }
 
     /// Runs the feedback at the room's tick: what is due goes to the

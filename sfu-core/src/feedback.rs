@@ -59,6 +59,22 @@ pub struct InboundFeedback {
     last_report: Option<Instant>,
 }
 
+/// What the feedback takes of one inbound RTP packet.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    pub ssrc: u32,
+    pub sequence_number: u16,
+    pub timestamp: u32,
+    /// The transport-wide sequence number, if the packet carries one.
+    pub transport_seq: Option<u16>,
+}
+
+/// The transport-wide sequence number in the value of its header
+/// extension.
+pub fn transport_seq(value: &[u8]) -> Option<u16> {
+    (value.len() >= 2).then(|| u16::from_be_bytes([value[0], value[1]]))
+}
+
 /// A remote stream, as [`InboundFeedback::bind`] describes it.
 #[derive(Debug, Clone, Copy)]
 pub struct StreamSpec {
@@ -119,23 +135,41 @@ impl InboundFeedback {
     /// One inbound RTP packet, of a bound stream or not (an unbound one
     /// counts for transport-wide feedback only).
     pub fn record(&mut self, now: Instant, header: &rtc::rtp::Header) {
+        let twcc = self.twcc_ext.and_then(|id| {
+            header
+                .extension
+                .then(|| header.extensions.iter().find(|e| e.id == id))
+                .flatten()
+                .map(|e| &e.payload[..])
+        });
+        self.record_arrival(
+            now,
+            Arrival {
+                ssrc: header.ssrc,
+                sequence_number: header.sequence_number,
+                timestamp: header.timestamp,
+                transport_seq: twcc.and_then(transport_seq),
+            },
+        );
+    }
+
+    /// The header extension id the transport-wide sequence number comes
+    /// in, once a stream negotiated it.
+    pub fn twcc_ext(&self) -> Option<u8> {
+        self.twcc_ext
+    }
+
+    /// One inbound RTP packet, as [`record`](Self::record) takes it, from
+    /// its fields.
+    pub fn record_arrival(&mut self, now: Instant, arrival: Arrival) {
         let epoch = *self.epoch.get_or_insert(now);
         let since = now.saturating_duration_since(epoch);
-        if let Some(id) = self.twcc_ext {
-            let ext = header.extension.then(|| {
-                header
-                    .extensions
-                    .iter()
-                    .find(|e| e.id == id && e.payload.len() >= 2)
-            });
-            if let Some(Some(ext)) = ext {
-                let seq = u16::from_be_bytes([ext.payload[0], ext.payload[1]]);
-                self.twcc.record(seq, since.as_micros() as i64);
-            }
+        if let Some(seq) = arrival.transport_seq {
+            self.twcc.record(seq, since.as_micros() as i64);
         }
-        if let Some(s) = self.streams.iter_mut().find(|s| s.ssrc == header.ssrc) {
-            let seq = s.seq.extend(header.sequence_number as u64);
-            s.stats.record(seq, header.timestamp, since, s.clock_rate);
+        if let Some(s) = self.streams.iter_mut().find(|s| s.ssrc == arrival.ssrc) {
+            let seq = s.seq.extend(arrival.sequence_number as u64);
+            s.stats.record(seq, arrival.timestamp, since, s.clock_rate);
             if let Some(log) = s.nack.as_mut() {
                 log.add(seq);
             }

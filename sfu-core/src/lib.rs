@@ -30,6 +30,7 @@ pub mod forwarder;
 mod ids;
 pub mod munger;
 mod room;
+pub mod rtp;
 pub mod sdp;
 pub mod seq;
 pub mod srtp;

@@ -32,7 +32,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rtc::sansio::Protocol;
-use rtc::shared::marshal::{Marshal, MarshalSize, Unmarshal};
+use rtc::shared::marshal::{Marshal, MarshalSize};
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use rustc_hash::FxHashMap;
 use sfu_signal::negotiation::{Negotiator, State as NegotiationState};
@@ -47,8 +47,10 @@ use crate::engine::{
     build_peer_connection, opus_codec, vp8_codec, BuiltConnection, ConnRole, SharedFeedback,
     FEEDBACK_TICK, INITIAL_DOWNLINK_ESTIMATE, MAX_DOWNLINK_ESTIMATE,
 };
+use crate::feedback::transport_seq;
 use crate::forwarder::{Forwarder, Layer, PacketInfo, Preference, Verdict};
 use crate::ids::{ConnId, ParticipantId, SeededRng, TrackKey};
+use crate::rtp::RtpView;
 use crate::seq::SeqExtender;
 use crate::srtp::{KeyCapture, MasterKeys, SrtpReceiver, SrtpSender};
 use crate::vp8;
@@ -516,7 +518,7 @@ impl Conn {
     /// connection's reception feedback here, without the engine's read
     /// path (its demultiplexing, generic SRTP handling, interceptor chain,
     /// queues and copies).
-    fn receive_rtp(&mut self, now: Instant, contents: &[u8]) -> Inbound {
+    fn receive_rtp(&mut self, now: Instant, contents: &[u8], buffer: &mut BytesMut) -> Inbound {
         // RTP (version 2), not RTCP (RFC 5761: packet types 192-223).
         if contents.len() < 12 || contents[0] >> 6 != 2 || (192..=223).contains(&contents[1]) {
             return Inbound::ForEngine;
@@ -529,21 +531,29 @@ impl Conn {
         ) else {
             return Inbound::ForEngine;
         };
-        let Ok(header) = rtc::rtp::Header::unmarshal(&mut &contents[..]) else {
+        let Some(view) = RtpView::parse(contents) else {
             return Inbound::ForEngine;
         };
-        let plain = match srtp.unprotect(contents, &header) {
-            Ok(plain) => plain,
+        let plain = match srtp.unprotect(contents, &view, buffer) {
+            Ok(plain) => plain.freeze(),
             Err(e) => {
                 tracing::trace!(error = %e, ssrc, "srtp");
                 return Inbound::Dropped(DropReason::SrtpRejected);
             }
         };
-        let Ok(packet) = rtc::rtp::Packet::unmarshal(&mut plain.freeze()) else {
+        let Some(payload) = view.payload_range(&plain) else {
             return Inbound::Dropped(DropReason::SrtpRejected);
         };
-        feedback.feed(now, &packet.header);
-        Inbound::Rtp { key, packet }
+        feedback.feed(now, ssrc, view.sequence_number, view.timestamp, |id| {
+            view.extension(contents, id).and_then(transport_seq)
+        });
+        Inbound::Rtp {
+            key,
+            packet: rtc::rtp::Packet {
+                header: view.header(&plain),
+                payload: plain.slice(payload),
+            },
+        }
     }
 
     /// Takes the engine's next timer and works out when the room runs it.
@@ -739,6 +749,8 @@ pub struct Room {
     /// Forwarded datagrams are built in slices of this buffer: one
     /// allocation for many packets.
     out_buffer: BytesMut,
+    /// Likewise the plaintext of published packets the room decrypts.
+    in_buffer: BytesMut,
     stats: RoomStats,
     last_now: Instant,
     /// When subscribers with an estimate are next reallocated (upgrades
@@ -770,6 +782,7 @@ impl Room {
             dirty: Vec::new(),
             outputs: VecDeque::new(),
             out_buffer: BytesMut::new(),
+            in_buffer: BytesMut::new(),
             stats: RoomStats::default(),
             last_now: now,
             next_allocation: now + ALLOCATION_INTERVAL,
@@ -1686,7 +1699,7 @@ impl Room {
             },
         };
         let local_addr = self.config.media_addr;
-        let Some(c) = self.conn_mut(conn) else {
+        let Some(c) = self.conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
             return;
         };
         let transport = TransportContext {
@@ -1696,7 +1709,7 @@ impl Room {
             transport_protocol: TransportProtocol::UDP,
         };
         if !is_check {
-            match c.receive_rtp(now, &contents) {
+            match c.receive_rtp(now, &contents, &mut self.in_buffer) {
                 Inbound::ForEngine => {}
                 Inbound::Dropped(reason) => {
                     self.stats.drop(reason);

@@ -31,6 +31,8 @@ use rtc::crypto::{
 };
 use rustc_hash::FxHashMap;
 
+use crate::rtp::RtpView;
+
 /// The SRTP protection profiles the server negotiates, in its order of
 /// preference. [`KeyCapture`] tells them apart by the ciphers the engine
 /// builds (an AEAD for GCM, a stream cipher for AES-CM).
@@ -280,36 +282,25 @@ impl RTCCrypto for KeyCapture {
     }
 }
 
-/// The rollover counter of one outbound SSRC (RFC 3711 3.3.1).
-#[derive(Debug, Clone, Copy)]
-struct Rollover {
-    roc: u32,
-    highest: u16,
-}
-
-impl Rollover {
-    /// The rollover counter for `seq`, sent now: the index closest to the
-    /// highest sent so far (a retransmission may be from before a wrap).
-    fn index(&mut self, seq: u16) -> u32 {
-        let (roc, highest) = (self.roc, self.highest);
-        let guess = if highest < 0x8000 {
-            if seq > highest && seq - highest > 0x8000 {
-                roc.checked_sub(1).unwrap_or(roc)
-            } else {
-                roc
-            }
-        } else if seq < highest && highest - seq > 0x8000 {
-            roc.wrapping_add(1)
+/// The packet index (RFC 3711 3.3.1: rollover counter and sequence number)
+/// of `seq` on a stream whose highest index so far is `highest`: the one
+/// closest to it. None for a packet from before the stream's first
+/// rollover period, which no index can have.
+fn packet_index(highest: u64, seq: u16) -> Option<u64> {
+    let roc = highest >> 16;
+    let highest_seq = highest as u16;
+    let roc = if highest_seq < 0x8000 {
+        if seq > highest_seq && seq - highest_seq > 0x8000 {
+            roc.checked_sub(1)?
         } else {
             roc
-        };
-        let wrapped = guess != roc && guess == roc.wrapping_add(1);
-        if wrapped || (guess == roc && seq > highest) {
-            self.roc = guess;
-            self.highest = seq;
         }
-        guess
-    }
+    } else if seq < highest_seq && highest_seq - seq > 0x8000 {
+        roc + 1
+    } else {
+        roc
+    };
+    Some(roc << 16 | seq as u64)
 }
 
 /// Why a packet could not be protected.
@@ -334,7 +325,8 @@ pub struct SrtpSender {
     profile: Profile,
     cipher: Cipher,
     session_salt: Vec<u8>,
-    rollover: FxHashMap<u32, Rollover>,
+    /// The highest packet index sent, per SSRC.
+    sent: FxHashMap<u32, u64>,
 }
 
 /// The SRTP key derivation function (RFC 3711 4.3.3, key derivation rate
@@ -401,7 +393,7 @@ impl SrtpSender {
             profile: keys.profile,
             cipher,
             session_salt,
-            rollover: FxHashMap::default(),
+            sent: FxHashMap::default(),
         })
     }
 
@@ -422,42 +414,22 @@ impl SrtpSender {
         }
         let seq = u16::from_be_bytes([packet[2], packet[3]]);
         let ssrc = u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
-        let roc = self
-            .rollover
-            .entry(ssrc)
-            .or_insert(Rollover {
-                roc: 0,
-                highest: seq,
-            })
-            .index(seq);
+        // A retransmission may be from before a wrap; one from before the
+        // first period keeps rollover counter 0.
+        let highest = self.sent.entry(ssrc).or_insert(seq as u64);
+        let index = packet_index(*highest, seq).unwrap_or(seq as u64);
+        *highest = (*highest).max(index);
+        let roc = (index >> 16) as u32;
         match &mut self.cipher {
             Cipher::Gcm(aead) => {
-                // RFC 7714 8.1: 00 00 || SSRC || ROC || SEQ, XOR the salt.
-                let mut nonce = [0u8; 12];
-                nonce[2..6].copy_from_slice(&ssrc.to_be_bytes());
-                nonce[6..10].copy_from_slice(&roc.to_be_bytes());
-                nonce[10..12].copy_from_slice(&seq.to_be_bytes());
-                for (n, s) in nonce.iter_mut().zip(&self.session_salt) {
-                    *n ^= s;
-                }
+                let nonce = gcm_nonce(&self.session_salt, ssrc, roc, seq);
                 let mut tag = [0u8; 16];
                 let (aad, payload) = packet.split_at_mut(header_len);
                 aead.seal_in_place(&nonce, aad, payload, &mut tag)?;
                 packet.extend_from_slice(&tag);
             }
             Cipher::CmHmac { stream, auth } => {
-                // RFC 3711 4.1.1: salt * 2^16 XOR SSRC * 2^64 XOR index * 2^16.
-                let mut iv = [0u8; 16];
-                iv[..14].copy_from_slice(&self.session_salt);
-                for (i, b) in ssrc.to_be_bytes().into_iter().enumerate() {
-                    iv[4 + i] ^= b;
-                }
-                for (i, b) in roc.to_be_bytes().into_iter().enumerate() {
-                    iv[8 + i] ^= b;
-                }
-                for (i, b) in seq.to_be_bytes().into_iter().enumerate() {
-                    iv[12 + i] ^= b;
-                }
+                let iv = cm_iv(&self.session_salt, ssrc, roc, seq);
                 stream.apply_keystream(&iv, &mut packet[header_len..])?;
                 let mut tag = [0u8; 20];
                 auth.sign(&[&packet[..], &roc.to_be_bytes()], &mut tag)?;
@@ -468,61 +440,199 @@ impl SrtpSender {
     }
 }
 
-/// Decrypts inbound RTP of one connection with its inbound keys: the
-/// engine's own SRTP context (rollover estimation, the same 64-packet
-/// replay window the engine keeps), used by the room directly.
+/// Decrypts inbound RTP of one connection with its inbound keys (RFC 3711,
+/// RFC 7714): the rollover counter estimated per stream as RFC 3711 3.3.1
+/// says, and a replay window of 64 packets, as the engine keeps. The
+/// plaintext is written into a buffer of the caller's, so decrypting
+/// allocates nothing per packet.
 pub struct SrtpReceiver {
-    context: rtc::srtp::context::Context,
+    profile: Profile,
+    cipher: Cipher,
+    session_salt: Vec<u8>,
+    /// A publisher connection carries a handful of streams.
+    streams: Vec<(u32, ReplayWindow)>,
 }
 
 /// Why an inbound packet could not be decrypted.
 #[derive(Debug, thiserror::Error)]
 pub enum UnprotectError {
-    #[error("replayed packet")]
+    #[error("replayed packet, or older than the replay window")]
     Replay,
+    #[error("packet too short for its header and tag")]
+    TooShort,
+    #[error("authentication failed")]
+    Auth,
     #[error(transparent)]
-    Srtp(rtc::shared::error::Error),
+    Crypto(#[from] CryptoError),
 }
 
 /// Inbound replay window, as the engine's (packets).
-const REPLAY_WINDOW: usize = 64;
+const REPLAY_WINDOW: u64 = 64;
 
-impl SrtpReceiver {
-    pub fn new(keys: &MasterKeys, crypto: &dyn RTCCrypto) -> Result<SrtpReceiver, UnprotectError> {
-        let profile = match keys.profile {
-            Profile::AeadAes128Gcm => {
-                rtc::srtp::protection_profile::ProtectionProfile::AeadAes128Gcm
-            }
-            Profile::Aes128CmHmacSha1_80 => {
-                rtc::srtp::protection_profile::ProtectionProfile::Aes128CmHmacSha1_80
-            }
-        };
-        let context = rtc::srtp::context::Context::new(
-            &keys.key,
-            &keys.salt,
-            profile,
-            Some(rtc::srtp::option::srtp_replay_protection(REPLAY_WINDOW)),
-            None,
-            crypto,
-        )
-        .map_err(UnprotectError::Srtp)?;
-        Ok(SrtpReceiver { context })
+/// The highest packet index (RFC 3711 3.3.1: rollover counter and sequence
+/// number) authenticated on one stream, and which of the 64 before it were.
+#[derive(Debug, Clone, Copy)]
+struct ReplayWindow {
+    highest: u64,
+    /// Bit `k`: index `highest - k` was received.
+    seen: u64,
+}
+
+impl ReplayWindow {
+    /// Whether `index` is new: ahead of the highest, or within the window
+    /// and not yet received.
+    fn is_new(&self, index: u64) -> bool {
+        if index > self.highest {
+            return true;
+        }
+        let behind = self.highest - index;
+        behind < REPLAY_WINDOW && self.seen & (1 << behind) == 0
     }
 
-    /// The decrypted packet (header and payload, tag removed) of the SRTP
-    /// packet `encrypted`, whose header is `header`.
+    /// Notes an authenticated packet.
+    fn accept(&mut self, index: u64) {
+        if index > self.highest {
+            let ahead = index - self.highest;
+            self.seen = if ahead >= REPLAY_WINDOW {
+                0
+            } else {
+                self.seen << ahead
+            };
+            self.seen |= 1;
+            self.highest = index;
+        } else {
+            self.seen |= 1 << (self.highest - index);
+        }
+    }
+}
+
+/// Room for this many full-size packets per allocation of the buffer
+/// plaintext is written into.
+pub const PLAINTEXT_BUFFER_PACKETS: usize = 32;
+
+impl SrtpReceiver {
+    pub fn new(keys: &MasterKeys, crypto: &dyn RTCCrypto) -> Result<SrtpReceiver, CryptoError> {
+        let SrtpSender {
+            profile,
+            cipher,
+            session_salt,
+            ..
+        } = SrtpSender::new(keys, crypto)?;
+        Ok(SrtpReceiver {
+            profile,
+            cipher,
+            session_salt,
+            streams: Vec::new(),
+        })
+    }
+
+    /// Authenticates and decrypts the SRTP packet `encrypted`, whose header
+    /// is `header`, into the end of `buffer` (empty, and grown by
+    /// [`PLAINTEXT_BUFFER_PACKETS`] packets when short): returns the
+    /// plaintext packet, header and payload without the tag, split off
+    /// `buffer`.
     pub fn unprotect(
         &mut self,
         encrypted: &[u8],
-        header: &rtc::rtp::Header,
+        header: &RtpView,
+        buffer: &mut BytesMut,
     ) -> Result<BytesMut, UnprotectError> {
-        self.context
-            .decrypt_rtp_with_header(encrypted, header)
-            .map_err(|e| match e {
-                rtc::shared::error::Error::SrtpSsrcDuplicated(..) => UnprotectError::Replay,
-                e => UnprotectError::Srtp(e),
-            })
+        let tag_len = self.profile.overhead();
+        if encrypted.len() < header.header_len + tag_len {
+            return Err(UnprotectError::TooShort);
+        }
+        let (ssrc, seq) = (header.ssrc, header.sequence_number);
+        let at = self.streams.iter().position(|(s, _)| *s == ssrc);
+        let index = match at {
+            Some(at) => {
+                let window = &self.streams[at].1;
+                let index = packet_index(window.highest, seq).ok_or(UnprotectError::Replay)?;
+                if !window.is_new(index) {
+                    return Err(UnprotectError::Replay);
+                }
+                index
+            }
+            // The first packet of a stream starts its first rollover period.
+            None => seq as u64,
+        };
+        let roc = (index >> 16) as u32;
+        let body_end = encrypted.len() - tag_len;
+        let (body, tag) = encrypted.split_at(body_end);
+        debug_assert!(buffer.is_empty());
+        if buffer.capacity() < body_end {
+            *buffer = BytesMut::with_capacity(body_end.max(PLAINTEXT_BUFFER_PACKETS * 1500));
+        }
+        match &mut self.cipher {
+            Cipher::Gcm(aead) => {
+                buffer.extend_from_slice(body);
+                let nonce = gcm_nonce(&self.session_salt, ssrc, roc, seq);
+                let (aad, payload) = buffer.split_at_mut(header.header_len);
+                if aead.open_in_place(&nonce, aad, payload, tag).is_err() {
+                    buffer.clear();
+                    return Err(UnprotectError::Auth);
+                }
+            }
+            Cipher::CmHmac { stream, auth } => {
+                // RFC 3711 4.2: the tag covers the packet and the ROC;
+                // checked before anything is decrypted.
+                let mut expected = [0u8; 20];
+                auth.sign(&[body, &roc.to_be_bytes()], &mut expected)?;
+                if !constant_time_eq(&expected[..tag_len], tag) {
+                    return Err(UnprotectError::Auth);
+                }
+                buffer.extend_from_slice(body);
+                let iv = cm_iv(&self.session_salt, ssrc, roc, seq);
+                if let Err(e) = stream.apply_keystream(&iv, &mut buffer[header.header_len..]) {
+                    buffer.clear();
+                    return Err(e.into());
+                }
+            }
+        }
+        match at {
+            Some(at) => self.streams[at].1.accept(index),
+            None => self.streams.push((
+                ssrc,
+                ReplayWindow {
+                    highest: index,
+                    seen: 1,
+                },
+            )),
+        }
+        Ok(buffer.split())
     }
+}
+
+/// RFC 7714 8.1: 00 00 || SSRC || ROC || SEQ, XOR the salt.
+fn gcm_nonce(salt: &[u8], ssrc: u32, roc: u32, seq: u16) -> [u8; 12] {
+    let mut nonce = [0u8; 12];
+    nonce[2..6].copy_from_slice(&ssrc.to_be_bytes());
+    nonce[6..10].copy_from_slice(&roc.to_be_bytes());
+    nonce[10..12].copy_from_slice(&seq.to_be_bytes());
+    for (n, s) in nonce.iter_mut().zip(salt) {
+        *n ^= s;
+    }
+    nonce
+}
+
+/// RFC 3711 4.1.1: salt * 2^16 XOR SSRC * 2^64 XOR index * 2^16.
+fn cm_iv(salt: &[u8], ssrc: u32, roc: u32, seq: u16) -> [u8; 16] {
+    let mut iv = [0u8; 16];
+    iv[..14].copy_from_slice(salt);
+    for (i, b) in ssrc.to_be_bytes().into_iter().enumerate() {
+        iv[4 + i] ^= b;
+    }
+    for (i, b) in roc.to_be_bytes().into_iter().enumerate() {
+        iv[8 + i] ^= b;
+    }
+    for (i, b) in seq.to_be_bytes().into_iter().enumerate() {
+        iv[12 + i] ^= b;
+    }
+    iv
+}
+
+/// Compares authentication tags in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
@@ -626,50 +736,179 @@ mod tests {
     /// and a damaged packet are refused.
     #[test]
     fn the_receiver_decrypts_once_and_refuses_damage() {
-        use rtc::shared::marshal::Unmarshal;
         let provider = rtc::crypto::default_provider().unwrap();
         for profile in [Profile::AeadAes128Gcm, Profile::Aes128CmHmacSha1_80] {
             let keys = keys(profile);
             let mut sender = SrtpSender::new(&keys, provider.crypto()).unwrap();
             let mut receiver = SrtpReceiver::new(&keys, provider.crypto()).unwrap();
+            let mut buffer = BytesMut::new();
             for seq in [65_534u16, 65_535, 0, 1] {
                 let payload = vec![seq as u8; 300];
                 let (mut buf, header_len) = packet(0x0BAD_CAFE, seq, &payload);
                 sender.protect(&mut buf, header_len).unwrap();
-                let header = rtc::rtp::Header::unmarshal(&mut &buf[..]).unwrap();
+                let view = RtpView::parse(&buf).unwrap();
                 let mut damaged = buf.clone();
                 damaged[header_len + 7] ^= 0x40;
                 assert!(
                     matches!(
-                        receiver.unprotect(&damaged, &header),
-                        Err(UnprotectError::Srtp(_))
+                        receiver.unprotect(&damaged, &view, &mut buffer),
+                        Err(UnprotectError::Auth)
                     ),
                     "{profile:?} seq {seq}: damaged"
                 );
-                let plain = receiver.unprotect(&buf, &header).unwrap();
+                assert!(buffer.is_empty(), "a refused packet leaves nothing behind");
+                let plain = receiver.unprotect(&buf, &view, &mut buffer).unwrap();
                 assert_eq!(&plain[header_len..], &payload[..], "{profile:?} seq {seq}");
                 assert!(
                     matches!(
-                        receiver.unprotect(&buf, &header),
+                        receiver.unprotect(&buf, &view, &mut buffer),
                         Err(UnprotectError::Replay)
                     ),
                     "{profile:?} seq {seq}: replay"
                 );
+                let short = &buf[..header_len + profile.overhead() - 1];
+                assert!(matches!(
+                    receiver.unprotect(short, &view, &mut buffer),
+                    Err(UnprotectError::TooShort)
+                ));
             }
         }
     }
 
+    /// What the engine encrypts, as a publishing client does, our receiver
+    /// decrypts: headers with CSRCs and extensions, two streams, across a
+    /// sequence number wrap, reordered within the window; packets older
+    /// than the window or from before a stream's first are refused.
     #[test]
-    fn rollover_follows_wraps_and_late_packets() {
-        let mut r = Rollover {
-            roc: 0,
-            highest: 65_000,
+    fn the_receiver_decrypts_what_the_engine_encrypts() {
+        let provider = rtc::crypto::default_provider().unwrap();
+        for (profile, rtc_profile) in [
+            (Profile::AeadAes128Gcm, ProtectionProfile::AeadAes128Gcm),
+            (
+                Profile::Aes128CmHmacSha1_80,
+                ProtectionProfile::Aes128CmHmacSha1_80,
+            ),
+        ] {
+            let keys = keys(profile);
+            let mut client = Context::new(
+                &keys.key,
+                &keys.salt,
+                rtc_profile,
+                None,
+                None,
+                provider.crypto(),
+            )
+            .unwrap();
+            let mut receiver = SrtpReceiver::new(&keys, provider.crypto()).unwrap();
+            let mut buffer = BytesMut::new();
+            let mut encrypt = |ssrc: u32, seq: u16| {
+                let mut header = Header {
+                    version: 2,
+                    payload_type: 96,
+                    sequence_number: seq,
+                    timestamp: 90 * seq as u32,
+                    ssrc,
+                    csrc: vec![7],
+                    ..Default::default()
+                };
+                header.extension = true;
+                header.extension_profile = 0xBEDE;
+                header
+                    .set_extension(3, bytes::Bytes::from(seq.to_be_bytes().to_vec()))
+                    .unwrap();
+                let payload = vec![(seq % 251) as u8; 100 + (seq % 7) as usize];
+                let plain = Packet {
+                    header,
+                    payload: bytes::Bytes::from(payload),
+                }
+                .marshal()
+                .unwrap();
+                (client.encrypt_rtp(&plain).unwrap(), plain)
+            };
+            // A wrap, a packet from before it arriving after it, a second
+            // stream interleaved.
+            let order: Vec<(u32, u16)> = [65_533u16, 65_534, 0, 65_535, 1, 2, 3]
+                .into_iter()
+                .flat_map(|seq| [(1, seq), (2, seq.wrapping_add(100))])
+                .collect();
+            let mut sent = Vec::new();
+            for (ssrc, seq) in order {
+                sent.push((ssrc, seq, encrypt(ssrc, seq)));
+            }
+            for (ssrc, seq, (encrypted, plain)) in &sent {
+                let view = RtpView::parse(encrypted).unwrap();
+                assert_eq!(view.extension(encrypted, 3), Some(&seq.to_be_bytes()[..]));
+                let got = receiver.unprotect(encrypted, &view, &mut buffer).unwrap();
+                assert_eq!(&got[..], &plain[..], "{profile:?} ssrc {ssrc} seq {seq}");
+            }
+            // Stream 1 goes 70 packets on; the packet just past the window
+            // is refused, one inside it is taken.
+            let late = sent.clone();
+            let mut later = Vec::new();
+            for seq in 4u16..74 {
+                later.push(encrypt(1, seq));
+            }
+            let (inside, _) = encrypt(1, 20);
+            let (outside, _) = encrypt(1, 9);
+            for (encrypted, _) in later.iter().filter(|(e, _)| {
+                let seq = RtpView::parse(e).unwrap().sequence_number;
+                seq != 20
+            }) {
+                let view = RtpView::parse(encrypted).unwrap();
+                receiver.unprotect(encrypted, &view, &mut buffer).unwrap();
+            }
+            let view = RtpView::parse(&inside).unwrap();
+            assert!(receiver.unprotect(&inside, &view, &mut buffer).is_ok());
+            let view = RtpView::parse(&outside).unwrap();
+            assert!(matches!(
+                receiver.unprotect(&outside, &view, &mut buffer),
+                Err(UnprotectError::Replay)
+            ));
+            // Stream 2 keeps a window of its own: its last packet is a
+            // replay there, its next one is taken.
+            let (_, _, (encrypted, _)) = &late[late.len() - 1];
+            let view = RtpView::parse(encrypted).unwrap();
+            assert!(matches!(
+                receiver.unprotect(encrypted, &view, &mut buffer),
+                Err(UnprotectError::Replay)
+            ));
+            let (next, plain) = encrypt(2, 104);
+            let view = RtpView::parse(&next).unwrap();
+            assert_eq!(
+                &receiver.unprotect(&next, &view, &mut buffer).unwrap()[..],
+                &plain[..]
+            );
+        }
+    }
+
+    #[test]
+    fn the_replay_window_takes_each_index_once() {
+        let mut w = ReplayWindow {
+            highest: 100,
+            seen: 1,
         };
-        assert_eq!(r.index(65_500), 0);
-        assert_eq!(r.index(10), 1);
-        assert_eq!(r.index(65_400), 0, "a retransmission from before the wrap");
-        assert_eq!(r.index(20), 1);
-        assert_eq!(r.roc, 1);
-        assert_eq!(r.highest, 20);
+        assert!(w.is_new(101) && !w.is_new(100));
+        assert!(w.is_new(99) && w.is_new(37) && !w.is_new(36), "64 behind");
+        w.accept(99);
+        assert!(!w.is_new(99));
+        w.accept(200);
+        assert!(!w.is_new(100), "fell out of the window");
+        assert!(w.is_new(150) && !w.is_new(200));
+        w.accept(150);
+        assert!(!w.is_new(150) && w.is_new(151));
+    }
+
+    #[test]
+    fn packet_index_follows_wraps_and_late_packets() {
+        let ahead = |highest: u64, seq| packet_index(highest, seq);
+        assert_eq!(ahead(65_000, 65_500), Some(65_500));
+        assert_eq!(ahead(65_500, 10), Some(65_536 + 10), "a wrap");
+        assert_eq!(
+            ahead(65_536 + 10, 65_400),
+            Some(65_400),
+            "late, from before the wrap"
+        );
+        assert_eq!(ahead(65_536 + 10, 20), Some(65_536 + 20));
+        assert_eq!(ahead(10, 65_530), None, "from before the first period");
     }
 }
