@@ -103,10 +103,38 @@ pub struct SentEntry {
 }
 
 /// A ring of the most recent packets a down track sent, by output
-/// sequence number.
+/// sequence number. It is written for every packet every down track
+/// forwards, so each entry is packed into 16 bytes: a log is 16 KB, not
+/// twice that, and a packet touches a new cache line of it every fourth
+/// time.
 pub struct SentLog {
-    slots: Vec<Option<SentEntry>>,
-    nacked: Vec<bool>,
+    slots: Vec<Slot>,
+    /// The source sequence number of the last entry recorded: entries keep
+    /// only the low 32 bits of theirs, and get the rest from it.
+    last_ext_seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    ext_seq_low: u32,
+    timestamp: u32,
+    seq: u16,
+    picture_id: u16,
+    tl0_pic_idx: u8,
+    layer: Layer,
+    flags: u8,
+}
+
+const USED: u8 = 1;
+const NACKED: u8 = 2;
+const HAS_PICTURE_ID: u8 = 4;
+const HAS_TL0_PIC_IDX: u8 = 8;
+const SWITCHED: u8 = 16;
+
+impl Slot {
+    fn holds(&self, seq: u16) -> bool {
+        self.flags & USED != 0 && self.seq == seq
+    }
 }
 
 impl Default for SentLog {
@@ -118,33 +146,68 @@ impl Default for SentLog {
 impl SentLog {
     pub fn new() -> SentLog {
         SentLog {
-            slots: vec![None; SENT_LOG],
-            nacked: vec![false; SENT_LOG],
+            slots: vec![Slot::default(); SENT_LOG],
+            last_ext_seq: 0,
         }
     }
 
     pub fn record(&mut self, entry: SentEntry) {
-        let i = entry.rewrite.seq as usize % SENT_LOG;
-        self.slots[i] = Some(entry);
-        self.nacked[i] = false;
+        let r = entry.rewrite;
+        let flag = |on: bool, f: u8| if on { f } else { 0 };
+        self.slots[r.seq as usize % SENT_LOG] = Slot {
+            ext_seq_low: entry.ext_seq as u32,
+            timestamp: r.timestamp,
+            seq: r.seq,
+            picture_id: r.picture_id.unwrap_or(0),
+            tl0_pic_idx: r.tl0_pic_idx.unwrap_or(0),
+            layer: entry.layer,
+            flags: USED
+                | flag(r.picture_id.is_some(), HAS_PICTURE_ID)
+                | flag(r.tl0_pic_idx.is_some(), HAS_TL0_PIC_IDX)
+                | flag(r.switched, SWITCHED),
+        };
+        self.last_ext_seq = entry.ext_seq;
     }
 
     /// What went out as output sequence number `seq`, if still logged.
     pub fn lookup(&self, seq: u16) -> Option<SentEntry> {
-        self.slots[seq as usize % SENT_LOG].filter(|e| e.rewrite.seq == seq)
+        let slot = self.slots[seq as usize % SENT_LOG];
+        if !slot.holds(seq) {
+            return None;
+        }
+        // The 64-bit value nearest the last recorded one with these low
+        // bits (the layers' sequence numbers all start in the same cycle).
+        const CYCLE: u64 = 1 << 32;
+        let last = self.last_ext_seq;
+        let mut ext_seq = (last & !(CYCLE - 1)) | slot.ext_seq_low as u64;
+        if ext_seq > last + CYCLE / 2 && ext_seq >= CYCLE {
+            ext_seq -= CYCLE;
+        } else if ext_seq + CYCLE / 2 < last {
+            ext_seq += CYCLE;
+        }
+        let has = |f: u8| slot.flags & f != 0;
+        Some(SentEntry {
+            layer: slot.layer,
+            ext_seq,
+            rewrite: Rewrite {
+                seq,
+                timestamp: slot.timestamp,
+                picture_id: has(HAS_PICTURE_ID).then_some(slot.picture_id),
+                tl0_pic_idx: has(HAS_TL0_PIC_IDX).then_some(slot.tl0_pic_idx),
+                switched: has(SWITCHED),
+            },
+        })
     }
 
     /// Notes a NACK for `seq`; true the first time that packet is NACKed
     /// (receivers repeat NACKs until the packet arrives; loss counts once).
     pub fn first_nack(&mut self, seq: u16) -> bool {
-        let i = seq as usize % SENT_LOG;
-        match (&self.slots[i], self.nacked[i]) {
-            (Some(e), false) if e.rewrite.seq == seq => {
-                self.nacked[i] = true;
-                true
-            }
-            _ => false,
+        let slot = &mut self.slots[seq as usize % SENT_LOG];
+        if !slot.holds(seq) || slot.flags & NACKED != 0 {
+            return false;
         }
+        slot.flags |= NACKED;
+        true
     }
 }
 
@@ -241,6 +304,7 @@ mod tests {
         log.record(entry(0, 11));
         assert_eq!(log.lookup(65_535).unwrap().ext_seq, 10);
         assert_eq!(log.lookup(0).unwrap().ext_seq, 11);
+        assert_eq!(log.lookup(0).unwrap(), entry(0, 11), "every field back");
         assert_eq!(log.lookup(1), None);
         log.record(entry(1024, 12)); // same slot as 0
         assert_eq!(log.lookup(0), None);
@@ -249,5 +313,43 @@ mod tests {
         assert!(log.first_nack(1024));
         assert!(!log.first_nack(1024));
         assert!(!log.first_nack(5));
+        // A re-recorded slot is NACKable again.
+        log.record(entry(1024, 13));
+        assert!(log.first_nack(1024));
+    }
+
+    #[test]
+    fn sent_log_keeps_every_field_and_sequence_numbers_past_32_bits() {
+        let mut log = SentLog::new();
+        let rewrite = Rewrite {
+            seq: 7,
+            timestamp: 0xFFFF_FFF0,
+            picture_id: Some(0x7FFF),
+            tl0_pic_idx: Some(0),
+            switched: true,
+        };
+        let near_cycle = (5u64 << 32) - 3;
+        let sent = SentEntry {
+            layer: 2,
+            ext_seq: near_cycle,
+            rewrite,
+        };
+        log.record(sent);
+        let plain = |seq: u16, ext_seq: u64| SentEntry {
+            layer: 0,
+            ext_seq,
+            rewrite: Rewrite {
+                seq,
+                timestamp: 1,
+                picture_id: None,
+                tl0_pic_idx: None,
+                switched: false,
+            },
+        };
+        // Later packets cross into the next 2^32 cycle.
+        log.record(plain(8, near_cycle + 10));
+        assert_eq!(log.lookup(7), Some(sent));
+        assert_eq!(log.lookup(8), Some(plain(8, near_cycle + 10)));
+        assert_eq!(std::mem::size_of::<Slot>(), 16);
     }
 }
