@@ -446,7 +446,10 @@ impl Conn {
             // it, and the source's payload.
             let buffer = &mut *sink.buffer;
             debug_assert!(buffer.is_empty());
-            if buffer.capacity() < size {
+            // Once every datagram cut from it has been sent and dropped,
+            // the buffer is taken back whole: the same memory, still in
+            // the cache, for the next packets.
+            if buffer.capacity() < size && !buffer.try_reclaim(OUT_BUFFER_PACKETS * 1500) {
                 *buffer = BytesMut::with_capacity(size.max(OUT_BUFFER_PACKETS * 1500));
             }
             buffer.resize(header_len, 0);
