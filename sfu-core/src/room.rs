@@ -449,8 +449,9 @@ impl Conn {
             // Once every datagram cut from it has been sent and dropped,
             // the buffer is taken back whole: the same memory, still in
             // the cache, for the next packets.
-            if buffer.capacity() < size && !buffer.try_reclaim(OUT_BUFFER_PACKETS * 1500) {
-                *buffer = BytesMut::with_capacity(size.max(OUT_BUFFER_PACKETS * 1500));
+            let chunk = size.max(OUT_BUFFER_PACKETS * 1500);
+            if buffer.capacity() < size && !buffer.try_reclaim(chunk) {
+                *buffer = BytesMut::with_capacity(chunk);
             }
             buffer.resize(header_len, 0);
             if let Err(e) = source.header.marshal_to(&mut buffer[..]) {

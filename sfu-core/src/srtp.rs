@@ -669,6 +669,24 @@ mod tests {
         }
     }
 
+    /// Both profiles, as ours and as the engine's.
+    const BOTH: [(Profile, ProtectionProfile); 2] = [
+        (Profile::AeadAes128Gcm, ProtectionProfile::AeadAes128Gcm),
+        (
+            Profile::Aes128CmHmacSha1_80,
+            ProtectionProfile::Aes128CmHmacSha1_80,
+        ),
+    ];
+
+    /// The engine's SRTP context for `keys`, without replay protection.
+    fn engine_context(
+        keys: &MasterKeys,
+        profile: ProtectionProfile,
+        crypto: &dyn RTCCrypto,
+    ) -> Context {
+        Context::new(&keys.key, &keys.salt, profile, None, None, crypto).unwrap()
+    }
+
     /// Our encryption, decrypted by the engine's own SRTP implementation,
     /// across a sequence-number wrap and with a retransmission from before
     /// it.
@@ -676,15 +694,7 @@ mod tests {
         let provider = rtc::crypto::default_provider().unwrap();
         let keys = keys(profile);
         let mut sender = SrtpSender::new(&keys, provider.crypto()).unwrap();
-        let mut receiver = Context::new(
-            &keys.key,
-            &keys.salt,
-            rtc_profile,
-            None,
-            None,
-            provider.crypto(),
-        )
-        .unwrap();
+        let mut receiver = engine_context(&keys, rtc_profile, provider.crypto());
         let seqs: Vec<u16> = (65_530..=65_535).chain(0..6).chain([65_534, 7]).collect();
         for (i, seq) in seqs.into_iter().enumerate() {
             let payload = vec![i as u8; 200 + i];
@@ -712,20 +722,14 @@ mod tests {
 
     #[test]
     fn the_capture_sees_the_keys_the_engine_derives_from() {
-        for (profile, rtc_profile) in [
-            (Profile::AeadAes128Gcm, ProtectionProfile::AeadAes128Gcm),
-            (
-                Profile::Aes128CmHmacSha1_80,
-                ProtectionProfile::Aes128CmHmacSha1_80,
-            ),
-        ] {
+        for (profile, rtc_profile) in BOTH {
             let capture = KeyCapture::with_default_provider().unwrap();
             let local = keys(profile);
             let mut remote = keys(profile);
             remote.key.reverse();
             assert_eq!(capture.outbound(), None);
             for k in [&local, &remote] {
-                Context::new(&k.key, &k.salt, rtc_profile, None, None, &capture).unwrap();
+                engine_context(k, rtc_profile, &capture);
             }
             assert_eq!(capture.outbound(), Some(local));
             assert_eq!(capture.inbound(), Some(remote));
@@ -782,23 +786,9 @@ mod tests {
     #[test]
     fn the_receiver_decrypts_what_the_engine_encrypts() {
         let provider = rtc::crypto::default_provider().unwrap();
-        for (profile, rtc_profile) in [
-            (Profile::AeadAes128Gcm, ProtectionProfile::AeadAes128Gcm),
-            (
-                Profile::Aes128CmHmacSha1_80,
-                ProtectionProfile::Aes128CmHmacSha1_80,
-            ),
-        ] {
+        for (profile, rtc_profile) in BOTH {
             let keys = keys(profile);
-            let mut client = Context::new(
-                &keys.key,
-                &keys.salt,
-                rtc_profile,
-                None,
-                None,
-                provider.crypto(),
-            )
-            .unwrap();
+            let mut client = engine_context(&keys, rtc_profile, provider.crypto());
             let mut receiver = SrtpReceiver::new(&keys, provider.crypto()).unwrap();
             let mut buffer = BytesMut::new();
             let mut encrypt = |ssrc: u32, seq: u16| {
