@@ -2286,6 +2286,9 @@ impl Room {
         packet.header.extensions.clear();
         packet.header.extension_profile = 0;
         packet.header.extensions_padding = 0;
+        // The payload excludes any padding the publisher added; the header
+        // must not claim it.
+        packet.header.padding = false;
         source.cache.insert(ext_seq, now, &packet);
         // Payload plus RTP/UDP/IP headers, as the subscriber's link sees it.
         source.rate.add(now, packet.payload.len() + 40);

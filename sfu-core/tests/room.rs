@@ -1008,3 +1008,29 @@ fn a_rooms_timers_keep_one_beat_and_feedback_keeps_its_pace() {
         assert!((0.6..=1.1).contains(&rr), "{rr} receiver reports/s");
     }
 }
+
+/// RTP padding on published packets (the P bit, its count in the last
+/// byte) is not forwarded: a subscriber gets each payload whole and no P
+/// bit, whether the engine or the room decrypted the packet.
+#[test]
+fn padded_media_reaches_subscribers_without_its_padding() {
+    let mut h = Harness::new();
+    let a = h.join("alice", true);
+    h.clients[a].pad_video = true;
+    let b = h.join("bob", false);
+    connect_all(&mut h, &[a], &[(b, a)]);
+    pump(&mut h, &[a], 30);
+    let payloads = h.video_payloads_from(b, a);
+    assert!(
+        payloads.len() >= 30,
+        "{} video packets arrived",
+        payloads.len()
+    );
+    for (i, p) in payloads.iter().enumerate() {
+        assert_eq!(p.len(), common::PAYLOAD_BODY + 100, "packet {i}");
+        assert!(
+            p[common::PAYLOAD_BODY..].iter().all(|b| *b == 0xAB),
+            "packet {i}"
+        );
+    }
+}

@@ -293,6 +293,8 @@ pub struct Client {
     /// Stream slots (simulcast layers) this publisher has stopped sending.
     pub stopped_slots: Vec<u8>,
     pub seq: u16,
+    /// Video packets carry RTP padding (the P bit, a count in the last byte).
+    pub pad_video: bool,
 }
 
 pub struct Harness {
@@ -398,6 +400,7 @@ impl Harness {
             receiver_reports: Vec::new(),
             twcc_feedback: 0,
             stopped_slots: Vec::new(),
+            pad_video: false,
             seq: 0,
         };
         if publish {
@@ -889,6 +892,7 @@ impl Harness {
         let requested = c.keyframe_requests.len() > c.keyframes_sent_for;
         c.keyframes_sent_for = c.keyframe_requests.len();
         let keyframe = seq % 30 == 1 || requested;
+        let pad_video = c.pad_video;
         let Some(pc) = c.publisher.as_mut() else {
             return;
         };
@@ -933,6 +937,7 @@ impl Harness {
                 version: 2,
                 marker: true,
                 payload_type: *pt,
+                padding: pad_video && *pt != OPUS_PAYLOAD_TYPE,
                 sequence_number: seq,
                 // One frame per 20 ms on the codec's clock, from a base of
                 // its own per stream (as encoders pick random ones).
