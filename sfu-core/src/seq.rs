@@ -27,11 +27,18 @@ impl<const BITS: u32> Extender<BITS> {
     /// The extended value of a wire value. The first value lands in cycle 1
     /// so that packets reordered before it still have a place below it.
     pub fn extend(&mut self, wire: u64) -> u64 {
+        let value = self.value_of(wire);
+        self.accept(value);
+        value
+    }
+
+    /// The extended value `wire` would get, without taking it in (for a
+    /// value to be accepted only once it is known good: an SRTP index
+    /// before authentication).
+    pub fn value_of(&self, wire: u64) -> u64 {
         let wire = wire & (Self::CYCLE - 1);
         let Some(highest) = self.highest else {
-            let first = Self::CYCLE + wire;
-            self.highest = Some(first);
-            return first;
+            return Self::CYCLE + wire;
         };
         let cycle = highest & !(Self::CYCLE - 1);
         let mut value = cycle | wire;
@@ -40,10 +47,14 @@ impl<const BITS: u32> Extender<BITS> {
         } else if value > highest + Self::HALF && value >= Self::CYCLE {
             value -= Self::CYCLE;
         }
-        if value > highest {
+        value
+    }
+
+    /// Takes in an extended value (from [`value_of`](Self::value_of)).
+    pub fn accept(&mut self, value: u64) {
+        if self.highest.is_none_or(|h| value > h) {
             self.highest = Some(value);
         }
-        value
     }
 
     /// The highest extended value seen.

@@ -32,6 +32,7 @@ use rtc::crypto::{
 use rustc_hash::FxHashMap;
 
 use crate::rtp::RtpView;
+use crate::seq::SeqExtender;
 
 /// The SRTP protection profiles the server negotiates, in its order of
 /// preference. [`KeyCapture`] tells them apart by the ciphers the engine
@@ -283,24 +284,14 @@ impl RTCCrypto for KeyCapture {
 }
 
 /// The packet index (RFC 3711 3.3.1: rollover counter and sequence number)
-/// of `seq` on a stream whose highest index so far is `highest`: the one
-/// closest to it. None for a packet from before the stream's first
-/// rollover period, which no index can have.
-fn packet_index(highest: u64, seq: u16) -> Option<u64> {
-    let roc = highest >> 16;
-    let highest_seq = highest as u16;
-    let roc = if highest_seq < 0x8000 {
-        if seq > highest_seq && seq - highest_seq > 0x8000 {
-            roc.checked_sub(1)?
-        } else {
-            roc
-        }
-    } else if seq < highest_seq && highest_seq - seq > 0x8000 {
-        roc + 1
-    } else {
-        roc
-    };
-    Some(roc << 16 | seq as u64)
+/// of `seq` on a stream whose sequence numbers `seen` has extended so far:
+/// the index closest to the highest, as RFC 3711 estimates it. The
+/// extender puts a stream's first packet in its cycle 1, SRTP in rollover
+/// period 0. None for a packet from before the stream's first period,
+/// which no index can have.
+fn packet_index(seen: &SeqExtender, seq: u16) -> (u64, Option<u64>) {
+    let extended = seen.value_of(seq as u64);
+    (extended, extended.checked_sub(1 << 16))
 }
 
 /// Why a packet could not be protected.
@@ -325,8 +316,8 @@ pub struct SrtpSender {
     profile: Profile,
     cipher: Cipher,
     session_salt: Vec<u8>,
-    /// The highest packet index sent, per SSRC.
-    sent: FxHashMap<u32, u64>,
+    /// The sequence numbers sent, per SSRC.
+    sent: FxHashMap<u32, SeqExtender>,
 }
 
 /// The SRTP key derivation function (RFC 3711 4.3.3, key derivation rate
@@ -416,10 +407,10 @@ impl SrtpSender {
         let ssrc = u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
         // A retransmission may be from before a wrap; one from before the
         // first period keeps rollover counter 0.
-        let highest = self.sent.entry(ssrc).or_insert(seq as u64);
-        let index = packet_index(*highest, seq).unwrap_or(seq as u64);
-        *highest = (*highest).max(index);
-        let roc = (index >> 16) as u32;
+        let seen = self.sent.entry(ssrc).or_default();
+        let (extended, index) = packet_index(seen, seq);
+        seen.accept(extended);
+        let roc = (index.unwrap_or(0) >> 16) as u32;
         match &mut self.cipher {
             Cipher::Gcm(aead) => {
                 let nonce = gcm_nonce(&self.session_salt, ssrc, roc, seq);
@@ -469,40 +460,43 @@ pub enum UnprotectError {
 /// Inbound replay window, as the engine's (packets).
 const REPLAY_WINDOW: u64 = 64;
 
-/// The highest packet index (RFC 3711 3.3.1: rollover counter and sequence
-/// number) authenticated on one stream, and which of the 64 before it were.
-#[derive(Debug, Clone, Copy)]
+/// The sequence numbers authenticated on one stream: the highest, and
+/// which of the 64 before it were received.
+#[derive(Debug, Clone, Default)]
 struct ReplayWindow {
-    highest: u64,
-    /// Bit `k`: index `highest - k` was received.
+    seq: SeqExtender,
+    /// Bit `k`: the packet `k` behind the highest was received.
     seen: u64,
 }
 
 impl ReplayWindow {
-    /// Whether `index` is new: ahead of the highest, or within the window
-    /// and not yet received.
-    fn is_new(&self, index: u64) -> bool {
-        if index > self.highest {
-            return true;
+    /// Whether the packet of extended sequence number `value` is new:
+    /// ahead of the highest, or within the window and not yet received.
+    fn is_new(&self, value: u64) -> bool {
+        match self.seq.highest() {
+            Some(highest) if value <= highest => {
+                let behind = highest - value;
+                behind < REPLAY_WINDOW && self.seen & (1 << behind) == 0
+            }
+            _ => true,
         }
-        let behind = self.highest - index;
-        behind < REPLAY_WINDOW && self.seen & (1 << behind) == 0
     }
 
     /// Notes an authenticated packet.
-    fn accept(&mut self, index: u64) {
-        if index > self.highest {
-            let ahead = index - self.highest;
-            self.seen = if ahead >= REPLAY_WINDOW {
-                0
-            } else {
-                self.seen << ahead
-            };
-            self.seen |= 1;
-            self.highest = index;
-        } else {
-            self.seen |= 1 << (self.highest - index);
+    fn accept(&mut self, value: u64) {
+        match self.seq.highest() {
+            Some(highest) if value <= highest => self.seen |= 1 << (highest - value),
+            Some(highest) => {
+                let ahead = value - highest;
+                self.seen = if ahead >= REPLAY_WINDOW {
+                    1
+                } else {
+                    self.seen << ahead | 1
+                };
+            }
+            None => self.seen = 1,
         }
+        self.seq.accept(value);
     }
 }
 
@@ -543,18 +537,13 @@ impl SrtpReceiver {
         }
         let (ssrc, seq) = (header.ssrc, header.sequence_number);
         let at = self.streams.iter().position(|(s, _)| *s == ssrc);
-        let index = match at {
-            Some(at) => {
-                let window = &self.streams[at].1;
-                let index = packet_index(window.highest, seq).ok_or(UnprotectError::Replay)?;
-                if !window.is_new(index) {
-                    return Err(UnprotectError::Replay);
-                }
-                index
-            }
-            // The first packet of a stream starts its first rollover period.
-            None => seq as u64,
-        };
+        let fresh = ReplayWindow::default();
+        let window = at.map_or(&fresh, |at| &self.streams[at].1);
+        let (extended, index) = packet_index(&window.seq, seq);
+        let index = index.ok_or(UnprotectError::Replay)?;
+        if !window.is_new(extended) {
+            return Err(UnprotectError::Replay);
+        }
         let roc = (index >> 16) as u32;
         let body_end = encrypted.len() - tag_len;
         let (body, tag) = encrypted.split_at(body_end);
@@ -589,14 +578,12 @@ impl SrtpReceiver {
             }
         }
         match at {
-            Some(at) => self.streams[at].1.accept(index),
-            None => self.streams.push((
-                ssrc,
-                ReplayWindow {
-                    highest: index,
-                    seen: 1,
-                },
-            )),
+            Some(at) => self.streams[at].1.accept(extended),
+            None => {
+                let mut window = fresh;
+                window.accept(extended);
+                self.streams.push((ssrc, window));
+            }
         }
         Ok(buffer.split())
     }
@@ -873,10 +860,8 @@ mod tests {
 
     #[test]
     fn the_replay_window_takes_each_index_once() {
-        let mut w = ReplayWindow {
-            highest: 100,
-            seen: 1,
-        };
+        let mut w = ReplayWindow::default();
+        w.accept(100);
         assert!(w.is_new(101) && !w.is_new(100));
         assert!(w.is_new(99) && w.is_new(37) && !w.is_new(36), "64 behind");
         w.accept(99);
@@ -890,15 +875,23 @@ mod tests {
 
     #[test]
     fn packet_index_follows_wraps_and_late_packets() {
-        let ahead = |highest: u64, seq| packet_index(highest, seq);
-        assert_eq!(ahead(65_000, 65_500), Some(65_500));
-        assert_eq!(ahead(65_500, 10), Some(65_536 + 10), "a wrap");
+        let mut seen = SeqExtender::new();
+        let mut index = |seq: u16| {
+            let (extended, index) = packet_index(&seen, seq);
+            seen.accept(extended);
+            index
+        };
+        assert_eq!(index(65_000), Some(65_000), "the first, in period 0");
+        assert_eq!(index(65_500), Some(65_500));
+        assert_eq!(index(10), Some(65_536 + 10), "a wrap");
+        assert_eq!(index(65_400), Some(65_400), "late, from before the wrap");
+        assert_eq!(index(20), Some(65_536 + 20));
+        let mut seen = SeqExtender::new();
+        seen.extend(10);
         assert_eq!(
-            ahead(65_536 + 10, 65_400),
-            Some(65_400),
-            "late, from before the wrap"
+            packet_index(&seen, 65_530).1,
+            None,
+            "from before the first period"
         );
-        assert_eq!(ahead(65_536 + 10, 20), Some(65_536 + 20));
-        assert_eq!(ahead(10, 65_530), None, "from before the first period");
     }
 }
