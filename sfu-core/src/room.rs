@@ -52,7 +52,7 @@ use crate::forwarder::{Forwarder, Layer, PacketInfo, Preference, Verdict};
 use crate::ids::{ConnId, ParticipantId, SeededRng, TrackKey};
 use crate::rtp::RtpView;
 use crate::seq::SeqExtender;
-use crate::srtp::{KeyCapture, MasterKeys, SrtpReceiver, SrtpSender};
+use crate::srtp::{KeyCapture, MasterKeys, SrtpReceiver, SrtpSender, SrtpStream};
 use crate::vp8;
 
 /// Keyframe requests to one publisher track are sent at most this often.
@@ -425,13 +425,15 @@ impl Outgoing<'_> {
 
 impl Conn {
     /// Sends `source` on `sender`, rewritten as `out` says: encrypted here
-    /// and queued straight to the selected path when the connection's keys
-    /// are known, else through the engine. Returns how it was sent, if it
-    /// was.
+    /// (as part of `stream`, the down track's SRTP stream) and queued
+    /// straight to the selected path when the connection's keys are known,
+    /// else through the engine. Returns how it was sent, if it was.
+    #[allow(clippy::too_many_arguments)]
     fn send_rtp(
         &mut self,
         id: ConnId,
         sender: RTCRtpSenderId,
+        stream: &mut SrtpStream,
         now: Instant,
         source: &rtc::rtp::Packet,
         out: &Outgoing<'_>,
@@ -464,7 +466,7 @@ impl Conn {
             if let Some((d, picture_id, tl0_pic_idx)) = out.vp8 {
                 vp8::rewrite(&mut buffer[header_len..], d, picture_id, tl0_pic_idx);
             }
-            if let Err(e) = srtp.protect(buffer, header_len) {
+            if let Err(e) = srtp.protect(stream, buffer, header_len) {
                 tracing::trace!(error = %e, "srtp");
                 buffer.clear();
                 return None;
@@ -617,6 +619,8 @@ struct DownTrack {
     pref: SubscriptionPref,
     /// What went out under which sequence number, for NACKs.
     sent: SentLog,
+    /// The SRTP state of this track's SSRC on the subscriber connection.
+    srtp: SrtpStream,
     /// When the allocator last changed this track's allocation.
     last_upgrade: Option<Instant>,
     /// Since when the estimate has been too small for the lowest layer.
@@ -1555,6 +1559,7 @@ impl Room {
                     forwarder,
                     pref: SubscriptionPref::default(),
                     sent: SentLog::new(),
+                    srtp: SrtpStream::default(),
                     last_upgrade: None,
                     short_since: None,
                     packets_sent: 0,
@@ -2744,10 +2749,10 @@ impl Room {
             stats,
             ..
         } = self;
-        let Some(p) = participants.get(&sub) else {
+        let Some(p) = participants.get_mut(&sub) else {
             return;
         };
-        let (Some(conn), Some(down)) = (p.subscriber, p.down_tracks.get(&key)) else {
+        let (Some(conn), Some(down)) = (p.subscriber, p.down_tracks.get_mut(&key)) else {
             return;
         };
         let found = down.sent.lookup(seq).and_then(|entry| {
@@ -2789,7 +2794,15 @@ impl Room {
             dirty,
             buffer: out_buffer,
         };
-        if let Some(by) = c.send_rtp(conn, down.sender, now, packet, &out, &mut sink) {
+        if let Some(by) = c.send_rtp(
+            conn,
+            down.sender,
+            &mut down.srtp,
+            now,
+            packet,
+            &out,
+            &mut sink,
+        ) {
             stats.retransmissions += 1;
             stats.rtp_sent_by_room += u64::from(by == SentBy::Room);
         }
@@ -2985,7 +2998,7 @@ fn deliver(
                 )
             }),
     };
-    if let Some(by) = c.send_rtp(conn, down.sender, now, packet, &out, sink) {
+    if let Some(by) = c.send_rtp(conn, down.sender, &mut down.srtp, now, packet, &out, sink) {
         stats.rtp_forwarded += 1;
         stats.rtp_sent_by_room += u64::from(by == SentBy::Room);
         stats.bytes_forwarded += bytes;

@@ -20,6 +20,7 @@
 //! one second, so the first of each pair is ours to send with and the
 //! second is the publisher's.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -29,7 +30,6 @@ use rtc::crypto::{
     HmacAlgorithm, KeyExchangeAlgorithm, Mac, PublicKey, RTCCrypto, RTCCryptoProvider, RTCRandom,
     SignatureScheme, SigningKey, StreamCipher, StreamCipherAlgorithm,
 };
-use rustc_hash::FxHashMap;
 
 use crate::rtp::RtpView;
 use crate::seq::SeqExtender;
@@ -311,13 +311,33 @@ enum Cipher {
     },
 }
 
-/// Encrypts RTP for one connection's outbound direction.
+/// The longest session salt of the profiles (AES-CM's).
+const MAX_SALT: usize = 14;
+
+/// Encrypts RTP for one connection's outbound direction. What each stream
+/// has sent (for its rollover counter) is kept by the stream's owner, in
+/// an [`SrtpStream`]: the down track, whose other state the forwarded
+/// packet touches anyway.
 pub struct SrtpSender {
     profile: Profile,
     cipher: Cipher,
-    session_salt: Vec<u8>,
-    /// The sequence numbers sent, per SSRC.
-    sent: FxHashMap<u32, SeqExtender>,
+    /// Only the first bytes, the profile's salt length, are used.
+    session_salt: [u8; MAX_SALT],
+    /// Tells this sender's streams from those of earlier keys.
+    session: u64,
+}
+
+/// Distinct for every [`SrtpSender`] made.
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// The sending state of one outbound SRTP stream (one SSRC): the sequence
+/// numbers sent, for the RFC 3711 rollover counter. It starts over when
+/// the connection's keys change, as the receiver's context then does.
+#[derive(Debug, Clone, Default)]
+pub struct SrtpStream {
+    /// The [`SrtpSender`] whose stream this is; 0 for none yet.
+    session: u64,
+    sent: SeqExtender,
 }
 
 /// The SRTP key derivation function (RFC 3711 4.3.3, key derivation rate
@@ -365,7 +385,14 @@ impl SrtpSender {
             });
         }
         let session_key = derive(crypto, &keys.key, &keys.salt, LABEL_SRTP_ENCRYPTION, 16)?;
-        let session_salt = derive(crypto, &keys.key, &keys.salt, LABEL_SRTP_SALT, salt_len)?;
+        let mut session_salt = [0u8; MAX_SALT];
+        session_salt[..salt_len].copy_from_slice(&derive(
+            crypto,
+            &keys.key,
+            &keys.salt,
+            LABEL_SRTP_SALT,
+            salt_len,
+        )?);
         let cipher = match keys.profile {
             Profile::AeadAes128Gcm => {
                 Cipher::Gcm(crypto.new_aead(AeadAlgorithm::Aes128Gcm, &session_key)?)
@@ -384,7 +411,7 @@ impl SrtpSender {
             profile: keys.profile,
             cipher,
             session_salt,
-            sent: FxHashMap::default(),
+            session: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -393,10 +420,12 @@ impl SrtpSender {
     }
 
     /// Encrypts the RTP packet in `packet` (header of `header_len` bytes,
-    /// then payload) in place and appends the tag. `packet` should have
-    /// [`Profile::overhead`] bytes of spare capacity.
+    /// then payload) in place and appends the tag. `stream` is the state of
+    /// the packet's SSRC, the same one for every packet of it. `packet`
+    /// should have [`Profile::overhead`] bytes of spare capacity.
     pub fn protect(
         &mut self,
+        stream: &mut SrtpStream,
         packet: &mut BytesMut,
         header_len: usize,
     ) -> Result<(), ProtectError> {
@@ -405,11 +434,16 @@ impl SrtpSender {
         }
         let seq = u16::from_be_bytes([packet[2], packet[3]]);
         let ssrc = u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
+        if stream.session != self.session {
+            *stream = SrtpStream {
+                session: self.session,
+                sent: SeqExtender::default(),
+            };
+        }
         // A retransmission may be from before a wrap; one from before the
         // first period keeps rollover counter 0.
-        let seen = self.sent.entry(ssrc).or_default();
-        let (extended, index) = packet_index(seen, seq);
-        seen.accept(extended);
+        let (extended, index) = packet_index(&stream.sent, seq);
+        stream.sent.accept(extended);
         let roc = (index.unwrap_or(0) >> 16) as u32;
         match &mut self.cipher {
             Cipher::Gcm(aead) => {
@@ -439,7 +473,7 @@ impl SrtpSender {
 pub struct SrtpReceiver {
     profile: Profile,
     cipher: Cipher,
-    session_salt: Vec<u8>,
+    session_salt: [u8; MAX_SALT],
     /// A publisher connection carries a handful of streams.
     streams: Vec<(u32, ReplayWindow)>,
 }
@@ -590,7 +624,7 @@ impl SrtpReceiver {
 }
 
 /// RFC 7714 8.1: 00 00 || SSRC || ROC || SEQ, XOR the salt.
-fn gcm_nonce(salt: &[u8], ssrc: u32, roc: u32, seq: u16) -> [u8; 12] {
+fn gcm_nonce(salt: &[u8; MAX_SALT], ssrc: u32, roc: u32, seq: u16) -> [u8; 12] {
     let mut nonce = [0u8; 12];
     nonce[2..6].copy_from_slice(&ssrc.to_be_bytes());
     nonce[6..10].copy_from_slice(&roc.to_be_bytes());
@@ -602,9 +636,9 @@ fn gcm_nonce(salt: &[u8], ssrc: u32, roc: u32, seq: u16) -> [u8; 12] {
 }
 
 /// RFC 3711 4.1.1: salt * 2^16 XOR SSRC * 2^64 XOR index * 2^16.
-fn cm_iv(salt: &[u8], ssrc: u32, roc: u32, seq: u16) -> [u8; 16] {
+fn cm_iv(salt: &[u8; MAX_SALT], ssrc: u32, roc: u32, seq: u16) -> [u8; 16] {
     let mut iv = [0u8; 16];
-    iv[..14].copy_from_slice(salt);
+    iv[..MAX_SALT].copy_from_slice(salt);
     for (i, b) in ssrc.to_be_bytes().into_iter().enumerate() {
         iv[4 + i] ^= b;
     }
@@ -682,15 +716,44 @@ mod tests {
         let keys = keys(profile);
         let mut sender = SrtpSender::new(&keys, provider.crypto()).unwrap();
         let mut receiver = engine_context(&keys, rtc_profile, provider.crypto());
+        let mut stream = SrtpStream::default();
         let seqs: Vec<u16> = (65_530..=65_535).chain(0..6).chain([65_534, 7]).collect();
         for (i, seq) in seqs.into_iter().enumerate() {
             let payload = vec![i as u8; 200 + i];
             let (mut buf, header_len) = packet(0x1234_5678, seq, &payload);
-            sender.protect(&mut buf, header_len).unwrap();
+            sender.protect(&mut stream, &mut buf, header_len).unwrap();
             assert_eq!(buf.len(), header_len + payload.len() + profile.overhead());
             assert_ne!(&buf[header_len..header_len + payload.len()], &payload[..]);
             let plain = receiver.decrypt_rtp(&buf).unwrap();
             assert_eq!(&plain[header_len..], &payload[..], "seq {seq}");
+        }
+    }
+
+    /// A stream carried over to new keys (a DTLS renegotiation) starts its
+    /// rollover counter over, as the receiver's new context expects.
+    #[test]
+    fn a_stream_starts_over_under_new_keys() {
+        let provider = rtc::crypto::default_provider().unwrap();
+        for (profile, rtc_profile) in BOTH {
+            let keys = keys(profile);
+            let mut stream = SrtpStream::default();
+            let mut first = SrtpSender::new(&keys, provider.crypto()).unwrap();
+            let mut old = engine_context(&keys, rtc_profile, provider.crypto());
+            // Past a wrap: rollover counter 1.
+            for seq in [65_534u16, 65_535, 0, 1] {
+                let (mut buf, header_len) = packet(7, seq, &[seq as u8; 50]);
+                first.protect(&mut stream, &mut buf, header_len).unwrap();
+                assert!(old.decrypt_rtp(&buf).is_ok(), "{profile:?} seq {seq}");
+            }
+            let mut second = SrtpSender::new(&keys, provider.crypto()).unwrap();
+            let mut new = engine_context(&keys, rtc_profile, provider.crypto());
+            for seq in [2u16, 3] {
+                let payload = [seq as u8; 50];
+                let (mut buf, header_len) = packet(7, seq, &payload);
+                second.protect(&mut stream, &mut buf, header_len).unwrap();
+                let plain = new.decrypt_rtp(&buf).unwrap();
+                assert_eq!(&plain[header_len..], &payload[..], "{profile:?} seq {seq}");
+            }
         }
     }
 
@@ -733,10 +796,11 @@ mod tests {
             let mut sender = SrtpSender::new(&keys, provider.crypto()).unwrap();
             let mut receiver = SrtpReceiver::new(&keys, provider.crypto()).unwrap();
             let mut buffer = BytesMut::new();
+            let mut stream = SrtpStream::default();
             for seq in [65_534u16, 65_535, 0, 1] {
                 let payload = vec![seq as u8; 300];
                 let (mut buf, header_len) = packet(0x0BAD_CAFE, seq, &payload);
-                sender.protect(&mut buf, header_len).unwrap();
+                sender.protect(&mut stream, &mut buf, header_len).unwrap();
                 let view = RtpView::parse(&buf).unwrap();
                 let mut damaged = buf.clone();
                 damaged[header_len + 7] ^= 0x40;
