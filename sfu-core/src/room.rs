@@ -612,6 +612,57 @@ fn temporal_for_fps(fps: u32) -> u8 {
     }
 }
 
+/// Where a down track lives in [`Downs`], for its whole life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DownId(usize);
+
+/// Every down track of the room, each in a slot of its own: the forwarding
+/// loop reaches a subscriber's down track from the published track's list
+/// without a map lookup, and the down tracks of one track, made one after
+/// another, mostly lie together.
+struct Downs<T = DownTrack> {
+    slots: Vec<Option<T>>,
+    free: Vec<usize>,
+}
+
+impl<T> Default for Downs<T> {
+    fn default() -> Self {
+        Downs {
+            slots: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<T> Downs<T> {
+    fn insert(&mut self, down: T) -> DownId {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(down);
+                DownId(i)
+            }
+            None => {
+                self.slots.push(Some(down));
+                DownId(self.slots.len() - 1)
+            }
+        }
+    }
+
+    fn remove(&mut self, id: DownId) -> Option<T> {
+        let down = self.slots.get_mut(id.0)?.take()?;
+        self.free.push(id.0);
+        Some(down)
+    }
+
+    fn get(&self, id: DownId) -> Option<&T> {
+        self.slots.get(id.0)?.as_ref()
+    }
+
+    fn get_mut(&mut self, id: DownId) -> Option<&mut T> {
+        self.slots.get_mut(id.0)?.as_mut()
+    }
+}
+
 struct DownTrack {
     sender: RTCRtpSenderId,
     ssrc: u32,
@@ -645,7 +696,8 @@ struct Participant {
     subscriber: Option<ConnId>,
     /// Engine track id on the publisher connection -> published track.
     published: HashMap<String, TrackKey>,
-    down_tracks: BTreeMap<TrackKey, DownTrack>,
+    /// The tracks subscribed to, and where their down tracks are.
+    down_tracks: BTreeMap<TrackKey, DownId>,
     negotiation: Negotiator,
     /// Downlink estimate of the subscriber connection, bits per second:
     /// the lower of the receiver's REMB and the loss-based estimate.
@@ -709,7 +761,8 @@ struct PublishedTrack {
     /// The layers seen so far.
     layers: Vec<PubLayer>,
     muted: bool,
-    subscribers: Vec<ParticipantId>,
+    /// Subscribers, with their down track of this track.
+    subscribers: Vec<(ParticipantId, DownId)>,
     /// Dynacast: layers the publisher was told not to send, and since when
     /// each active layer has been wanted by nobody.
     disabled: Vec<Layer>,
@@ -751,6 +804,7 @@ pub struct Room {
     by_addr: FxHashMap<SocketAddr, ConnId>,
     tracks: BTreeMap<TrackKey, PublishedTrack>,
     next_track: u64,
+    downs: Downs,
     down_by_ssrc: FxHashMap<u32, (ParticipantId, TrackKey)>,
     dirty: Vec<ConnId>,
     outputs: VecDeque<Output>,
@@ -785,6 +839,7 @@ impl Room {
             by_ufrag: HashMap::new(),
             by_addr: FxHashMap::default(),
             tracks: BTreeMap::new(),
+            downs: Downs::default(),
             next_track: 1,
             down_by_ssrc: FxHashMap::default(),
             dirty: Vec::new(),
@@ -1092,6 +1147,17 @@ impl Room {
             .push_back(Output::Event(RoomEvent::UfragAdded(ufrag)));
     }
 
+    /// The down track of `sub` for `key`, if subscribed.
+    fn down(&self, sub: ParticipantId, key: TrackKey) -> Option<&DownTrack> {
+        let id = *self.participants.get(&sub)?.down_tracks.get(&key)?;
+        self.downs.get(id)
+    }
+
+    fn down_mut(&mut self, sub: ParticipantId, key: TrackKey) -> Option<&mut DownTrack> {
+        let id = *self.participants.get(&sub)?.down_tracks.get(&key)?;
+        self.downs.get_mut(id)
+    }
+
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
         self.conns.get_mut(id.0).and_then(Option::as_deref_mut)
     }
@@ -1144,9 +1210,11 @@ impl Room {
             return;
         };
         for (key, down) in &p.down_tracks {
-            self.down_by_ssrc.remove(&down.ssrc);
+            if let Some(down) = self.downs.remove(*down) {
+                self.down_by_ssrc.remove(&down.ssrc);
+            }
             if let Some(track) = self.tracks.get_mut(key) {
-                track.subscribers.retain(|s| *s != id);
+                track.subscribers.retain(|(s, _)| *s != id);
             }
         }
         let mut ufrags = Vec::new();
@@ -1288,11 +1356,7 @@ impl Room {
                         ErrorCode::NotAllowed,
                         format!("not subscribed to track {track_sid}"),
                     ))?;
-                if let Some(down) = self
-                    .participants
-                    .get_mut(&id)
-                    .and_then(|p| p.down_tracks.get_mut(&key))
-                {
+                if let Some(down) = self.down_mut(id, key) {
                     if let Some(q) = quality {
                         down.pref.quality = Some(match q {
                             Quality::Low => 0,
@@ -1455,7 +1519,10 @@ impl Room {
             .map_err(|e| (ErrorCode::BadState, e.to_string()))?;
         let conn_slot = self.conns.get_mut(conn.0).and_then(Option::as_deref_mut);
         if let Some(c) = conn_slot {
-            for (key, down) in p.down_tracks.iter_mut() {
+            for (key, down) in p.down_tracks.iter() {
+                let Some(down) = self.downs.get_mut(*down) else {
+                    continue;
+                };
                 if down.negotiated || down.offer_gen.is_none_or(|g| g > generation) {
                     continue;
                 }
@@ -1546,30 +1613,30 @@ impl Room {
         };
         self.down_by_ssrc.insert(ssrc, (subscriber, key));
         let mut forwarder = Forwarder::new(clock_rate);
-        if let Some(track) = self.tracks.get_mut(&key) {
-            track.subscribers.push(subscriber);
+        if let Some(track) = self.tracks.get(&key) {
             forwarder.set_available(&track.available());
         }
         if let Some(p) = self.participants.get_mut(&subscriber) {
-            p.down_tracks.insert(
-                key,
-                DownTrack {
-                    sender,
-                    ssrc,
-                    forwarder,
-                    pref: SubscriptionPref::default(),
-                    sent: SentLog::new(),
-                    srtp: SrtpStream::default(),
-                    last_upgrade: None,
-                    short_since: None,
-                    packets_sent: 0,
-                    octets_sent: 0,
-                    payload_type: None,
-                    offer_gen: None,
-                    negotiated: false,
-                },
-            );
+            let id = self.downs.insert(DownTrack {
+                sender,
+                ssrc,
+                forwarder,
+                pref: SubscriptionPref::default(),
+                sent: SentLog::new(),
+                srtp: SrtpStream::default(),
+                last_upgrade: None,
+                short_since: None,
+                packets_sent: 0,
+                octets_sent: 0,
+                payload_type: None,
+                offer_gen: None,
+                negotiated: false,
+            });
+            p.down_tracks.insert(key, id);
             p.negotiation.request();
+            if let Some(track) = self.tracks.get_mut(&key) {
+                track.subscribers.push((subscriber, id));
+            }
         }
     }
 
@@ -1577,19 +1644,22 @@ impl Room {
         let Some(p) = self.participants.get_mut(&subscriber) else {
             return;
         };
-        let Some(down) = p.down_tracks.remove(&key) else {
+        let Some(id) = p.down_tracks.remove(&key) else {
             return;
         };
         p.negotiation.request();
         let conn = p.subscriber;
+        if let Some(track) = self.tracks.get_mut(&key) {
+            track.subscribers.retain(|(s, _)| *s != subscriber);
+        }
+        let Some(down) = self.downs.remove(id) else {
+            return;
+        };
         self.down_by_ssrc.remove(&down.ssrc);
         if let Some(c) = conn.and_then(|c| self.conn_mut(c)) {
             if let Err(e) = c.pc.remove_track(down.sender) {
                 tracing::debug!(error = %e, "remove_track");
             }
-        }
-        if let Some(track) = self.tracks.get_mut(&key) {
-            track.subscribers.retain(|s| *s != subscriber);
         }
     }
 
@@ -1608,8 +1678,10 @@ impl Room {
         let Some(generation) = p.negotiation.begin_offer() else {
             return;
         };
-        for down in p.down_tracks.values_mut() {
-            down.offer_gen.get_or_insert(generation);
+        for id in p.down_tracks.values() {
+            if let Some(down) = self.downs.get_mut(*id) {
+                down.offer_gen.get_or_insert(generation);
+            }
         }
         let Some(c) = self.conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
             return;
@@ -1644,7 +1716,7 @@ impl Room {
             return;
         };
         // Keep the entry until subscribers are detached so unsubscribe works.
-        let subscribers = track.subscribers.clone();
+        let subscribers: Vec<ParticipantId> = track.subscribers.iter().map(|(s, _)| *s).collect();
         let track_sid = track.sid.clone();
         let publisher = track.publisher;
         self.tracks.insert(key, track);
@@ -1977,7 +2049,7 @@ impl Room {
                         .map(|p| {
                             p.down_tracks
                                 .iter()
-                                .filter(|(_, d)| d.negotiated)
+                                .filter(|(_, d)| self.downs.get(**d).is_some_and(|d| d.negotiated))
                                 .map(|(k, _)| *k)
                                 .collect()
                         })
@@ -2088,8 +2160,9 @@ impl Room {
         };
         let Some(down) = self
             .participants
-            .get_mut(&sub)
-            .and_then(|p| p.down_tracks.get_mut(&key))
+            .get(&sub)
+            .and_then(|p| p.down_tracks.get(&key))
+            .and_then(|id| self.downs.get_mut(*id))
         else {
             return;
         };
@@ -2147,12 +2220,8 @@ impl Room {
             sender_report: None,
         });
         let available = track.available();
-        for sub in &track.subscribers {
-            if let Some(down) = self
-                .participants
-                .get_mut(sub)
-                .and_then(|p| p.down_tracks.get_mut(&key))
-            {
+        for (_, id) in &track.subscribers {
+            if let Some(down) = self.downs.get_mut(*id) {
                 down.forwarder.set_available(&available);
             }
         }
@@ -2217,9 +2286,7 @@ impl Room {
                                     for seq in pair.packet_list() {
                                         self.retransmit(now, sub, key, seq);
                                         let first = self
-                                            .participants
-                                            .get_mut(&sub)
-                                            .and_then(|p| p.down_tracks.get_mut(&key))
+                                            .down_mut(sub, key)
                                             .is_some_and(|d| d.sent.first_nack(seq));
                                         count += usize::from(first);
                                     }
@@ -2254,6 +2321,7 @@ impl Room {
         let Room {
             tracks,
             participants,
+            downs,
             conns,
             dirty,
             outputs,
@@ -2304,50 +2372,49 @@ impl Room {
         // of the layer came before it (a keyframe recovered by
         // retransmission): those later packets were dropped while the
         // subscriber waited, and are sent now from the cache, in order.
-        let mut catch_up: Vec<ParticipantId> = Vec::new();
+        let mut catch_up: Vec<(ParticipantId, DownId)> = Vec::new();
         let mut sink = Sink {
             outputs,
             dirty,
             buffer: out_buffer,
         };
-        for sub in &track.subscribers {
-            let Some(p) = participants.get_mut(sub) else {
+        for &(sub, id) in &track.subscribers {
+            let (Some(p), Some(down)) = (participants.get_mut(&sub), downs.get_mut(id)) else {
                 continue;
             };
             let switched = deliver(
                 Delivery {
                     now,
-                    key,
                     track_sid: &track.sid,
                     packet: &packet,
                     info: &info,
                     vp8: vp8.as_ref(),
                 },
-                *sub,
+                sub,
                 p,
+                down,
                 conns,
                 &mut sink,
                 stats,
                 &mut wanted,
             );
             if switched && ext_seq < highest {
-                catch_up.push(*sub);
+                catch_up.push((sub, id));
             }
         }
-        for sub in catch_up {
+        for (sub, id) in catch_up {
             for later in ext_seq + 1..=highest {
                 let Some(cached) = source.cache.get(later, now).cloned() else {
                     continue;
                 };
                 let (info, vp8) =
                     packet_info(track.kind, track.codec.clock_rate, source, &cached, later);
-                let Some(p) = participants.get_mut(&sub) else {
+                let (Some(p), Some(down)) = (participants.get_mut(&sub), downs.get_mut(id)) else {
                     break;
                 };
                 deliver(
                     Delivery {
                         now,
-                        key,
                         track_sid: &track.sid,
                         packet: &cached,
                         info: &info,
@@ -2355,6 +2422,7 @@ impl Room {
                     },
                     sub,
                     p,
+                    down,
                     conns,
                     &mut sink,
                     stats,
@@ -2365,17 +2433,14 @@ impl Room {
         if resumed {
             tracing::debug!(track = %track.sid, layer = info.layer, "layer resumed");
             let available = track.available();
-            for sub in &track.subscribers {
-                if let Some(down) = participants
-                    .get_mut(sub)
-                    .and_then(|p| p.down_tracks.get_mut(&key))
-                {
+            for (_, id) in &track.subscribers {
+                if let Some(down) = downs.get_mut(*id) {
                     down.forwarder.set_available(&available);
                 }
             }
         }
         let sized_subscribers: Vec<ParticipantId> = if resized {
-            track.subscribers.clone()
+            track.subscribers.iter().map(|(s, _)| *s).collect()
         } else {
             Vec::new()
         };
@@ -2396,6 +2461,7 @@ impl Room {
         let Room {
             tracks,
             participants,
+            downs,
             conns,
             dirty,
             ..
@@ -2411,8 +2477,8 @@ impl Room {
                 continue;
             }
             let mut wrote = false;
-            for (key, down) in p.down_tracks.iter() {
-                let Some(track) = tracks.get(key) else {
+            for (key, id) in p.down_tracks.iter() {
+                let (Some(track), Some(down)) = (tracks.get(key), downs.get(*id)) else {
                     continue;
                 };
                 let Some(layer) = down.forwarder.current() else {
@@ -2469,12 +2535,8 @@ impl Room {
             return;
         };
         let mut wanted = vec![lowest];
-        for sub in &track.subscribers {
-            let Some(down) = self
-                .participants
-                .get(sub)
-                .and_then(|p| p.down_tracks.get(&key))
-            else {
+        for (_, id) in &track.subscribers {
+            let Some(down) = self.downs.get(*id) else {
                 continue;
             };
             let limit = match (down.forwarder.preference(), down.forwarder.allocation()) {
@@ -2536,12 +2598,8 @@ impl Room {
     /// while another layer of the same track still arrives (if all stop,
     /// the publisher paused and there is nothing better to move to).
     fn retire_stopped_layers(&mut self, now: Instant) {
-        let Room {
-            tracks,
-            participants,
-            ..
-        } = self;
-        for (key, track) in tracks.iter_mut() {
+        let Room { tracks, downs, .. } = self;
+        for track in tracks.values_mut() {
             let fresh = |l: &PubLayer| {
                 l.last_packet_at
                     .is_some_and(|t| now.saturating_duration_since(t) < LAYER_TIMEOUT)
@@ -2559,11 +2617,8 @@ impl Room {
             }
             if changed {
                 let available = track.available();
-                for sub in &track.subscribers {
-                    if let Some(down) = participants
-                        .get_mut(sub)
-                        .and_then(|p| p.down_tracks.get_mut(key))
-                    {
+                for (_, id) in &track.subscribers {
+                    if let Some(down) = downs.get_mut(*id) {
                         down.forwarder.set_available(&available);
                     }
                 }
@@ -2648,6 +2703,7 @@ impl Room {
         let Room {
             tracks,
             participants,
+            downs,
             ..
         } = self;
         let Some(p) = participants.get_mut(&sub) else {
@@ -2659,8 +2715,8 @@ impl Room {
         let mut audio = 0;
         let mut keys = Vec::new();
         let mut demands = Vec::new();
-        for (key, down) in p.down_tracks.iter() {
-            let Some(track) = tracks.get_mut(key) else {
+        for (key, id) in p.down_tracks.iter() {
+            let (Some(track), Some(down)) = (tracks.get_mut(key), downs.get(*id)) else {
                 continue;
             };
             if track.kind == TrackKind::Audio {
@@ -2717,7 +2773,7 @@ impl Room {
             .into_iter()
             .map(|s| s && losing);
         for (((key, demand), new), short) in keys.iter().zip(&demands).zip(allocation).zip(short) {
-            let Some(down) = p.down_tracks.get_mut(key) else {
+            let Some(down) = p.down_tracks.get(key).and_then(|id| downs.get_mut(*id)) else {
                 continue;
             };
             down.short_since = match (short, down.short_since) {
@@ -2742,6 +2798,7 @@ impl Room {
         let Room {
             tracks,
             participants,
+            downs,
             conns,
             dirty,
             outputs,
@@ -2749,10 +2806,13 @@ impl Room {
             stats,
             ..
         } = self;
-        let Some(p) = participants.get_mut(&sub) else {
+        let Some(p) = participants.get(&sub) else {
             return;
         };
-        let (Some(conn), Some(down)) = (p.subscriber, p.down_tracks.get_mut(&key)) else {
+        let (Some(conn), Some(down)) = (
+            p.subscriber,
+            p.down_tracks.get(&key).and_then(|id| downs.get_mut(*id)),
+        ) else {
             return;
         };
         let found = down.sent.lookup(seq).and_then(|entry| {
@@ -2818,9 +2878,7 @@ impl Room {
         urgent: bool,
     ) {
         let layer = self
-            .participants
-            .get(&sub)
-            .and_then(|p| p.down_tracks.get(&key))
+            .down(sub, key)
             .and_then(|d| d.forwarder.current().or(d.forwarder.target()));
         if let Some(layer) = layer {
             self.request_keyframe(now, key, layer, urgent);
@@ -2915,7 +2973,6 @@ fn packet_info(
 /// One published packet on its way to subscribers.
 struct Delivery<'a> {
     now: Instant,
-    key: TrackKey,
     track_sid: &'a str,
     /// With the publisher's header extensions already stripped.
     packet: &'a rtc::rtp::Packet,
@@ -2926,10 +2983,12 @@ struct Delivery<'a> {
 /// Decides and, if forwarded, writes one packet to one subscriber. Adds
 /// to `wanted` the layer the subscriber waits for a keyframe of. Returns
 /// whether the packet started a layer for this subscriber.
+#[allow(clippy::too_many_arguments)]
 fn deliver(
     d: Delivery<'_>,
     sub: ParticipantId,
     p: &mut Participant,
+    down: &mut DownTrack,
     conns: &mut [Option<Box<Conn>>],
     sink: &mut Sink<'_>,
     stats: &mut RoomStats,
@@ -2937,16 +2996,12 @@ fn deliver(
 ) -> bool {
     let Delivery {
         now,
-        key,
         track_sid,
         packet,
         info,
         vp8,
     } = d;
     let conn = p.subscriber;
-    let Some(down) = p.down_tracks.get_mut(&key) else {
-        return false;
-    };
     let (Some(conn), true, Some(pt)) = (conn, down.negotiated, down.payload_type) else {
         stats.drop(DropReason::NotNegotiated);
         return false;
@@ -3036,6 +3091,27 @@ mod tests {
         assert_eq!(beat_later(ms(1000), ms(500)), ms(1500));
         assert_eq!(beat_later(ms(1003), ms(500)), ms(1500));
         assert_eq!(beat_later(ms(1003), ms(100)), ms(1100));
+    }
+
+    /// A freed slot is taken by the next down track; the others keep theirs.
+    #[test]
+    fn down_track_slots_are_reused_and_stay_put() {
+        let mut downs = super::Downs::<u32>::default();
+        let a = downs.insert(1);
+        let b = downs.insert(2);
+        let c = downs.insert(3);
+        assert_eq!(downs.remove(b), Some(2));
+        assert!(downs.get(b).is_none());
+        assert!(downs.remove(b).is_none(), "removed once");
+        let d = downs.insert(4);
+        assert_eq!(d, b, "the freed slot");
+        *downs.get_mut(c).unwrap() += 10;
+        let got: Vec<u32> = [a, c, d]
+            .iter()
+            .map(|id| *downs.get(*id).unwrap())
+            .collect();
+        assert_eq!(got, [1, 13, 4]);
+        assert_eq!(downs.insert(5).0, 3, "a new slot once none is free");
     }
 
     #[test]
