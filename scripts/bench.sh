@@ -178,7 +178,11 @@ whole = cpu_us / delivered if delivered else float("nan")
 tl = r["timeline"]
 i, j = int(i), int(j)
 steady = user = system = float("nan")
-if 0 < i < j <= len(tl):
+# CPU time comes in clock ticks (10 ms): a window with fewer than 10 of
+# them (a short smoke run on a fast machine) says too little, and the
+# whole run's figure stands instead.
+ticks = (int(uj) + int(sj)) - (int(ui) + int(si))
+if 0 < i < j <= len(tl) and ticks >= 10:
     pkts = tl[j - 1]["packets_received"] - tl[i - 1]["packets_received"]
     if pkts > 0:
         user = (int(uj) - int(ui)) / int(hz) * 1e6 / pkts
@@ -214,7 +218,8 @@ if both:
     print("| scenario | Janus CPU per packet / ours |")
     print("|---|---|")
     for n in both:
-        print(f"| {n} | {theirs[n] / ours[n]:.2f}x |")
+        ratio = f"{theirs[n] / ours[n]:.2f}x" if ours[n] > 0 else "n/a (no CPU time measured for ours)"
+        print(f"| {n} | {ratio} |")
 PY
 }
 
