@@ -38,6 +38,10 @@ async function main() {
   let lastDecoded = 0;
   let lastChange = Date.now();
   let longestFreeze = 0;
+  // Which step the test was in when the longest freeze began and ended.
+  let phase = 'start';
+  let phaseAtChange = phase;
+  let longestFreezeIn = '';
   const sampler = (async () => {
     while (sampling) {
       const s = await inbound(viewer).catch(() => null);
@@ -45,8 +49,10 @@ async function main() {
       if (s && s.decoded > lastDecoded) {
         lastDecoded = s.decoded;
         lastChange = now;
-      } else if (lastDecoded > 0) {
-        longestFreeze = Math.max(longestFreeze, now - lastChange);
+        phaseAtChange = phase;
+      } else if (lastDecoded > 0 && now - lastChange > longestFreeze) {
+        longestFreeze = now - lastChange;
+        longestFreezeIn = phaseAtChange === phase ? phase : `${phaseAtChange} .. ${phase}`;
       }
       await sleep(100);
     }
@@ -63,12 +69,14 @@ async function main() {
   }
 
   // The full layer appears once the publisher's bandwidth estimate allows it.
+  phase = 'waiting for the full layer';
   const full = await waitWidth(1280, 20_000);
   run.check('viewer first receives the 1280-wide layer', full !== null, `after ${full} ms`);
 
   // Chromium's send-side bandwidth estimate is built from the server's
   // transport-wide feedback: it must carry all three layers, and the
   // full layer must not be held back for bandwidth.
+  phase = 'waiting for the estimate';
   const estimate = await pollUntil(async () => {
     const e = await publisher.evaluate(async () => {
       const stats = await window.sfuRoom.publisherPc.getStats();
@@ -84,6 +92,7 @@ async function main() {
   }, 15_000);
   run.check('the publisher\'s estimate from the server\'s TWCC feedback carries all layers', estimate !== null,
     estimate ? `${Math.round(estimate.bps / 1000)} kbit/s, full layer limited by: ${estimate.limited}` : 'under 1.5 Mbit/s or limited by bandwidth for 15 s');
+  phase = 'switching to low';
   await viewer.evaluate((sid) => window.sfuRoom.setSubscription(sid, { quality: 'low' }), trackSid);
   const low = await waitWidth(320, 5_000);
   run.check('asking for low gives 320-wide frames within 5 s', low !== null, `after ${low} ms`);
@@ -101,6 +110,7 @@ async function main() {
     });
     return bytes;
   });
+  phase = 'dynacast switching layers off';
   let off = null;
   const offStart = Date.now();
   while (Date.now() - offStart < 8_000) {
@@ -117,6 +127,7 @@ async function main() {
   const f2 = await fBytes();
   run.check('the publisher stops sending the switched-off high layer', f2 - f1 < 5_000, `${f2 - f1} bytes in 1 s`);
 
+  phase = 'switching to high';
   await viewer.evaluate((sid) => window.sfuRoom.setSubscription(sid, { quality: 'high' }), trackSid);
   const high = await waitWidth(1280, 5_000);
   run.check('asking for high gives 1280-wide frames within 5 s (layer switched back on)', high !== null, `after ${high} ms`);
@@ -130,13 +141,16 @@ async function main() {
     });
     return fps;
   });
+  phase = 'at full frame rate';
   await sleep(2000);
   const fullFps = await fpsNow();
+  phase = 'at most 10 fps';
   await viewer.evaluate((sid) => window.sfuRoom.setSubscription(sid, { maxFps: 10 }), trackSid);
   await sleep(3000);
   const limitedFps = await fpsNow();
   run.check('maxFps 10 drops temporal layers', fullFps > 0 && limitedFps > 0 && limitedFps <= fullFps * 0.6,
     `${fullFps} fps -> ${limitedFps} fps`);
+  phase = 'limit lifted';
   await viewer.evaluate((sid) => window.sfuRoom.setSubscription(sid, { maxFps: 60 }), trackSid);
   // Chromium's framesPerSecond is a one-second average that a busy
   // machine makes noisy: the rate must come back within 8 s.
@@ -145,12 +159,30 @@ async function main() {
   await pollUntil(async () => (restoredFps = await fpsNow()) >= fullFps * 0.8, 8_000, 250);
   run.check('lifting the limit restores the frame rate', restoredFps >= fullFps * 0.8,
     `${restoredFps} fps after ${Date.now() - liftedAt} ms`);
+  phase = 'last second';
   const before = lastDecoded;
   await sleep(1000);
   sampling = false;
   await sampler;
   run.check('framesDecoded keeps growing', lastDecoded > before, `${before} -> ${lastDecoded}`);
-  run.check('no freeze longer than 1 s', longestFreeze <= 1000, `longest ${longestFreeze} ms`);
+  const frozen = run.check('no freeze longer than 1 s', longestFreeze <= 1000, `longest ${longestFreeze} ms${longestFreezeIn ? ` (${longestFreezeIn})` : ''}`);
+  if (!frozen) {
+    // What the viewer's receiver and the server saw, to tell loss that
+    // retransmission did not repair from a stream the decoder could not use.
+    const receiver = await viewer.evaluate(async () => {
+      const out = {};
+      (await window.sfuRoom.subscriberPc.getStats()).forEach((s) => {
+        if (s.type === 'inbound-rtp' && s.kind === 'video') {
+          for (const k of ['packetsReceived', 'packetsLost', 'nackCount', 'pliCount', 'firCount', 'framesReceived',
+            'framesDecoded', 'framesDropped', 'keyFramesDecoded', 'freezeCount', 'totalFreezesDuration']) out[k] = s[k];
+        }
+      });
+      return out;
+    });
+    console.log(`viewer inbound video: ${JSON.stringify(receiver)}`);
+    const metrics = await (await fetch(`${base}/metrics`)).text();
+    console.log(metrics.split('\n').filter((l) => /^sfu_(rtp_packets_dropped|datagrams_send_buffer_full|rtp_packets_forwarded)/.test(l)).join('\n'));
+  }
   console.log(`switch_ms low=${low} high=${high} (high re-enabled at the publisher by dynacast); dynacast off after ${off} ms`);
   await run.finish(0);
 }
