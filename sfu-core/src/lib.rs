@@ -33,6 +33,7 @@ mod room;
 pub mod rtp;
 pub mod sdp;
 pub mod seq;
+mod slots;
 pub mod srtp;
 pub mod vp8;
 

@@ -52,6 +52,7 @@ use crate::forwarder::{Forwarder, Layer, PacketInfo, Preference, Verdict};
 use crate::ids::{ConnId, ParticipantId, SeededRng, TrackKey};
 use crate::rtp::RtpView;
 use crate::seq::SeqExtender;
+use crate::slots::{SlotKey, Slots};
 use crate::srtp::{KeyCapture, MasterKeys, SrtpReceiver, SrtpSender, SrtpStream};
 use crate::vp8;
 
@@ -612,56 +613,36 @@ fn temporal_for_fps(fps: u32) -> u8 {
     }
 }
 
-/// Where a down track lives in [`Downs`], for its whole life.
+/// Where a down track lives in the room's slots, for its whole life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct DownId(usize);
+
+impl SlotKey for DownId {
+    fn from_index(index: usize) -> Self {
+        DownId(index)
+    }
+    fn index(self) -> usize {
+        self.0
+    }
+}
+
+impl SlotKey for ConnId {
+    fn from_index(index: usize) -> Self {
+        ConnId(index)
+    }
+    fn index(self) -> usize {
+        self.0
+    }
+}
 
 /// Every down track of the room, each in a slot of its own: the forwarding
 /// loop reaches a subscriber's down track from the published track's list
 /// without a map lookup, and the down tracks of one track, made one after
 /// another, mostly lie together.
-struct Downs<T = DownTrack> {
-    slots: Vec<Option<T>>,
-    free: Vec<usize>,
-}
+type Downs = Slots<DownId, DownTrack>;
 
-impl<T> Default for Downs<T> {
-    fn default() -> Self {
-        Downs {
-            slots: Vec::new(),
-            free: Vec::new(),
-        }
-    }
-}
-
-impl<T> Downs<T> {
-    fn insert(&mut self, down: T) -> DownId {
-        match self.free.pop() {
-            Some(i) => {
-                self.slots[i] = Some(down);
-                DownId(i)
-            }
-            None => {
-                self.slots.push(Some(down));
-                DownId(self.slots.len() - 1)
-            }
-        }
-    }
-
-    fn remove(&mut self, id: DownId) -> Option<T> {
-        let down = self.slots.get_mut(id.0)?.take()?;
-        self.free.push(id.0);
-        Some(down)
-    }
-
-    fn get(&self, id: DownId) -> Option<&T> {
-        self.slots.get(id.0)?.as_ref()
-    }
-
-    fn get_mut(&mut self, id: DownId) -> Option<&mut T> {
-        self.slots.get_mut(id.0)?.as_mut()
-    }
-}
+/// The room's peer connections; a closed connection's slot is reused.
+type Conns = Slots<ConnId, Box<Conn>>;
 
 struct DownTrack {
     sender: RTCRtpSenderId,
@@ -796,10 +777,7 @@ pub struct Room {
     rng: SeededRng,
     participants: BTreeMap<ParticipantId, Participant>,
     next_participant: u64,
-    /// Connections by `ConnId`; a closed connection's slot is reused.
-    conns: Vec<Option<Box<Conn>>>,
-    /// How many of `conns` are open.
-    open_conns: usize,
+    conns: Conns,
     by_ufrag: HashMap<String, ConnId>,
     by_addr: FxHashMap<SocketAddr, ConnId>,
     tracks: BTreeMap<TrackKey, PublishedTrack>,
@@ -834,8 +812,7 @@ impl Room {
             config,
             participants: BTreeMap::new(),
             next_participant: 1,
-            conns: Vec::new(),
-            open_conns: 0,
+            conns: Conns::default(),
             by_ufrag: HashMap::new(),
             by_addr: FxHashMap::default(),
             tracks: BTreeMap::new(),
@@ -869,12 +846,12 @@ impl Room {
 
     /// Peer connections currently open.
     pub fn connection_count(&self) -> usize {
-        self.open_conns
+        self.conns.len()
     }
 
     /// Connection slots held, open or free for reuse.
     pub fn connection_slots(&self) -> usize {
-        self.conns.len()
+        self.conns.capacity()
     }
 
     pub fn participant_count(&self) -> usize {
@@ -1106,18 +1083,7 @@ impl Room {
             srtp_in: None,
             inbound: FxHashMap::default(),
         });
-        self.open_conns += 1;
-        let id = match self.conns.iter().position(Option::is_none) {
-            Some(free) => {
-                self.conns[free] = Some(conn);
-                ConnId(free)
-            }
-            None => {
-                self.conns.push(Some(conn));
-                ConnId(self.conns.len() - 1)
-            }
-        };
-        Ok(id)
+        Ok(self.conns.insert(conn))
     }
 
     /// Routes STUN for the ufrag of the connection's local description,
@@ -1125,7 +1091,7 @@ impl Room {
     /// Called after every local description is set: the client can check
     /// a ufrag only once it has seen it.
     fn learn_local_ufrag(&mut self, id: ConnId) {
-        let Some(c) = self.conns.get_mut(id.0).and_then(Option::as_deref_mut) else {
+        let Some(c) = self.conns.get_mut(id) else {
             return;
         };
         let Some(sdp) = c.pc.local_description().map(|d| d.sdp) else {
@@ -1159,7 +1125,7 @@ impl Room {
     }
 
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
-        self.conns.get_mut(id.0).and_then(Option::as_deref_mut)
+        self.conns.get_mut(id).map(|c| &mut **c)
     }
 
     /// Schedules a connection for a full drain (events, application
@@ -1184,8 +1150,7 @@ impl Room {
     }
 
     fn close_conn(&mut self, id: ConnId) -> Option<(Vec<String>, Vec<SocketAddr>)> {
-        let mut conn = self.conns.get_mut(id.0)?.take()?;
-        self.open_conns -= 1;
+        let mut conn = self.conns.remove(id)?;
         let _ = conn.pc.close();
         for ufrag in &conn.ufrags {
             self.by_ufrag.remove(ufrag);
@@ -1517,7 +1482,7 @@ impl Room {
             .negotiation
             .on_answer()
             .map_err(|e| (ErrorCode::BadState, e.to_string()))?;
-        let conn_slot = self.conns.get_mut(conn.0).and_then(Option::as_deref_mut);
+        let conn_slot = self.conns.get_mut(conn);
         if let Some(c) = conn_slot {
             for (key, down) in p.down_tracks.iter() {
                 let Some(down) = self.downs.get_mut(*down) else {
@@ -1542,12 +1507,7 @@ impl Room {
         }
         // A keyframe is useful only once media can reach the subscriber;
         // on a connection still coming up, it is asked for when connected.
-        if self
-            .conns
-            .get(conn.0)
-            .and_then(Option::as_deref)
-            .is_some_and(|c| c.connected)
-        {
+        if self.conns.get(conn).is_some_and(|c| c.connected) {
             for key in fresh {
                 self.keyframe_for_subscriber(now, id, key, true);
             }
@@ -1683,7 +1643,7 @@ impl Room {
                 down.offer_gen.get_or_insert(generation);
             }
         }
-        let Some(c) = self.conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
+        let Some(c) = self.conns.get_mut(conn) else {
             return;
         };
         let sdp =
@@ -1780,7 +1740,7 @@ impl Room {
             },
         };
         let local_addr = self.config.media_addr;
-        let Some(c) = self.conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
+        let Some(c) = self.conns.get_mut(conn) else {
             return;
         };
         let transport = TransportContext {
@@ -1834,8 +1794,8 @@ impl Room {
     /// Advances every connection's timers to `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
-        for index in 0..self.conns.len() {
-            let Some(c) = self.conns[index].as_deref_mut() else {
+        for index in 0..self.conns.capacity() {
+            let Some(c) = self.conns.get_mut(ConnId(index)) else {
                 continue;
             };
             if c.wake.is_some_and(|t| t <= now) {
@@ -1848,9 +1808,10 @@ impl Room {
         }
         if self.next_feedback.is_some_and(|t| t <= now) {
             let mut ticking = false;
-            for index in 0..self.conns.len() {
-                let Some(i) = self.conns[index]
-                    .as_deref()
+            for index in 0..self.conns.capacity() {
+                let Some(i) = self
+                    .conns
+                    .get(ConnId(index))
                     .and_then(|c| c.feedback.as_ref())
                 else {
                     continue;
@@ -1900,7 +1861,7 @@ impl Room {
         if let Some(t) = self.next_feedback {
             next = next.min(t);
         }
-        for c in self.conns.iter().flatten() {
+        for (_, c) in self.conns.iter() {
             if let Some(t) = c.wake {
                 next = next.min(t);
             }
@@ -1912,7 +1873,7 @@ impl Room {
     /// queue, acting on their events and application messages.
     fn drain(&mut self, now: Instant) {
         while let Some(id) = self.dirty.pop() {
-            let Some(c) = self.conns.get_mut(id.0).and_then(Option::as_deref_mut) else {
+            let Some(c) = self.conns.get_mut(id) else {
                 continue;
             };
             c.dirty = false;
@@ -2470,7 +2431,7 @@ impl Room {
             let Some(conn) = p.subscriber else {
                 continue;
             };
-            let Some(c) = conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
+            let Some(c) = conns.get_mut(conn) else {
                 continue;
             };
             if !c.connected {
@@ -2846,7 +2807,7 @@ impl Room {
                 )
             }),
         };
-        let Some(c) = conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
+        let Some(c) = conns.get_mut(conn) else {
             return;
         };
         let mut sink = Sink {
@@ -2989,7 +2950,7 @@ fn deliver(
     sub: ParticipantId,
     p: &mut Participant,
     down: &mut DownTrack,
-    conns: &mut [Option<Box<Conn>>],
+    conns: &mut Conns,
     sink: &mut Sink<'_>,
     stats: &mut RoomStats,
     wanted: &mut Vec<(Layer, bool)>,
@@ -3006,7 +2967,7 @@ fn deliver(
         stats.drop(DropReason::NotNegotiated);
         return false;
     };
-    let Some(c) = conns.get_mut(conn.0).and_then(Option::as_deref_mut) else {
+    let Some(c) = conns.get_mut(conn) else {
         return false;
     };
     if !c.connected {
@@ -3091,27 +3052,6 @@ mod tests {
         assert_eq!(beat_later(ms(1000), ms(500)), ms(1500));
         assert_eq!(beat_later(ms(1003), ms(500)), ms(1500));
         assert_eq!(beat_later(ms(1003), ms(100)), ms(1100));
-    }
-
-    /// A freed slot is taken by the next down track; the others keep theirs.
-    #[test]
-    fn down_track_slots_are_reused_and_stay_put() {
-        let mut downs = super::Downs::<u32>::default();
-        let a = downs.insert(1);
-        let b = downs.insert(2);
-        let c = downs.insert(3);
-        assert_eq!(downs.remove(b), Some(2));
-        assert!(downs.get(b).is_none());
-        assert!(downs.remove(b).is_none(), "removed once");
-        let d = downs.insert(4);
-        assert_eq!(d, b, "the freed slot");
-        *downs.get_mut(c).unwrap() += 10;
-        let got: Vec<u32> = [a, c, d]
-            .iter()
-            .map(|id| *downs.get(*id).unwrap())
-            .collect();
-        assert_eq!(got, [1, 13, 4]);
-        assert_eq!(downs.insert(5).0, 3, "a new slot once none is free");
     }
 
     #[test]
