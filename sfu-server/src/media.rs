@@ -7,13 +7,14 @@
 //! sender's address, so the port doubles as a STUN server. The routing
 //! tables belong to this task alone (rooms send updates over a channel),
 //! so the per-packet path takes no lock. On Linux one `recvmmsg` reads a
-//! burst of datagrams into slices of one buffer.
+//! burst of datagrams into slices of one buffer, each with the time the
+//! kernel received it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
 use sfu_core::demux::{binding_request_ufrag, reflexive_response};
@@ -60,15 +61,32 @@ pub async fn run(
             },
             received = receiver.receive(&socket) => match received {
                 Ok(datagrams) => {
-                    let at = Instant::now();
-                    for (source, contents) in datagrams {
-                        router.route(source, contents, at);
+                    let read = (SystemTime::now(), Instant::now());
+                    for (source, contents, stamp) in datagrams {
+                        router.route(source, contents, arrival(stamp, read));
                     }
                 }
                 // ICMP errors from departed clients surface here on some systems.
                 Err(e) => tracing::trace!(error = %e, "media recv"),
             },
         }
+    }
+}
+
+/// Kernel arrival stamps further behind the read than this are not
+/// believed: the wall clock they are taken on has stepped.
+const MAX_READ_DELAY: Duration = Duration::from_secs(1);
+
+/// When a datagram arrived, on the monotonic clock, from the kernel's
+/// wall-clock stamp and the moment it was read (`read`, on both clocks).
+/// Transport-wide feedback reports these times to the sender, whose
+/// bandwidth estimate reads growing delay as congestion: the time this
+/// server took to get to its socket is not the network's, and must not
+/// count as such.
+fn arrival(stamp: Option<SystemTime>, (wall, mono): (SystemTime, Instant)) -> Instant {
+    match stamp.and_then(|s| wall.duration_since(s).ok()) {
+        Some(ago) if ago < MAX_READ_DELAY => mono.checked_sub(ago).unwrap_or(mono),
+        _ => mono,
     }
 }
 
@@ -138,8 +156,19 @@ struct Receiver {
     iovs: Vec<libc::iovec>,
     #[cfg(target_os = "linux")]
     msgs: Vec<libc::mmsghdr>,
-    received: Vec<(SocketAddr, BytesMut)>,
+    /// Ancillary data of each message: the kernel's arrival stamp.
+    #[cfg(target_os = "linux")]
+    controls: Vec<[u64; CONTROL_WORDS]>,
+    /// Datagrams read, with their arrival stamps where the kernel gave one.
+    received: Vec<Datagram>,
 }
+
+type Datagram = (SocketAddr, BytesMut, Option<SystemTime>);
+
+/// Room for one `SCM_TIMESTAMPNS` control message (a header and a
+/// timespec, 32 bytes on 64-bit Linux), in 8-byte words for alignment.
+#[cfg(target_os = "linux")]
+const CONTROL_WORDS: usize = 8;
 
 // SAFETY: the raw pointers inside point into the receiver's own vectors,
 // which are filled once and never grow afterwards, and are used only by
@@ -172,7 +201,7 @@ impl Receiver {
     async fn receive(
         &mut self,
         socket: &UdpSocket,
-    ) -> std::io::Result<std::vec::Drain<'_, (SocketAddr, BytesMut)>> {
+    ) -> std::io::Result<std::vec::Drain<'_, Datagram>> {
         use std::os::fd::AsRawFd;
         loop {
             socket.readable().await?;
@@ -203,14 +232,14 @@ impl Receiver {
     async fn receive(
         &mut self,
         socket: &UdpSocket,
-    ) -> std::io::Result<std::vec::Drain<'_, (SocketAddr, BytesMut)>> {
+    ) -> std::io::Result<std::vec::Drain<'_, Datagram>> {
         if self.arena.len() < MAX_DATAGRAM {
             self.refill_arena(MAX_DATAGRAM * 64);
         }
         let (n, source) = socket.recv_from(&mut self.arena[..MAX_DATAGRAM]).await?;
         let mut contents = self.arena.split_to(MAX_DATAGRAM);
         contents.truncate(n);
-        self.received.push((source, contents));
+        self.received.push((source, contents, None));
         Ok(self.received.drain(..))
     }
 
@@ -221,6 +250,20 @@ impl Receiver {
             self.refill_arena(ARENA_SLOTS * MAX_DATAGRAM);
         }
         if self.msgs.is_empty() {
+            // Ask for arrival stamps; without them (an old kernel) the
+            // time of the read stands in.
+            let on: libc::c_int = 1;
+            // SAFETY: a valid socket and an int option value.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_TIMESTAMPNS,
+                    &on as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            self.controls = vec![[0; CONTROL_WORDS]; RECV_BATCH];
             // The headers point into these vectors, which never grow again.
             self.addrs = (0..RECV_BATCH).map(|_| SockAddrStorage::zeroed()).collect();
             self.iovs = (0..RECV_BATCH)
@@ -235,6 +278,7 @@ impl Receiver {
                 msg.msg_hdr.msg_name = &mut self.addrs[i] as *mut _ as *mut libc::c_void;
                 msg.msg_hdr.msg_iov = &mut self.iovs[i];
                 msg.msg_hdr.msg_iovlen = 1;
+                msg.msg_hdr.msg_control = self.controls[i].as_mut_ptr() as *mut libc::c_void;
                 self.msgs.push(msg);
             }
         }
@@ -245,6 +289,7 @@ impl Receiver {
             // SAFETY: slot i lies within the arena (checked above).
             self.iovs[i].iov_base = unsafe { base.add(i * MAX_DATAGRAM) } as *mut libc::c_void;
             self.msgs[i].msg_hdr.msg_namelen = self.addrs[i].size_of();
+            self.msgs[i].msg_hdr.msg_controllen = CONTROL_WORDS * 8;
         }
         // SAFETY: msgs, addrs and iovs describe valid, writable buffers
         // that live until the call returns.
@@ -268,11 +313,32 @@ impl Receiver {
             // SAFETY: the kernel wrote the sender's address and its length.
             let source = unsafe { SockAddr::new(storage, self.msgs[i].msg_hdr.msg_namelen) };
             if let Some(source) = source.as_socket() {
-                self.received.push((source, contents));
+                let stamp = arrival_stamp(&self.msgs[i].msg_hdr);
+                self.received.push((source, contents, stamp));
             }
         }
         Ok(())
     }
+}
+
+/// The kernel's `SCM_TIMESTAMPNS` stamp of a received message, if any.
+#[cfg(target_os = "linux")]
+fn arrival_stamp(hdr: &libc::msghdr) -> Option<SystemTime> {
+    // SAFETY: the kernel filled the control buffer and set its length;
+    // the CMSG macros stay within it, and the timespec is read unaligned.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
+            {
+                let ts = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::timespec);
+                let since_epoch = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+                return SystemTime::UNIX_EPOCH.checked_add(since_epoch);
+            }
+            cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -307,7 +373,7 @@ mod tests {
                 .await
                 .expect("datagrams within 10 s")
                 .unwrap();
-                got.extend(batch.map(|(s, c)| (s, c.to_vec())));
+                got.extend(batch.map(|(s, c, _)| (s, c.to_vec())));
             }
         }
         assert_eq!(got.len(), total);
@@ -358,8 +424,69 @@ mod tests {
         .await
         .expect("a datagram within 10 s")
         .unwrap()
-        .map(|(s, c)| (s, c.to_vec()))
+        .map(|(s, c, _)| (s, c.to_vec()))
         .collect();
         assert_eq!(got, vec![(from.local_addr().unwrap(), b"hello".to_vec())]);
+    }
+
+    /// A datagram read well after it arrived carries the time it arrived,
+    /// not the time it was read.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn datagrams_carry_the_kernels_arrival_time() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = socket.local_addr().unwrap();
+        let from = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut receiver = Receiver::default();
+        // The first read turns stamping on; this datagram only wakes it.
+        from.send_to(b"first", to).unwrap();
+        let first: Vec<_> =
+            tokio::time::timeout(Duration::from_secs(10), receiver.receive(&socket))
+                .await
+                .expect("a datagram within 10 s")
+                .unwrap()
+                .collect();
+        assert_eq!(first.len(), 1);
+        let sent = SystemTime::now();
+        from.send_to(b"second", to).unwrap();
+        // The server busy elsewhere: the delay whose measure is under test.
+        let busy = Duration::from_millis(50);
+        std::thread::sleep(busy);
+        let got: Vec<_> = tokio::time::timeout(Duration::from_secs(10), receiver.receive(&socket))
+            .await
+            .expect("a datagram within 10 s")
+            .unwrap()
+            .collect();
+        let read = SystemTime::now();
+        let stamp = got[0].2.expect("the kernel's arrival stamp");
+        assert!(
+            stamp >= sent - Duration::from_millis(1),
+            "{stamp:?} before {sent:?}"
+        );
+        let waited = read.duration_since(stamp).unwrap();
+        assert!(waited >= busy, "stamped {waited:?} before the read");
+        // On the monotonic clock, as the room takes it.
+        let now = Instant::now();
+        let at = arrival(Some(stamp), (read, now));
+        assert_eq!(now - at, waited);
+    }
+
+    /// Stamps the wall clock cannot vouch for give way to the read time.
+    #[test]
+    fn arrival_falls_back_to_the_read_time() {
+        let (wall, mono) = (SystemTime::now(), Instant::now());
+        let ms = Duration::from_millis;
+        assert_eq!(arrival(Some(wall - ms(5)), (wall, mono)), mono - ms(5));
+        assert_eq!(arrival(None, (wall, mono)), mono);
+        assert_eq!(
+            arrival(Some(wall + ms(5)), (wall, mono)),
+            mono,
+            "stamp after the read"
+        );
+        assert_eq!(
+            arrival(Some(wall - ms(5000)), (wall, mono)),
+            mono,
+            "clock stepped"
+        );
     }
 }
