@@ -1484,8 +1484,8 @@ impl Room {
             .map_err(|e| (ErrorCode::BadState, e.to_string()))?;
         let conn_slot = self.conns.get_mut(conn);
         if let Some(c) = conn_slot {
-            for (key, down) in p.down_tracks.iter() {
-                let Some(down) = self.downs.get_mut(*down) else {
+            for (key, &down_id) in p.down_tracks.iter() {
+                let Some(down) = self.downs.get_mut(down_id) else {
                     continue;
                 };
                 if down.negotiated || down.offer_gen.is_none_or(|g| g > generation) {
