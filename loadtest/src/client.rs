@@ -610,7 +610,7 @@ impl Client {
         ice: &IceSettings,
     ) -> anyhow::Result<Client> {
         let url = format!("{ws_base}/v1/rtc?access_token={token}");
-        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let (ws, _) = crate::tls::connect(url).await?;
         let (sink, stream) = ws.split();
         let (ws_tx, ws_rx) = mpsc::unbounded_channel::<String>();
         let (sinks, sinks_rx) = mpsc::unbounded_channel::<WsSink>();
@@ -739,7 +739,7 @@ impl Client {
             "{ws_base}/v1/rtc?access_token={token}&reconnect=1&sid={}",
             self.sid
         );
-        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let (ws, _) = crate::tls::connect(url).await?;
         let (sink, stream) = ws.split();
         let (first_tx, mut first_rx) = mpsc::unbounded_channel();
         signalling.reader = tokio::spawn(read_signals(

@@ -44,7 +44,7 @@ impl Session {
         request
             .headers_mut()
             .insert("Sec-WebSocket-Protocol", "janus-protocol".parse()?);
-        let (ws, _) = tokio_tungstenite::connect_async(request)
+        let (ws, _) = crate::tls::connect(request)
             .await
             .with_context(|| format!("connecting to Janus at {url}"))?;
         let (mut sink, mut stream) = ws.split();

@@ -11,3 +11,4 @@ pub mod metrics;
 pub mod payload;
 pub mod scenario;
 pub mod soak;
+pub mod tls;

@@ -13,9 +13,15 @@ use loadtest::scenario::{run, Scenario, Target};
     about = "Load test an SFU server over its public API"
 )]
 struct Args {
-    /// Server base URL (`ws://host:8188` for `--target janus`).
+    /// Server base URL: `http://` or `https://` (`ws://host:8188` for
+    /// `--target janus`).
     #[arg(long, default_value = "http://127.0.0.1:7880")]
     url: String,
+    /// Trust the certificates in this PEM file for HTTPS and WSS, besides
+    /// the web PKI's roots: a private certificate authority, or the
+    /// server's own self-signed certificate.
+    #[arg(long)]
+    ca_cert: Option<std::path::PathBuf>,
     /// What to drive: `sfu` (this server) or `janus` (Janus VideoRoom over
     /// its WebSocket API, for comparison).
     #[arg(long, default_value = "sfu")]
@@ -103,6 +109,9 @@ fn parse_share(text: &str) -> anyhow::Result<f64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if let Some(path) = &a.ca_cert {
+        loadtest::tls::trust(path)?;
+    }
     if a.soak {
         return soak(&a).await;
     }
@@ -157,7 +166,8 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("{line}");
         }
     })
-    .await?;
+    .await
+    .map_err(loadtest::tls::explain)?;
     if tty {
         eprintln!();
     }
@@ -239,7 +249,9 @@ async fn soak(a: &Args) -> anyhow::Result<()> {
         video_bitrate: parse_rate(&a.video_bitrate)?,
         seed: 42,
     };
-    let r = loadtest::soak::run_soak(&s, |line| eprintln!("{line}")).await?;
+    let r = loadtest::soak::run_soak(&s, |line| eprintln!("{line}"))
+        .await
+        .map_err(loadtest::tls::explain)?;
     println!(
         "soak: {:.0} s, {} joins, {} leaves, {} failed joins; server RSS {:.1} MB before, {:.1} MB at peak, {:.1} MB after; peer connections at peak {}, after {}; participants after {}; settled in {:.1} s",
         r.seconds,

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 /// Every sample on the server's metrics page, by series (name plus
 /// labels, as written).
 pub async fn scrape(base_url: &str) -> anyhow::Result<HashMap<String, f64>> {
-    let text = reqwest::get(format!("{base_url}/metrics"))
+    let text = crate::tls::http()?
+        .get(format!("{base_url}/metrics"))
+        .send()
         .await?
         .error_for_status()?
         .text()

@@ -163,7 +163,7 @@ async fn ramp(s: &Scenario) {
 
 /// Creates the rooms on our server and joins everyone.
 async fn join_sfu(s: &Scenario) -> anyhow::Result<Vec<Member>> {
-    let http = reqwest::Client::new();
+    let http = crate::tls::http()?;
     let admin = admin_token(&s.api_key, &s.api_secret)?;
     let ws_base = s.url.replacen("http", "ws", 1);
     let run_id = crate::payload::now_us() % 1_000_000;

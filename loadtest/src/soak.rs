@@ -82,7 +82,7 @@ fn next_random(state: &mut u64) -> u64 {
 
 /// Runs the soak, reporting a line every few seconds through `progress`.
 pub async fn run_soak(s: &Soak, mut progress: impl FnMut(&str)) -> anyhow::Result<SoakReport> {
-    let http = reqwest::Client::new();
+    let http = crate::tls::http()?;
     let admin = admin_token(&s.api_key, &s.api_secret)?;
     let room = format!("soak-{}", crate::payload::now_us() % 1_000_000);
     http.post(format!("{}/v1/rooms", s.url))

@@ -147,3 +147,51 @@ async fn a_short_soak_leaves_no_connection_behind() {
     assert!(report.clean(), "{report:?}");
     assert!(report.rss_before > 0, "the server reports its memory");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_behind_tls_is_driven_over_https_and_wss() {
+    let dir = std::env::temp_dir().join(format!("loadtest-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let identity =
+        sfu_server::tls::Identity::self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .expect("certificate");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, &identity.cert_pem).expect("cert written");
+    std::fs::write(&key, &identity.key_pem).expect("key written");
+    let mut config = sfu_server::config::Config::ephemeral();
+    config.tls_cert = Some(cert.clone());
+    config.tls_key = Some(key);
+    let server = sfu_server::start(&config).await.expect("server starts");
+    assert!(server.base_url().starts_with("https://"));
+    let mut s = scenario(&server, 0.0);
+    s.publishers = 1;
+    s.duration = Duration::from_secs(2);
+
+    // Not trusted yet: the run fails, and says what to do.
+    let refused = run(&s, |_| {}).await.expect_err("untrusted certificate");
+    let message = format!("{:#}", loadtest::tls::explain(refused));
+    assert!(message.contains("invalid peer certificate"), "{message}");
+    assert!(message.contains("--ca-cert"), "{message}");
+
+    loadtest::tls::trust(&cert).expect("certificate trusted");
+    let report = run(&s, |_| {}).await.expect("runs over TLS");
+    print(&report);
+    assert_eq!(report.tracks.len(), 2, "audio and video to the subscriber");
+    for t in &report.tracks {
+        assert!(t.received > 0 && t.lost == 0, "{t:?}");
+    }
+    // The metrics page is read over HTTPS too.
+    assert!(
+        metric(&server, "sfu_rtp_packets_forwarded_total").await >= report.packets_delivered / 2
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_file_without_certificates_is_refused() {
+    let path = std::env::temp_dir().join(format!("loadtest-nocert-{}.pem", std::process::id()));
+    std::fs::write(&path, "not a certificate\n").expect("written");
+    let e = loadtest::tls::trust(&path).expect_err("refused");
+    assert!(format!("{e:#}").contains("no certificate"), "{e:#}");
+    let _ = std::fs::remove_file(&path);
+}
