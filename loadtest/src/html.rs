@@ -63,8 +63,9 @@ pub fn render(report: &Report) -> String {
     );
     let _ = write!(
         out,
-        "<p>{} participants, {:.0} s; {} packets sent, {} received; loss {:.2}%; \
+        "<p>{} of {} participants joined, {:.0} s; {} packets sent, {} received; loss {:.2}%; \
          latency p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms.</p>",
+        report.connected,
         report.participants,
         report.seconds,
         report.packets_sent,
@@ -74,6 +75,13 @@ pub fn render(report: &Report) -> String {
         report.latency_p95_ms,
         report.latency_p99_ms
     );
+    if !report.join_failures.is_empty() {
+        out += "<p>Did not join:</p><ul>";
+        for f in &report.join_failures {
+            let _ = write!(out, "<li>{}</li>", escape(f));
+        }
+        out += "</ul>";
+    }
     out += &chart(
         "Received bitrate",
         "kbit/s",
@@ -117,8 +125,9 @@ mod tests {
     #[test]
     fn renders_charts_and_rows() {
         let report = Report {
-            participants: 2,
+            participants: 3,
             connected: 2,
+            join_failures: vec!["room sub2: join refused: <full>".into()],
             seconds: 3.0,
             packets_sent: 10,
             packets_received: 9,
@@ -144,6 +153,8 @@ mod tests {
         assert_eq!(html.matches("<svg").count(), 3);
         assert_eq!(html.matches("<polyline").count(), 3);
         assert!(html.contains("loss 10.00%"));
+        assert!(html.contains("2 of 3 participants joined"));
+        assert!(html.contains("<li>room sub2: join refused: &lt;full&gt;</li>"));
         assert!(
             html.contains("max 1.5"),
             "latency chart scaled to its maximum"

@@ -200,7 +200,8 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "total: {} participants, {} packets sent, {} received, loss {:.2}%, latency p50 {:.1} ms p95 {:.1} ms p99 {:.1} ms, {:.0} kbit/s received",
+        "total: {} of {} participants joined, {} packets sent, {} received, loss {:.2}%, latency p50 {:.1} ms p95 {:.1} ms p99 {:.1} ms, {:.0} kbit/s received",
+        report.connected,
         report.participants,
         report.packets_sent,
         report.packets_received,
@@ -217,6 +218,17 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(&path, loadtest::html::render(&report))?;
     }
     let mut failed = false;
+    if !report.join_failures.is_empty() {
+        eprintln!(
+            "{} of {} clients did not join:",
+            report.join_failures.len(),
+            report.participants
+        );
+        for f in report.join_failures.iter().take(10) {
+            eprintln!("  {f}");
+        }
+        failed = true;
+    }
     if let Some(max) = a.max_loss {
         if report.loss_pct > max {
             eprintln!("loss {:.2}% exceeds --max-loss {max}%", report.loss_pct);

@@ -93,8 +93,12 @@ pub struct TrackReport {
 /// Everything a run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// Clients the scenario has.
     pub participants: usize,
+    /// Clients that joined and took part.
     pub connected: usize,
+    /// Why each of the others did not join.
+    pub join_failures: Vec<String>,
     pub seconds: f64,
     pub packets_sent: u64,
     /// Distinct packets received, of those counted (sent within the run).
@@ -161,13 +165,20 @@ async fn ramp(s: &Scenario) {
     }
 }
 
-/// Creates the rooms on our server and joins everyone.
-async fn join_sfu(s: &Scenario) -> anyhow::Result<Vec<Member>> {
+/// Who joined, and why the others did not.
+type Joined = (Vec<Member>, Vec<String>);
+
+/// Creates the rooms on our server and joins everyone. A client that
+/// cannot join (the server refused it, or its connection did not come up)
+/// is counted and the run goes on without it: at a server's capacity some
+/// do not get in, and that is a figure of the run.
+async fn join_sfu(s: &Scenario) -> anyhow::Result<Joined> {
     let http = crate::tls::http()?;
     let admin = admin_token(&s.api_key, &s.api_secret)?;
     let ws_base = s.url.replacen("http", "ws", 1);
     let run_id = crate::payload::now_us() % 1_000_000;
     let mut members: Vec<Member> = Vec::new();
+    let mut failures = Vec::new();
     let mut index: u8 = 0;
     for r in 0..s.rooms {
         let room = format!("loadtest-{run_id}-{r}");
@@ -202,28 +213,30 @@ async fn join_sfu(s: &Scenario) -> anyhow::Result<Vec<Member>> {
                 simulcast: s.simulcast,
                 uplink_loss: s.uplink_loss,
             };
-            let client = Client::join(&ws_base, token, &identity, index, options)
-                .await
-                .with_context(|| format!("joining {room} as {identity}"))?;
+            let joined = Client::join(&ws_base, token, &identity, index, options).await;
             index = index.wrapping_add(1);
-            members.push(Member {
-                room: room.clone(),
-                client,
-                publisher,
-            });
+            match joined {
+                Ok(client) => members.push(Member {
+                    room: room.clone(),
+                    client,
+                    publisher,
+                }),
+                Err(e) => failures.push(format!("{room} {identity}: {e:#}")),
+            }
             ramp(s).await;
         }
     }
-
-    Ok(members)
+    Ok((members, failures))
 }
 
 /// Creates Janus VideoRoom rooms and joins everyone: publishers publish
 /// first, then every participant subscribes to the room's other feeds.
-async fn join_janus(s: &Scenario) -> anyhow::Result<Vec<Member>> {
+/// Clients that cannot join are counted, as with our server.
+async fn join_janus(s: &Scenario) -> anyhow::Result<Joined> {
     let run_id = crate::payload::now_us() % 1_000_000;
     let bind_ip = s.bind_ip.unwrap_or_else(crate::janus::local_ip);
     let mut members: Vec<Member> = Vec::new();
+    let mut failures = Vec::new();
     let mut index: u8 = 0;
     for r in 0..s.rooms {
         let room_id = run_id * 1000 + r as u64 + 1;
@@ -241,10 +254,17 @@ async fn join_janus(s: &Scenario) -> anyhow::Result<Vec<Member>> {
                 uplink_loss: s.uplink_loss,
             };
             let feed = index as u64 + 1;
-            let client =
-                Client::join_janus(&s.url, bind_ip, room_id, &identity, index, feed, options)
-                    .await
-                    .with_context(|| format!("joining Janus room {room} as {identity}"))?;
+            let joined =
+                Client::join_janus(&s.url, bind_ip, room_id, &identity, index, feed, options).await;
+            let client = match joined {
+                Ok(client) => client,
+                Err(e) => {
+                    index = index.wrapping_add(1);
+                    failures.push(format!("Janus room {room} {identity}: {e:#}"));
+                    ramp(s).await;
+                    continue;
+                }
+            };
             if publisher {
                 feeds.push((client.sid.clone(), feed));
             }
@@ -256,28 +276,43 @@ async fn join_janus(s: &Scenario) -> anyhow::Result<Vec<Member>> {
             });
             ramp(s).await;
         }
-        for m in &members[first..] {
+        let mut subscribed = Vec::new();
+        for m in members.drain(first..).collect::<Vec<_>>() {
             let others: Vec<u64> = feeds
                 .iter()
                 .filter(|(sid, _)| *sid != m.client.sid)
                 .map(|(_, feed)| *feed)
                 .collect();
-            if !others.is_empty() {
-                m.client.subscribe_janus(&others).await.with_context(|| {
-                    format!("subscribing {} in Janus room {room}", m.client.identity)
-                })?;
+            if others.is_empty() {
+                subscribed.push(m);
+                continue;
+            }
+            match m.client.subscribe_janus(&others).await {
+                Ok(()) => subscribed.push(m),
+                Err(e) => {
+                    failures.push(format!(
+                        "Janus room {room} {}: subscribing: {e:#}",
+                        m.client.identity
+                    ));
+                    m.client.close().await;
+                }
             }
         }
+        members.extend(subscribed);
     }
-    Ok(members)
+    Ok((members, failures))
 }
 
 /// Runs the scenario, reporting progress once a second.
 pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::Result<Report> {
-    let mut members = match s.target {
+    let (mut members, join_failures) = match s.target {
         Target::Sfu => join_sfu(s).await?,
         Target::Janus => join_janus(s).await?,
     };
+    if members.is_empty() {
+        let first = join_failures.first().map_or("no clients", String::as_str);
+        anyhow::bail!("nobody joined: {first}");
+    }
 
     // Media: every publisher sends a frame per tick, all paced by one timer.
     let frame_bytes = (s.video_bitrate / 8 / s.fps.max(1) as u64) as usize;
@@ -422,8 +457,9 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
     let expected: u64 = tracks.iter().map(|t| t.expected).sum();
     let lost: u64 = tracks.iter().map(|t| t.lost).sum();
     let report = Report {
-        participants: members.len(),
+        participants: members.len() + join_failures.len(),
         connected: members.len(),
+        join_failures,
         seconds,
         packets_sent,
         packets_received: tracks.iter().map(|t| t.received).sum(),

@@ -195,3 +195,29 @@ fn a_file_without_certificates_is_refused() {
     assert!(format!("{e:#}").contains("no certificate"), "{e:#}");
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_the_server_turns_away_are_counted_and_the_rest_run() {
+    // Rooms hold two participants: of two publishers and a subscriber,
+    // the subscriber is refused.
+    let mut config = sfu_server::config::Config::ephemeral();
+    config.max_participants = 2;
+    let server = sfu_server::start(&config).await.expect("server starts");
+    let mut s = scenario(&server, 0.0);
+    s.duration = Duration::from_secs(2);
+    let report = run(&s, |_| {}).await.expect("runs without the third");
+    print(&report);
+    eprintln!("{:?}", report.join_failures);
+    assert_eq!((report.participants, report.connected), (3, 2));
+    assert_eq!(report.join_failures.len(), 1, "{:?}", report.join_failures);
+    assert!(
+        report.join_failures[0].contains("sub2"),
+        "{:?}",
+        report.join_failures
+    );
+    // The two publishers receive each other, audio and video.
+    assert_eq!(report.tracks.len(), 4);
+    for t in &report.tracks {
+        assert!(t.received > 0 && t.lost == 0, "{t:?}");
+    }
+}
