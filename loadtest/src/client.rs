@@ -86,12 +86,39 @@ pub struct Inbox {
     pub first_at_us: HashMap<(String, String), u64>,
     /// Payload bytes received.
     pub bytes: u64,
+    /// (publisher sid, kind) -> payload bytes received, all layers.
+    pub track_bytes: HashMap<(String, String), u64>,
+    /// (publisher sid, kind) -> interarrival jitter of the measured
+    /// packets (RFC 3550, from the send times they carry), µs.
+    pub jitter_us: HashMap<(String, String), Jitter>,
+    /// (publisher sid, "video") -> simulcast layer of the last packet
+    /// (0 q, 1 h, 2 f: the top one, which is measured).
+    pub last_layer: HashMap<(String, String), u8>,
     /// Packets of lower simulcast layers (not measured).
     pub other_layers: u64,
     /// Sum of all one-way latencies recorded, µs.
     pub latency_sum_us: u64,
     pub corrupted: usize,
     pub open_tracks: HashMap<String, String>,
+}
+
+/// RFC 3550 interarrival jitter over packets' send and arrival times.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Jitter {
+    last: Option<(u64, u64)>,
+    /// The estimate, µs.
+    pub value: f64,
+}
+
+impl Jitter {
+    /// Adds a packet sent at `sent_us` that arrived at `at_us`.
+    pub fn add(&mut self, sent_us: u64, at_us: u64) {
+        if let Some((sent, at)) = self.last {
+            let d = (at_us as f64 - at as f64) - (sent_us as f64 - sent as f64);
+            self.value += (d.abs() - self.value) / 16.0;
+        }
+        self.last = Some((sent_us, at_us));
+    }
 }
 
 pub struct Client {
@@ -394,17 +421,30 @@ impl PeerConnectionEventHandler for Trickle {
                         inbox.corrupted += 1;
                         continue;
                     };
-                    if tag.kind == 2 {
-                        // A lower simulcast layer: only the top one is measured.
-                        inbox.other_layers += 1;
-                        continue;
-                    }
                     let key = if key_by_index {
                         (tag.index.to_string(), kind.clone())
                     } else {
                         (stream.clone(), kind.clone())
                     };
-                    inbox.bytes += packet.payload.len() as u64;
+                    let bytes = packet.payload.len() as u64;
+                    *inbox.track_bytes.entry(key.clone()).or_default() += bytes;
+                    if tag.kind >= payload::LOWER_LAYER {
+                        // A lower simulcast layer: only the top one is measured.
+                        inbox.other_layers += 1;
+                        inbox
+                            .last_layer
+                            .insert(key, tag.kind - payload::LOWER_LAYER);
+                        continue;
+                    }
+                    if tag.kind == 0 {
+                        inbox.last_layer.insert(key.clone(), 2);
+                    }
+                    inbox.bytes += bytes;
+                    inbox
+                        .jitter_us
+                        .entry(key.clone())
+                        .or_default()
+                        .add(tag.sent_us, now);
                     inbox.first_at_us.entry(key.clone()).or_insert(now);
                     let latency = now.saturating_sub(tag.sent_us);
                     inbox.latency_sum_us += latency;
@@ -1079,7 +1119,11 @@ impl Client {
                         payload::Tag {
                             index: self.index,
                             seq: if measured { self.video_seq } else { 0 },
-                            kind: if measured { 0 } else { 2 },
+                            kind: if measured {
+                                0
+                            } else {
+                                payload::LOWER_LAYER + layer as u8
+                            },
                             keyframe,
                             frame_start: i == 0,
                             sent_us: now_us(),
@@ -1171,5 +1215,28 @@ impl Client {
         for t in self.tasks {
             t.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod jitter_tests {
+    use super::Jitter;
+
+    #[test]
+    fn steady_delay_is_no_jitter_and_alternating_delay_is() {
+        let mut steady = Jitter::default();
+        let mut alternating = Jitter::default();
+        for i in 0..200u64 {
+            let sent = 1_000_000 + i * 20_000;
+            steady.add(sent, sent + 5_000);
+            // 1 ms and 3 ms of delay in turn: each gap is 2 ms off.
+            alternating.add(sent, sent + if i % 2 == 0 { 1_000 } else { 3_000 });
+        }
+        assert_eq!(steady.value, 0.0);
+        assert!(
+            (alternating.value - 2_000.0).abs() < 1.0,
+            "{}",
+            alternating.value
+        );
     }
 }

@@ -95,12 +95,13 @@ pub fn render(report: &Report) -> String {
     out += &chart("Mean one-way latency", "ms", &series(|p| p.mean_latency_ms));
     out += "<table><tr><th>publisher</th><th>receiver</th><th>kind</th><th>expected</th>\
             <th>received</th><th>loss %</th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th>\
-            <th>first packet ms</th></tr>";
+            <th>jitter ms</th><th>first packet ms</th><th>kbit/s</th><th>layer</th></tr>";
     for t in &report.tracks {
         let _ = write!(
             out,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td>\
-             <td>{:.1}</td><td>{:.1}</td><td>{:.1}</td><td>{:.0}</td></tr>",
+             <td>{:.1}</td><td>{:.1}</td><td>{:.1}</td><td>{:.2}</td><td>{:.0}</td>\
+             <td>{:.0}</td><td>{}</td></tr>",
             escape(&t.publisher),
             escape(&t.receiver),
             escape(&t.kind),
@@ -110,7 +111,10 @@ pub fn render(report: &Report) -> String {
             t.latency_p50_ms,
             t.latency_p95_ms,
             t.latency_p99_ms,
-            t.first_packet_ms
+            t.jitter_ms,
+            t.first_packet_ms,
+            t.bitrate_bps / 1000.0,
+            escape(t.layer.as_deref().unwrap_or("-"))
         );
     }
     out += "</table>";

@@ -172,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!();
     }
     println!(
-        "{:<12} {:<12} {:<6} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9}",
+        "{:<12} {:<12} {:<6} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>5}",
         "publisher",
         "receiver",
         "kind",
@@ -182,11 +182,14 @@ async fn main() -> anyhow::Result<()> {
         "p50 ms",
         "p95 ms",
         "p99 ms",
-        "first ms"
+        "jitter ms",
+        "first ms",
+        "kbit/s",
+        "layer"
     );
     for t in &report.tracks {
         println!(
-            "{:<12} {:<12} {:<6} {:>8} {:>8} {:>7.2} {:>8.1} {:>8.1} {:>8.1} {:>9.0}",
+            "{:<12} {:<12} {:<6} {:>8} {:>8} {:>7.2} {:>8.1} {:>8.1} {:>8.1} {:>9.2} {:>9.0} {:>9.0} {:>5}",
             t.publisher,
             t.receiver,
             t.kind,
@@ -196,7 +199,10 @@ async fn main() -> anyhow::Result<()> {
             t.latency_p50_ms,
             t.latency_p95_ms,
             t.latency_p99_ms,
-            t.first_packet_ms
+            t.jitter_ms,
+            t.first_packet_ms,
+            t.bitrate_bps / 1000.0,
+            t.layer.as_deref().unwrap_or("-")
         );
     }
     println!(

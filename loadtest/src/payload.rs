@@ -2,6 +2,10 @@
 //! server to find frames and keyframes, then who sent it, its sequence
 //! number and when, then a fixed fill so corruption shows.
 
+/// The kind of the lowest simulcast layer's packets; the next layer up is
+/// one more.
+pub const LOWER_LAYER: u8 = 2;
+
 /// Bytes before the fill.
 pub const HEADER: usize = 16;
 const FILL: u8 = 0xCD;
@@ -12,7 +16,8 @@ pub struct Tag {
     pub index: u8,
     /// Per publisher and kind, from 1.
     pub seq: u32,
-    /// 0 video, 1 audio.
+    /// 0 video (its top simulcast layer, or its only one), 1 audio,
+    /// [`LOWER_LAYER`] + layer for the lower simulcast layers (0 q, 1 h).
     pub kind: u8,
     pub keyframe: bool,
     pub frame_start: bool,

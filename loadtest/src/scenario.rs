@@ -87,7 +87,13 @@ pub struct TrackReport {
     pub latency_p50_ms: f64,
     pub latency_p95_ms: f64,
     pub latency_p99_ms: f64,
+    /// Interarrival jitter (RFC 3550) of the measured packets.
+    pub jitter_ms: f64,
     pub first_packet_ms: f64,
+    /// Payload bitrate received over the run, all simulcast layers.
+    pub bitrate_bps: f64,
+    /// With `--simulcast`, video: the layer (q, h, f) received last.
+    pub layer: Option<String>,
 }
 
 /// Everything a run measured.
@@ -444,6 +450,18 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
                     latency_p50_ms: percentile(&latency, 0.50),
                     latency_p95_ms: percentile(&latency, 0.95),
                     latency_p99_ms: percentile(&latency, 0.99),
+                    jitter_ms: inbox.jitter_us.get(&key).map_or(0.0, |j| j.value / 1000.0),
+                    bitrate_bps: inbox.track_bytes.get(&key).copied().unwrap_or(0) as f64 * 8.0
+                        / seconds,
+                    layer: if s.simulcast && kind == "video" {
+                        inbox
+                            .last_layer
+                            .get(&key)
+                            .and_then(|l| ["q", "h", "f"].get(*l as usize))
+                            .map(|l| (*l).to_owned())
+                    } else {
+                        None
+                    },
                     first_packet_ms: inbox
                         .first_at_us
                         .get(&key)

@@ -51,6 +51,12 @@ async fn counts_match_the_server_and_nothing_is_lost() {
         assert!(t.received > 0, "{t:?}");
         assert_eq!(t.lost, 0, "{t:?}");
         assert!(t.latency_p99_ms < 100.0, "{t:?}");
+        assert!(t.jitter_ms >= 0.0 && t.jitter_ms < 50.0, "{t:?}");
+        assert_eq!(t.layer, None, "one layer published: {t:?}");
+    }
+    // Video arrives at about the rate it is sent (300 kbit/s).
+    for t in report.tracks.iter().filter(|t| t.kind == "video") {
+        assert!((150_000.0..450_000.0).contains(&t.bitrate_bps), "{t:?}");
     }
     // What the clients counted is what the server says it forwarded (the
     // server reports its counters once a second: poll until it has).
@@ -113,6 +119,8 @@ async fn simulcast_publishers_reach_subscribers_on_the_top_layer() {
     print(&report);
     for t in report.tracks.iter().filter(|t| t.kind == "video") {
         assert!(t.received > 0 && t.lost == 0, "{t:?}");
+        // Nothing limits the loopback: every subscriber ends on the top layer.
+        assert_eq!(t.layer.as_deref(), Some("f"), "{t:?}");
     }
     // The server picked one layer per subscriber and dropped the others.
     let not_selected = metric(
