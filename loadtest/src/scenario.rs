@@ -262,39 +262,34 @@ async fn join_janus(s: &Scenario) -> anyhow::Result<Joined> {
             let feed = index as u64 + 1;
             let joined =
                 Client::join_janus(&s.url, bind_ip, room_id, &identity, index, feed, options).await;
-            let client = match joined {
-                Ok(client) => client,
-                Err(e) => {
-                    index = index.wrapping_add(1);
-                    failures.push(format!("Janus room {room} {identity}: {e:#}"));
-                    ramp(s).await;
-                    continue;
-                }
-            };
-            if publisher {
-                feeds.push((client.sid.clone(), feed));
-            }
             index = index.wrapping_add(1);
-            members.push(Member {
-                room: room.clone(),
-                client,
-                publisher,
-            });
+            match joined {
+                Ok(client) => {
+                    if publisher {
+                        feeds.push((client.sid.clone(), feed));
+                    }
+                    members.push(Member {
+                        room: room.clone(),
+                        client,
+                        publisher,
+                    });
+                }
+                Err(e) => failures.push(format!("Janus room {room} {identity}: {e:#}")),
+            }
             ramp(s).await;
         }
-        let mut subscribed = Vec::new();
-        for m in members.drain(first..).collect::<Vec<_>>() {
+        for m in members.split_off(first) {
             let others: Vec<u64> = feeds
                 .iter()
                 .filter(|(sid, _)| *sid != m.client.sid)
                 .map(|(_, feed)| *feed)
                 .collect();
             if others.is_empty() {
-                subscribed.push(m);
+                members.push(m);
                 continue;
             }
             match m.client.subscribe_janus(&others).await {
-                Ok(()) => subscribed.push(m),
+                Ok(()) => members.push(m),
                 Err(e) => {
                     failures.push(format!(
                         "Janus room {room} {}: subscribing: {e:#}",
@@ -304,7 +299,6 @@ async fn join_janus(s: &Scenario) -> anyhow::Result<Joined> {
                 }
             }
         }
-        members.extend(subscribed);
     }
     Ok((members, failures))
 }
