@@ -71,6 +71,10 @@ pub struct PublishOptions {
     /// buffered it), so the server's NACKs and our retransmissions are
     /// exercised.
     pub uplink_loss: f64,
+    /// With simulcast, the layer whose packets carry the measured
+    /// sequence (0 q, 1 h, 2 f); the top one if not given. The others are
+    /// counted but not measured.
+    pub measured_layer: Option<usize>,
 }
 
 /// What a subscriber has received, by publisher participant sid.
@@ -91,16 +95,26 @@ pub struct Inbox {
     /// (publisher sid, kind) -> interarrival jitter of the measured
     /// packets (RFC 3550, from the send times they carry), µs.
     pub jitter_us: HashMap<(String, String), Jitter>,
-    /// (publisher sid, "video") -> simulcast layer of the last packet
-    /// (0 q, 1 h, 2 f: the top one, which is measured).
+    /// (publisher sid, "video") -> simulcast layer of the last packet (0
+    /// q, 1 h, 2 f), or [`MEASURED_LAYER`] for the publisher's measured one.
     pub last_layer: HashMap<(String, String), u8>,
-    /// Packets of lower simulcast layers (not measured).
+    /// (publisher sid, "video") -> the first measured sequence number
+    /// since another simulcast layer last arrived: loss counts from there,
+    /// as a layer switch is no loss.
+    pub measured_from: HashMap<(String, String), u32>,
+    /// Track sids of the video tracks received.
+    pub video_tracks: Vec<String>,
+    /// Packets of simulcast layers not measured.
     pub other_layers: u64,
     /// Sum of all one-way latencies recorded, µs.
     pub latency_sum_us: u64,
     pub corrupted: usize,
     pub open_tracks: HashMap<String, String>,
 }
+
+/// In [`Inbox::last_layer`]: the layer the publisher measures, whichever
+/// it is.
+pub const MEASURED_LAYER: u8 = u8::MAX;
 
 /// RFC 3550 interarrival jitter over packets' send and arrival times.
 #[derive(Default, Debug, Clone, Copy)]
@@ -140,6 +154,8 @@ pub struct Client {
     /// Sequence numbers per simulcast layer.
     layer_seq: Vec<u16>,
     video_seq: u32,
+    /// With simulcast, the index of the layer measured.
+    measured_layer: usize,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Our server's signalling: new sockets for the writer (on reconnect),
     /// the task reading the current socket, and the writer.
@@ -408,11 +424,13 @@ impl PeerConnectionEventHandler for Trickle {
             let stream = track.stream_id().await;
             let kind = track.kind().await.to_string();
             let track_id = track.track_id().await;
-            inbox
-                .lock()
-                .unwrap()
-                .open_tracks
-                .insert(track_id, stream.clone());
+            {
+                let mut inbox = inbox.lock().unwrap();
+                if kind == "video" {
+                    inbox.video_tracks.push(track_id.clone());
+                }
+                inbox.open_tracks.insert(track_id, stream.clone());
+            }
             while let Some(event) = track.poll().await {
                 if let TrackRemoteEvent::OnRtpPacket(packet) = event {
                     let now = now_us();
@@ -429,15 +447,18 @@ impl PeerConnectionEventHandler for Trickle {
                     let bytes = packet.payload.len() as u64;
                     *inbox.track_bytes.entry(key.clone()).or_default() += bytes;
                     if tag.kind >= payload::LOWER_LAYER {
-                        // A lower simulcast layer: only the top one is measured.
+                        // A simulcast layer the publisher does not measure.
                         inbox.other_layers += 1;
                         inbox
                             .last_layer
                             .insert(key, tag.kind - payload::LOWER_LAYER);
                         continue;
                     }
-                    if tag.kind == 0 {
-                        inbox.last_layer.insert(key.clone(), 2);
+                    if tag.kind == 0
+                        && inbox.last_layer.insert(key.clone(), MEASURED_LAYER)
+                            != Some(MEASURED_LAYER)
+                    {
+                        inbox.measured_from.insert(key.clone(), tag.seq);
                     }
                     inbox.bytes += bytes;
                     inbox
@@ -752,6 +773,7 @@ impl Client {
             audio: None,
             seq: 0,
             video_seq: 0,
+            measured_layer: LAYERS.len() - 1,
             keyframe_wanted: Arc::new(AtomicBool::new(false)),
             video_ssrcs: Vec::new(),
             layer_seq: vec![0; LAYERS.len()],
@@ -886,6 +908,10 @@ impl Client {
             &[(String::new(), 0x2000 + index as u32)],
         );
         client.video_ssrcs = video_ssrcs;
+        client.measured_layer = publish
+            .measured_layer
+            .unwrap_or(LAYERS.len() - 1)
+            .min(LAYERS.len() - 1);
         if !publish.audio_only {
             client
                 .publisher
@@ -1108,8 +1134,8 @@ impl Client {
                 let bytes = video_bytes / share;
                 let packets = bytes.div_ceil(MAX_PAYLOAD).max(1);
                 for i in 0..packets {
-                    // Only the top layer (or the only one) is measured.
-                    let measured = layer + 1 == self.video_ssrcs.len();
+                    // One layer (the only one, unless simulcast) is measured.
+                    let measured = !simulcast || layer == self.measured_layer;
                     if measured {
                         self.video_seq = self.video_seq.wrapping_add(1);
                     }

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use clap::Parser;
-use loadtest::scenario::{run, Scenario, Target};
+use loadtest::scenario::{run, Quality, Scenario, Target};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -61,6 +61,11 @@ struct Args {
     /// Publish video as three simulcast layers (q, h, f); the top layer is measured.
     #[arg(long)]
     simulcast: bool,
+    /// With simulcast: every receiver asks for this quality of every video
+    /// track (`low`, `medium`, `high`), as a grid of thumbnails does, and
+    /// that layer is the one measured.
+    #[arg(long)]
+    subscriber_quality: Option<String>,
     /// Drop this share of outgoing RTP before the wire, e.g. 5%.
     #[arg(long, default_value = "0%")]
     uplink_loss: String,
@@ -135,6 +140,12 @@ async fn main() -> anyhow::Result<()> {
         uplink_loss: parse_share(&a.uplink_loss)?,
         ramp: Duration::from_millis(a.ramp_ms),
         bind_ip: a.bind_ip,
+        subscriber_quality: match a.subscriber_quality.as_deref() {
+            None => None,
+            Some(q) => Some(Quality::parse(q).ok_or_else(|| {
+                anyhow::anyhow!("unknown subscriber quality {q} (low, medium, high)")
+            })?),
+        },
         ..Default::default()
     };
     match a.preset.as_deref() {

@@ -2,8 +2,8 @@
 //! server to find frames and keyframes, then who sent it, its sequence
 //! number and when, then a fixed fill so corruption shows.
 
-/// The kind of the lowest simulcast layer's packets; the next layer up is
-/// one more.
+/// The kind of the lowest simulcast layer's packets when it is not the
+/// measured one; the next layer up is one more.
 pub const LOWER_LAYER: u8 = 2;
 
 /// Bytes before the fill.
@@ -16,8 +16,9 @@ pub struct Tag {
     pub index: u8,
     /// Per publisher and kind, from 1.
     pub seq: u32,
-    /// 0 video (its top simulcast layer, or its only one), 1 audio,
-    /// [`LOWER_LAYER`] + layer for the lower simulcast layers (0 q, 1 h).
+    /// 0 video (its measured simulcast layer, or its only one), 1 audio,
+    /// [`LOWER_LAYER`] + layer for the other simulcast layers (0 q, 1 h,
+    /// 2 f).
     pub kind: u8,
     pub keyframe: bool,
     pub frame_start: bool,

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::client::{Client, PublishOptions};
+use crate::client::{Client, PublishOptions, MEASURED_LAYER};
 
 /// Which server the scenario drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -48,6 +48,43 @@ pub struct Scenario {
     /// Janus only: the address clients bind their media sockets to
     /// (default: [`crate::janus::local_ip`]).
     pub bind_ip: Option<std::net::IpAddr>,
+    /// With simulcast: every receiver asks for this quality of every video
+    /// track (`updateSubscription`), as a grid of thumbnails does, and
+    /// that layer is the one measured. `None`: the server's choice, the
+    /// top layer measured.
+    pub subscriber_quality: Option<Quality>,
+}
+
+/// The highest simulcast layer a subscriber asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quality {
+    Low,
+    Medium,
+    High,
+}
+
+impl Quality {
+    pub fn parse(text: &str) -> Option<Quality> {
+        match text {
+            "low" => Some(Quality::Low),
+            "medium" => Some(Quality::Medium),
+            "high" => Some(Quality::High),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quality::Low => "low",
+            Quality::Medium => "medium",
+            Quality::High => "high",
+        }
+    }
+
+    /// The simulcast layer it names: 0 q, 1 h, 2 f.
+    pub fn layer(self) -> usize {
+        self as usize
+    }
 }
 
 impl Default for Scenario {
@@ -68,6 +105,7 @@ impl Default for Scenario {
             uplink_loss: 0.0,
             ramp: Duration::ZERO,
             bind_ip: None,
+            subscriber_quality: None,
         }
     }
 }
@@ -162,6 +200,8 @@ struct Member {
     room: String,
     client: Client,
     publisher: bool,
+    /// Video tracks asked for `Scenario::subscriber_quality` so far.
+    asked: usize,
 }
 
 /// The pause between joins, if the scenario asks for one.
@@ -218,6 +258,7 @@ async fn join_sfu(s: &Scenario) -> anyhow::Result<Joined> {
                 audio_only: s.audio_only,
                 simulcast: s.simulcast,
                 uplink_loss: s.uplink_loss,
+                measured_layer: s.subscriber_quality.map(Quality::layer),
             };
             let joined = Client::join(&ws_base, token, &identity, index, options).await;
             index = index.wrapping_add(1);
@@ -226,6 +267,7 @@ async fn join_sfu(s: &Scenario) -> anyhow::Result<Joined> {
                     room: room.clone(),
                     client,
                     publisher,
+                    asked: 0,
                 }),
                 Err(e) => failures.push(format!("{room} {identity}: {e:#}")),
             }
@@ -258,6 +300,7 @@ async fn join_janus(s: &Scenario) -> anyhow::Result<Joined> {
                 audio_only: s.audio_only,
                 simulcast: s.simulcast,
                 uplink_loss: s.uplink_loss,
+                measured_layer: s.subscriber_quality.map(Quality::layer),
             };
             let feed = index as u64 + 1;
             let joined =
@@ -272,6 +315,7 @@ async fn join_janus(s: &Scenario) -> anyhow::Result<Joined> {
                         room: room.clone(),
                         client,
                         publisher,
+                        asked: 0,
                     });
                 }
                 Err(e) => failures.push(format!("Janus room {room} {identity}: {e:#}")),
@@ -305,6 +349,13 @@ async fn join_janus(s: &Scenario) -> anyhow::Result<Joined> {
 
 /// Runs the scenario, reporting progress once a second.
 pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::Result<Report> {
+    if s.subscriber_quality.is_some() {
+        anyhow::ensure!(s.simulcast, "a subscriber quality needs simulcast");
+        anyhow::ensure!(
+            s.target == Target::Sfu,
+            "a subscriber quality is asked for with this server's updateSubscription"
+        );
+    }
     let (mut members, join_failures) = match s.target {
         Target::Sfu => join_sfu(s).await?,
         Target::Janus => join_janus(s).await?,
@@ -327,6 +378,11 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
         tick.tick().await;
         for m in members.iter_mut().filter(|m| m.publisher) {
             m.client.send_media(frame_bytes, keyframe_every).await;
+        }
+        if let Some(quality) = s.subscriber_quality {
+            for m in &mut members {
+                ask_quality(m, quality);
+            }
         }
         if Instant::now() >= next_report {
             next_report += Duration::from_secs(1);
@@ -409,10 +465,17 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
                     continue;
                 }
                 let key = (sender.client.sid.clone(), kind.to_owned());
+                // Counted from the last switch onto the measured layer.
+                let from = inbox.measured_from.get(&key).copied().unwrap_or(0);
                 let seqs: HashSet<u32> = inbox
                     .media
                     .get(&key)
-                    .map(|v| v.iter().copied().filter(|q| *q <= sent).collect())
+                    .map(|v| {
+                        v.iter()
+                            .copied()
+                            .filter(|q| (from..=sent).contains(q))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let first = seqs.iter().min().copied().unwrap_or(sent + 1);
                 let expected = (sent + 1).saturating_sub(first) as u64;
@@ -448,10 +511,18 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
                     bitrate_bps: inbox.track_bytes.get(&key).copied().unwrap_or(0) as f64 * 8.0
                         / seconds,
                     layer: if s.simulcast && kind == "video" {
+                        let measured = s.subscriber_quality.map_or(2, Quality::layer);
                         inbox
                             .last_layer
                             .get(&key)
-                            .and_then(|l| ["q", "h", "f"].get(*l as usize))
+                            .map(|&l| {
+                                if l == MEASURED_LAYER {
+                                    measured
+                                } else {
+                                    l as usize
+                                }
+                            })
+                            .and_then(|l| ["q", "h", "f"].get(l))
                             .map(|l| (*l).to_owned())
                     } else {
                         None
@@ -492,6 +563,23 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
         m.client.close().await;
     }
     Ok(report)
+}
+
+/// Asks for `quality` of the video tracks `m` has started receiving since
+/// it last asked.
+fn ask_quality(m: &mut Member, quality: Quality) {
+    let tracks: Vec<String> = match m.client.inbox.lock() {
+        Ok(inbox) => inbox.video_tracks[m.asked.min(inbox.video_tracks.len())..].to_vec(),
+        Err(_) => return,
+    };
+    for sid in tracks {
+        m.client.send(json!({
+            "type": "updateSubscription",
+            "trackSid": sid,
+            "quality": quality.as_str(),
+        }));
+        m.asked += 1;
+    }
 }
 
 /// The Unix time in µs of an `Instant` taken during this run.

@@ -229,3 +229,22 @@ async fn clients_the_server_turns_away_are_counted_and_the_rest_run() {
         assert!(t.received > 0 && t.lost == 0, "{t:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_asking_for_low_quality_get_and_measure_the_low_layer() {
+    let server = server().await;
+    let mut s = scenario(&server, 0.0);
+    s.simulcast = true;
+    s.video_bitrate = 800_000;
+    s.duration = Duration::from_secs(4);
+    s.subscriber_quality = Some(loadtest::scenario::Quality::Low);
+    let report = run(&s, |_| {}).await.expect("runs");
+    print(&report);
+    for t in report.tracks.iter().filter(|t| t.kind == "video") {
+        assert_eq!(t.layer.as_deref(), Some("q"), "{t:?}");
+        assert!(t.received > 0 && t.lost == 0, "{t:?}");
+        // The low layer is a sixteenth of the top one's 800 kbit/s: the
+        // track's bitrate is well under it, though it started on the top.
+        assert!(t.bitrate_bps < 600_000.0, "{t:?}");
+    }
+}
