@@ -81,27 +81,10 @@ pub struct PublishOptions {
 #[derive(Default, Debug)]
 pub struct Inbox {
     pub messages: Vec<serde_json::Value>,
-    /// (publisher sid, kind) -> payload sequence numbers received.
-    pub media: HashMap<(String, String), Vec<u32>>,
-    /// (publisher sid, kind) -> one-way latency of each packet, µs.
-    pub latency_us: HashMap<(String, String), Vec<u64>>,
-    /// (publisher sid, kind) -> when the first packet arrived (µs since the
-    /// Unix epoch).
-    pub first_at_us: HashMap<(String, String), u64>,
+    /// (publisher sid, kind) -> what arrived on that track.
+    pub tracks: HashMap<(String, String), TrackInbox>,
     /// Payload bytes received.
     pub bytes: u64,
-    /// (publisher sid, kind) -> payload bytes received, all layers.
-    pub track_bytes: HashMap<(String, String), u64>,
-    /// (publisher sid, kind) -> interarrival jitter of the measured
-    /// packets (RFC 3550, from the send times they carry), µs.
-    pub jitter_us: HashMap<(String, String), Jitter>,
-    /// (publisher sid, "video") -> simulcast layer of the last packet (0
-    /// q, 1 h, 2 f), or [`MEASURED_LAYER`] for the publisher's measured one.
-    pub last_layer: HashMap<(String, String), u8>,
-    /// (publisher sid, "video") -> the first measured sequence number
-    /// since another simulcast layer last arrived: loss counts from there,
-    /// as a layer switch is no loss.
-    pub measured_from: HashMap<(String, String), u32>,
     /// Track sids of the video tracks received.
     pub video_tracks: Vec<String>,
     /// Packets of simulcast layers not measured.
@@ -112,8 +95,30 @@ pub struct Inbox {
     pub open_tracks: HashMap<String, String>,
 }
 
-/// In [`Inbox::last_layer`]: the layer the publisher measures, whichever
-/// it is.
+/// What one subscriber received of one publisher's track.
+#[derive(Default, Debug)]
+pub struct TrackInbox {
+    /// Payload sequence numbers of the measured packets.
+    pub seqs: Vec<u32>,
+    /// One-way latency of each measured packet, µs.
+    pub latency_us: Vec<u64>,
+    /// When the first measured packet arrived (µs since the Unix epoch).
+    pub first_at_us: Option<u64>,
+    /// Payload bytes received, all layers.
+    pub bytes: u64,
+    /// Interarrival jitter of the measured packets (RFC 3550, from the
+    /// send times they carry), µs.
+    pub jitter: Jitter,
+    /// Simulcast layer of the last packet (0 q, 1 h, 2 f), or
+    /// [`MEASURED_LAYER`] for the publisher's measured one.
+    pub last_layer: Option<u8>,
+    /// The first measured sequence number since another simulcast layer
+    /// last arrived: loss counts from there, as a layer switch is no loss.
+    pub measured_from: Option<u32>,
+}
+
+/// In [`TrackInbox::last_layer`]: the layer the publisher measures,
+/// whichever it is.
 pub const MEASURED_LAYER: u8 = u8::MAX;
 
 /// RFC 3550 interarrival jitter over packets' send and arrival times.
@@ -431,50 +436,55 @@ impl PeerConnectionEventHandler for Trickle {
                 }
                 inbox.open_tracks.insert(track_id, stream.clone());
             }
+            // The key this track's packets are counted under, made once
+            // (again only if a Janus track's publisher index changes).
+            let mut key: Option<(u8, (String, String))> = None;
             while let Some(event) = track.poll().await {
                 if let TrackRemoteEvent::OnRtpPacket(packet) = event {
                     let now = now_us();
-                    let mut inbox = inbox.lock().unwrap();
                     let Some(tag) = payload::parse(&packet.payload) else {
-                        inbox.corrupted += 1;
+                        inbox.lock().unwrap().corrupted += 1;
                         continue;
                     };
-                    let key = if key_by_index {
-                        (tag.index.to_string(), kind.clone())
-                    } else {
-                        (stream.clone(), kind.clone())
+                    let index = if key_by_index { tag.index } else { 0 };
+                    let key = match &key {
+                        Some((i, k)) if *i == index => k,
+                        _ => {
+                            let name = if key_by_index {
+                                tag.index.to_string()
+                            } else {
+                                stream.clone()
+                            };
+                            &key.insert((index, (name, kind.clone()))).1
+                        }
+                    };
+                    let mut guard = inbox.lock().unwrap();
+                    let inbox = &mut *guard;
+                    if !inbox.tracks.contains_key(key) {
+                        inbox.tracks.insert(key.clone(), TrackInbox::default());
+                    }
+                    let Some(t) = inbox.tracks.get_mut(key) else {
+                        continue;
                     };
                     let bytes = packet.payload.len() as u64;
-                    *inbox.track_bytes.entry(key.clone()).or_default() += bytes;
+                    t.bytes += bytes;
                     if tag.kind >= payload::LOWER_LAYER {
                         // A simulcast layer the publisher does not measure.
                         inbox.other_layers += 1;
-                        inbox
-                            .last_layer
-                            .insert(key, tag.kind - payload::LOWER_LAYER);
+                        t.last_layer = Some(tag.kind - payload::LOWER_LAYER);
                         continue;
                     }
-                    if tag.kind == 0
-                        && inbox.last_layer.insert(key.clone(), MEASURED_LAYER)
-                            != Some(MEASURED_LAYER)
+                    if tag.kind == 0 && t.last_layer.replace(MEASURED_LAYER) != Some(MEASURED_LAYER)
                     {
-                        inbox.measured_from.insert(key.clone(), tag.seq);
+                        t.measured_from = Some(tag.seq);
                     }
                     inbox.bytes += bytes;
-                    inbox
-                        .jitter_us
-                        .entry(key.clone())
-                        .or_default()
-                        .add(tag.sent_us, now);
-                    inbox.first_at_us.entry(key.clone()).or_insert(now);
+                    t.jitter.add(tag.sent_us, now);
+                    t.first_at_us.get_or_insert(now);
                     let latency = now.saturating_sub(tag.sent_us);
                     inbox.latency_sum_us += latency;
-                    inbox
-                        .latency_us
-                        .entry(key.clone())
-                        .or_default()
-                        .push(latency);
-                    inbox.media.entry(key).or_default().push(tag.seq);
+                    t.latency_us.push(latency);
+                    t.seqs.push(tag.seq);
                 }
             }
         });
@@ -606,9 +616,9 @@ impl View {
         self.inbox
             .lock()
             .unwrap()
-            .media
+            .tracks
             .get(&(publisher_sid.to_owned(), kind.to_owned()))
-            .cloned()
+            .map(|t| t.seqs.clone())
             .unwrap_or_default()
     }
 

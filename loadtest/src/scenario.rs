@@ -389,7 +389,7 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
             let (mut received, mut bytes, mut latency_us) = (0u64, 0u64, 0u64);
             for m in &members {
                 if let Ok(i) = m.client.inbox.lock() {
-                    received += i.media.values().map(|v| v.len() as u64).sum::<u64>();
+                    received += i.tracks.values().map(|t| t.seqs.len() as u64).sum::<u64>();
                     bytes += i.bytes;
                     latency_us += i.latency_sum_us;
                 }
@@ -451,7 +451,11 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?;
         total_bytes += inbox.bytes;
-        packets_delivered += inbox.media.values().map(|v| v.len() as u64).sum::<u64>();
+        packets_delivered += inbox
+            .tracks
+            .values()
+            .map(|t| t.seqs.len() as u64)
+            .sum::<u64>();
         for sender in members
             .iter()
             .filter(|m| m.publisher && m.room == receiver.room)
@@ -465,13 +469,13 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
                     continue;
                 }
                 let key = (sender.client.sid.clone(), kind.to_owned());
+                let track = inbox.tracks.get(&key);
                 // Counted from the last switch onto the measured layer.
-                let from = inbox.measured_from.get(&key).copied().unwrap_or(0);
-                let seqs: HashSet<u32> = inbox
-                    .media
-                    .get(&key)
-                    .map(|v| {
-                        v.iter()
+                let from = track.and_then(|t| t.measured_from).unwrap_or(0);
+                let seqs: HashSet<u32> = track
+                    .map(|t| {
+                        t.seqs
+                            .iter()
                             .copied()
                             .filter(|q| (from..=sent).contains(q))
                             .collect()
@@ -488,7 +492,7 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
                         sender.client.identity, receiver.client.identity
                     );
                 }
-                let mut latency = inbox.latency_us.get(&key).cloned().unwrap_or_default();
+                let mut latency = track.map(|t| t.latency_us.clone()).unwrap_or_default();
                 latency.sort_unstable();
                 all_latency.extend_from_slice(&latency);
                 tracks.push(TrackReport {
@@ -507,15 +511,13 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
                     latency_p50_ms: percentile(&latency, 0.50),
                     latency_p95_ms: percentile(&latency, 0.95),
                     latency_p99_ms: percentile(&latency, 0.99),
-                    jitter_ms: inbox.jitter_us.get(&key).map_or(0.0, |j| j.value / 1000.0),
-                    bitrate_bps: inbox.track_bytes.get(&key).copied().unwrap_or(0) as f64 * 8.0
-                        / seconds,
+                    jitter_ms: track.map_or(0.0, |t| t.jitter.value / 1000.0),
+                    bitrate_bps: track.map_or(0, |t| t.bytes) as f64 * 8.0 / seconds,
                     layer: if s.simulcast && kind == "video" {
                         let measured = s.subscriber_quality.map_or(2, Quality::layer);
-                        inbox
-                            .last_layer
-                            .get(&key)
-                            .map(|&l| {
+                        track
+                            .and_then(|t| t.last_layer)
+                            .map(|l| {
                                 if l == MEASURED_LAYER {
                                     measured
                                 } else {
@@ -527,9 +529,8 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
                     } else {
                         None
                     },
-                    first_packet_ms: inbox
-                        .first_at_us
-                        .get(&key)
+                    first_packet_ms: track
+                        .and_then(|t| t.first_at_us)
                         .map(|t| t.saturating_sub(start_us(start)) as f64 / 1000.0)
                         .unwrap_or(f64::NAN),
                 });

@@ -138,9 +138,9 @@ async fn three_clients_exchange_media_late_joiner_receives_and_leave_is_seen() {
             v.inbox
                 .lock()
                 .unwrap()
-                .media
+                .tracks
                 .values()
-                .map(Vec::len)
+                .map(|t| t.seqs.len())
                 .sum::<usize>()
         })
         .sum();

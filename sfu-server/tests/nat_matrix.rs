@@ -360,9 +360,9 @@ async fn client(
         if connected_after.is_none() {
             let inbox = view.inbox.lock().unwrap();
             let got = inbox
-                .media
+                .tracks
                 .iter()
-                .any(|((from, kind), seqs)| *from != mine && kind == "video" && seqs.len() >= 30);
+                .any(|((from, kind), t)| *from != mine && kind == "video" && t.seqs.len() >= 30);
             if got {
                 connected_after = Some(started.elapsed());
                 let _ = connected.send(());
