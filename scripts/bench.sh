@@ -235,6 +235,7 @@ case $mode in
       scenarios=(
         "meeting-3x3 3 0 20 800k"
         "meeting-6x6 6 0 20 800k"
+        "meetings-30-of-3x3 3 0 20 800k --rooms 30"
         "livestream-1x20 1 20 20 1.2M"
         "livestream-1x50 1 50 20 1.2M"
         "audio-1x100 1 100 20 100k --audio-only"

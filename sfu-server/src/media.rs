@@ -144,12 +144,17 @@ const RECV_BATCH: usize = 32;
 /// receiving allocates and copies nothing per datagram.
 #[cfg(target_os = "linux")]
 const ARENA_SLOTS: usize = 128;
+/// Arena buffers kept beside the one in use, for when a datagram of the
+/// last one is still queued for a room.
+const SPARE_ARENAS: usize = 3;
 
 /// Reads datagrams from the media socket: many per `recvmmsg` on Linux,
 /// one `recv_from` elsewhere.
 #[derive(Default)]
 struct Receiver {
     arena: BytesMut,
+    /// Earlier arena buffers, oldest first, kept to be taken back.
+    spares: Vec<BytesMut>,
     #[cfg(target_os = "linux")]
     addrs: Vec<socket2::SockAddrStorage>,
     #[cfg(target_os = "linux")]
@@ -175,25 +180,49 @@ const CONTROL_WORDS: usize = 8;
 // `recvmmsg` calls made through `&mut self`.
 unsafe impl Send for Receiver {}
 
+/// Takes `buffer` (emptied) back whole with `size` bytes of initialised
+/// memory, if no datagram cut from it is still held.
+fn reclaim(buffer: &mut BytesMut, size: usize) -> bool {
+    buffer.clear();
+    if !buffer.try_reclaim(size) {
+        return false;
+    }
+    // SAFETY: every buffer the arena uses is one `BytesMut::zeroed` made
+    // (reclaiming never reallocates), and its capacity is no more than
+    // the zeroed length: every byte of it has been initialised since. It
+    // has room for `size`.
+    unsafe { buffer.set_len(size) };
+    true
+}
+
 impl Receiver {
     /// Gives the arena `size` bytes of initialised memory to receive into.
     ///
-    /// Once every datagram handed on from its buffer has been dropped (the
-    /// room is done with them by the time the slots run out), the buffer
-    /// is taken back as it is: no allocation, no page faults, no zeroing.
-    /// Otherwise a fresh one, zeroed once, so every slot handed on is
-    /// initialised memory.
+    /// Once every datagram handed on from a buffer has been dropped (the
+    /// rooms are done with them soon after they are read), the buffer is
+    /// taken back as it is: no allocation, no page faults, no zeroing. The
+    /// arena tries its own buffer first, then the spares: buffers that
+    /// still had a datagram out (queued for a busy room) when they were
+    /// last tried. Only when none is free is a fresh one made, zeroed
+    /// once, so every slot handed on is initialised memory; the spare
+    /// held longest makes way for it when there are already
+    /// [`SPARE_ARENAS`].
     fn refill_arena(&mut self, size: usize) {
         self.arena.clear();
-        if self.arena.try_reclaim(size) {
-            // SAFETY: the reclaimed buffer is the one `BytesMut::zeroed`
-            // made (reclaiming never reallocates), and its capacity is no
-            // more than the zeroed length: every byte of it has been
-            // initialised since. It has room for `size`.
-            unsafe { self.arena.set_len(size) };
-        } else {
-            self.arena = BytesMut::zeroed(size);
+        if reclaim(&mut self.arena, size) {
+            return;
         }
+        if let Some(i) = self.spares.iter_mut().position(|b| reclaim(b, size)) {
+            let free = self.spares.remove(i);
+            let busy = std::mem::replace(&mut self.arena, free);
+            self.spares.push(busy);
+            return;
+        }
+        if self.spares.len() >= SPARE_ARENAS {
+            self.spares.remove(0);
+        }
+        let busy = std::mem::replace(&mut self.arena, BytesMut::zeroed(size));
+        self.spares.push(busy);
     }
 
     /// Waits for datagrams and returns those that can be read now.
@@ -407,6 +436,35 @@ mod tests {
         assert_ne!(r.arena.as_ptr(), first, "one slot still in use");
         assert!(r.arena.iter().all(|&b| b == 0));
         assert_eq!(&kept[..5], b"held!");
+        // The second buffer's slots are all still held when it runs out;
+        // the first is free again by then: it comes back, not a third.
+        let second = r.arena.as_ptr();
+        let held: Vec<BytesMut> = (0..4).map(|_| r.arena.split_to(MAX_DATAGRAM)).collect();
+        drop(kept);
+        r.refill_arena(size);
+        assert_eq!(r.arena.as_ptr(), first, "the spare taken back");
+        assert_eq!(r.arena.len(), size);
+        drop(held);
+        r.refill_arena(size);
+        assert_eq!(r.arena.as_ptr(), first, "its own buffer first");
+        let _taken = r.arena.split_to(size);
+        r.refill_arena(size);
+        assert_eq!(r.arena.as_ptr(), second, "then the other spare");
+    }
+
+    /// Spares that never come free are let go, oldest first: the arena
+    /// holds no more than its own buffer and [`SPARE_ARENAS`] others.
+    #[test]
+    fn held_spares_are_bounded() {
+        let size = 2 * MAX_DATAGRAM;
+        let mut r = Receiver::default();
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            r.refill_arena(size);
+            held.push(r.arena.split_to(size));
+            assert!(r.spares.len() <= SPARE_ARENAS);
+        }
+        assert_eq!(r.spares.len(), SPARE_ARENAS);
     }
 
     /// IPv6 senders come out with their address.
