@@ -136,6 +136,7 @@ mod tests {
             packets_sent: 10,
             packets_received: 9,
             packets_delivered: 9,
+            foreign_packets: 0,
             loss_pct: 10.0,
             latency_p50_ms: 1.0,
             latency_p95_ms: 2.0,

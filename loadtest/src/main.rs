@@ -44,6 +44,13 @@ struct Args {
     preset: Option<String>,
     #[arg(long, default_value_t = 1)]
     rooms: usize,
+    /// Join (or create) the rooms PREFIX-0, PREFIX-1, ... instead of fresh
+    /// ones, so load testers on several machines share them (run each
+    /// with the same prefix). Each measures loss and latency of its own
+    /// publishers and counts the others' packets as delivered; the live
+    /// line's figures take in every packet received.
+    #[arg(long)]
+    room_prefix: Option<String>,
     /// Publishers per room (they also receive each other).
     #[arg(long, default_value_t = 2)]
     publishers: usize,
@@ -146,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::anyhow!("unknown subscriber quality {q} (low, medium, high)")
             })?),
         },
+        room_prefix: a.room_prefix,
         ..Default::default()
     };
     match a.preset.as_deref() {
@@ -228,6 +236,12 @@ async fn main() -> anyhow::Result<()> {
         report.latency_p99_ms,
         report.received_bitrate_bps / 1000.0
     );
+    if report.foreign_packets > 0 {
+        println!(
+            "also received: {} packets of other load testers' publishers in the shared rooms (not measured)",
+            report.foreign_packets
+        );
+    }
     if let Some(path) = a.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     }

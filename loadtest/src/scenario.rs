@@ -53,6 +53,11 @@ pub struct Scenario {
     /// that layer is the one measured. `None`: the server's choice, the
     /// top layer measured.
     pub subscriber_quality: Option<Quality>,
+    /// Join (or create) the rooms `PREFIX-0`, `PREFIX-1`, ... instead of
+    /// fresh ones, with identities of this run's own: load testers on
+    /// several machines then share rooms, each measuring loss and latency
+    /// of its own publishers. This server only.
+    pub room_prefix: Option<String>,
 }
 
 /// The highest simulcast layer a subscriber asks for.
@@ -106,6 +111,7 @@ impl Default for Scenario {
             ramp: Duration::ZERO,
             bind_ip: None,
             subscriber_quality: None,
+            room_prefix: None,
         }
     }
 }
@@ -150,6 +156,9 @@ pub struct Report {
     /// Every packet that arrived, tail and duplicates included (what the
     /// server's forwarded counter should show).
     pub packets_delivered: u64,
+    /// Of those, packets of publishers not in this run (another load
+    /// tester's, in shared rooms): delivered, not measured.
+    pub foreign_packets: u64,
     pub loss_pct: f64,
     pub latency_p50_ms: f64,
     pub latency_p95_ms: f64,
@@ -223,11 +232,17 @@ async fn join_sfu(s: &Scenario) -> anyhow::Result<Joined> {
     let admin = admin_token(&s.api_key, &s.api_secret)?;
     let ws_base = s.url.replacen("http", "ws", 1);
     let run_id = crate::payload::now_us() % 1_000_000;
+    // In shared rooms, identities carry this run's own tag: a second
+    // `pub0` would take the first one's place.
+    let (prefix, tag) = match &s.room_prefix {
+        Some(prefix) => (prefix.clone(), format!("-{}", instance_tag())),
+        None => (format!("loadtest-{run_id}"), String::new()),
+    };
     let mut members: Vec<Member> = Vec::new();
     let mut failures = Vec::new();
     let mut index: u8 = 0;
     for r in 0..s.rooms {
-        let room = format!("loadtest-{run_id}-{r}");
+        let room = format!("{prefix}-{r}");
         let resp = http
             .post(format!("{}/v1/rooms", s.url))
             .bearer_auth(&admin)
@@ -242,7 +257,7 @@ async fn join_sfu(s: &Scenario) -> anyhow::Result<Joined> {
         );
         for p in 0..s.publishers + s.subscribers {
             let publisher = p < s.publishers;
-            let identity = format!("{}{p}", if publisher { "pub" } else { "sub" });
+            let identity = format!("{}{p}{tag}", if publisher { "pub" } else { "sub" });
             let minted: serde_json::Value = http
                 .post(format!("{}/v1/tokens", s.url))
                 .bearer_auth(&admin)
@@ -275,6 +290,14 @@ async fn join_sfu(s: &Scenario) -> anyhow::Result<Joined> {
         }
     }
     Ok((members, failures))
+}
+
+/// Six hex digits that tell this run's clients from another's: the
+/// process id and the clock.
+fn instance_tag() -> String {
+    let mixed = (crate::payload::now_us() ^ ((std::process::id() as u64) << 24))
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    format!("{:06x}", mixed >> 40)
 }
 
 /// Creates Janus VideoRoom rooms and joins everyone: publishers publish
@@ -356,6 +379,10 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
             "a subscriber quality is asked for with this server's updateSubscription"
         );
     }
+    anyhow::ensure!(
+        s.room_prefix.is_none() || s.target == Target::Sfu,
+        "shared rooms (a room prefix) are for this server only"
+    );
     let (mut members, join_failures) = match s.target {
         Target::Sfu => join_sfu(s).await?,
         Target::Janus => join_janus(s).await?,
@@ -440,6 +467,14 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
     let mut packets_sent = 0;
     let mut total_bytes = 0;
     let mut packets_delivered = 0;
+    let mut foreign_packets = 0;
+    // Tracks are keyed by the publisher's sid with this server (by its
+    // index in the run with Janus, where every publisher is this run's).
+    let own: HashSet<&str> = members
+        .iter()
+        .filter(|m| m.publisher)
+        .map(|m| m.client.sid.as_str())
+        .collect();
     for m in members.iter().filter(|m| m.publisher) {
         let (video, audio) = counted[&m.client.sid];
         packets_sent += video as u64 + audio as u64;
@@ -456,6 +491,14 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
             .values()
             .map(|t| t.seqs.len() as u64)
             .sum::<u64>();
+        if s.target == Target::Sfu {
+            foreign_packets += inbox
+                .tracks
+                .iter()
+                .filter(|((sid, _), _)| !own.contains(sid.as_str()))
+                .map(|(_, t)| t.seqs.len() as u64)
+                .sum::<u64>();
+        }
         for sender in members
             .iter()
             .filter(|m| m.publisher && m.room == receiver.room)
@@ -548,8 +591,13 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
         packets_sent,
         packets_received: tracks.iter().map(|t| t.received).sum(),
         packets_delivered,
+        foreign_packets,
+        // A run with no publishers of its own (receivers for another load
+        // tester's, in shared rooms) measures no loss.
         loss_pct: if expected > 0 {
             lost as f64 * 100.0 / expected as f64
+        } else if tracks.is_empty() {
+            0.0
         } else {
             100.0
         },

@@ -248,3 +248,62 @@ async fn subscribers_asking_for_low_quality_get_and_measure_the_low_layer() {
         assert!(t.bitrate_bps < 600_000.0, "{t:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_load_testers_share_a_room_and_each_measures_its_own() {
+    let server = server().await;
+    let mut s = scenario(&server, 0.0);
+    s.publishers = 1;
+    s.subscribers = 1;
+    s.duration = Duration::from_secs(4);
+    s.room_prefix = Some("shared".into());
+    // As from two machines: two runs, same rooms, neither knowing the other.
+    let (a, b) = tokio::join!(run(&s, |_| {}), run(&s, |_| {}));
+    let (a, b) = (a.expect("first runs"), b.expect("second runs"));
+    for report in [&a, &b] {
+        print(report);
+        // Both publishers stayed in: a shared identity would have put one
+        // out of the room.
+        assert_eq!((report.participants, report.connected), (2, 2));
+        // Measured: its own publisher at its own subscriber.
+        assert_eq!(report.tracks.len(), 2, "{:?}", report.tracks);
+        for t in &report.tracks {
+            assert!(t.received > 0 && t.lost == 0, "{t:?}");
+        }
+        // Received besides: the other run's publisher, at both clients.
+        assert!(report.foreign_packets > 0, "nothing from the other run");
+        assert!(report.foreign_packets < report.packets_delivered);
+    }
+    // Between them, every packet the server forwarded.
+    let delivered = a.packets_delivered + b.packets_delivered;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let f = metric(&server, "sfu_rtp_packets_forwarded_total").await;
+        if f.abs_diff(delivered) * 100 <= delivered {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server forwarded {f}, the two runs received {delivered}"
+        );
+    }
+    // Receivers only, for the others' publishers: nothing of its own to
+    // measure, so no loss, and everything it got counted as delivered.
+    s.publishers = 0;
+    s.subscribers = 2;
+    let mut with_publisher = scenario(&server, 0.0);
+    with_publisher.publishers = 1;
+    with_publisher.subscribers = 0;
+    with_publisher.duration = s.duration;
+    with_publisher.room_prefix = Some("shared2".into());
+    s.room_prefix = Some("shared2".into());
+    let (p, r) = tokio::join!(run(&with_publisher, |_| {}), run(&s, |_| {}));
+    let (p, r) = (p.expect("publisher's run"), r.expect("receivers' run"));
+    assert!(r.tracks.is_empty(), "{:?}", r.tracks);
+    assert_eq!(r.loss_pct, 0.0);
+    assert!(r.foreign_packets > 0);
+    assert_eq!(r.foreign_packets, r.packets_delivered);
+    assert_eq!(p.foreign_packets, 0, "its publisher is its own");
+}
