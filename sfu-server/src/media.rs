@@ -208,7 +208,6 @@ impl Receiver {
     /// held longest makes way for it when there are already
     /// [`SPARE_ARENAS`].
     fn refill_arena(&mut self, size: usize) {
-        self.arena.clear();
         if reclaim(&mut self.arena, size) {
             return;
         }
