@@ -1,7 +1,7 @@
 //! A signalling + WebRTC client built on the `webrtc` crate, speaking the
 //! server's documented protocol: one per synthetic participant.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -115,6 +115,10 @@ pub struct TrackInbox {
     /// The first measured sequence number since another simulcast layer
     /// last arrived: loss counts from there, as a layer switch is no loss.
     pub measured_from: Option<u32>,
+    /// When that packet arrived (µs since the Unix epoch).
+    pub measured_since_us: Option<u64>,
+    /// Measured packets received, by the Unix second they were sent in.
+    pub by_second: BTreeMap<u64, u32>,
 }
 
 /// In [`TrackInbox::last_layer`]: the layer the publisher measures,
@@ -140,6 +144,11 @@ impl Jitter {
     }
 }
 
+/// Counts a measured packet (kind 0 video, 1 audio) sent at `sent_us`.
+fn count_sent(by_second: &mut BTreeMap<u64, [u32; 2]>, sent_us: u64, kind: usize) {
+    by_second.entry(sent_us / 1_000_000).or_default()[kind] += 1;
+}
+
 pub struct Client {
     pub identity: String,
     pub sid: String,
@@ -159,6 +168,9 @@ pub struct Client {
     /// Sequence numbers per simulcast layer.
     layer_seq: Vec<u16>,
     video_seq: u32,
+    /// Measured packets sent, video and audio, by the Unix second of their
+    /// send time (as their payloads carry it).
+    pub sent_by_second: BTreeMap<u64, [u32; 2]>,
     /// With simulcast, the index of the layer measured.
     measured_layer: usize,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -477,7 +489,9 @@ impl PeerConnectionEventHandler for Trickle {
                     if tag.kind == 0 && t.last_layer.replace(MEASURED_LAYER) != Some(MEASURED_LAYER)
                     {
                         t.measured_from = Some(tag.seq);
+                        t.measured_since_us = Some(now);
                     }
+                    *t.by_second.entry(tag.sent_us / 1_000_000).or_default() += 1;
                     inbox.bytes += bytes;
                     t.jitter.add(tag.sent_us, now);
                     t.first_at_us.get_or_insert(now);
@@ -783,6 +797,7 @@ impl Client {
             audio: None,
             seq: 0,
             video_seq: 0,
+            sent_by_second: BTreeMap::new(),
             measured_layer: LAYERS.len() - 1,
             keyframe_wanted: Arc::new(AtomicBool::new(false)),
             video_ssrcs: Vec::new(),
@@ -1151,6 +1166,10 @@ impl Client {
                     }
                     self.layer_seq[layer] = self.layer_seq[layer].wrapping_add(1);
                     let size = (bytes / packets).max(payload::HEADER + 1);
+                    let sent_us = now_us();
+                    if measured {
+                        count_sent(&mut self.sent_by_second, sent_us, 0);
+                    }
                     let body = payload::build(
                         payload::Tag {
                             index: self.index,
@@ -1162,7 +1181,7 @@ impl Client {
                             },
                             keyframe,
                             frame_start: i == 0,
-                            sent_us: now_us(),
+                            sent_us,
                         },
                         size,
                     );
@@ -1200,7 +1219,9 @@ impl Client {
                 }
             }
         }
-        if let Some(track) = &self.audio {
+        if self.audio.is_some() {
+            let sent_us = now_us();
+            count_sent(&mut self.sent_by_second, sent_us, 1);
             let body = payload::build(
                 payload::Tag {
                     index: self.index,
@@ -1208,7 +1229,7 @@ impl Client {
                     kind: 1,
                     keyframe: false,
                     frame_start: true,
-                    sent_us: now_us(),
+                    sent_us,
                 },
                 AUDIO_PAYLOAD,
             );
@@ -1224,7 +1245,9 @@ impl Client {
                 },
                 payload: Bytes::from(body),
             };
-            let _ = track.write_rtp(packet).await;
+            if let Some(track) = &self.audio {
+                let _ = track.write_rtp(packet).await;
+            }
         }
     }
 

@@ -92,6 +92,13 @@ pub fn render(report: &Report) -> String {
         "per second",
         &series(|p| p.packets_per_s),
     );
+    // Seconds with nothing measured (no stream started yet) are left out.
+    let loss: Vec<(f64, f64)> = report
+        .timeline
+        .iter()
+        .filter_map(|p| Some((p.elapsed_s, p.loss_pct?)))
+        .collect();
+    out += &chart("Loss after retransmission, by second sent", "%", &loss);
     out += &chart("Mean one-way latency", "ms", &series(|p| p.mean_latency_ms));
     out += "<table><tr><th>publisher</th><th>receiver</th><th>kind</th><th>expected</th>\
             <th>received</th><th>loss %</th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th>\
@@ -151,12 +158,15 @@ mod tests {
                     received_bitrate_bps: 1e6,
                     packets_per_s: 3.0,
                     mean_latency_ms: 0.5 * i as f64,
+                    recent_loss_pct: None,
+                    loss_pct: (i > 1).then_some(2.5 * i as f64),
                 })
                 .collect(),
         };
         let html = render(&report);
-        assert_eq!(html.matches("<svg").count(), 3);
-        assert_eq!(html.matches("<polyline").count(), 3);
+        assert_eq!(html.matches("<svg").count(), 4);
+        assert_eq!(html.matches("<polyline").count(), 4);
+        assert!(html.contains("Loss after retransmission, by second sent (%), max 7.5"));
         assert!(html.contains("loss 10.00%"));
         assert!(html.contains("2 of 3 participants joined"));
         assert!(html.contains("<li>room sub2: join refused: &lt;full&gt;</li>"));

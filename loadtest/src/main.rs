@@ -171,8 +171,13 @@ async fn main() -> anyhow::Result<()> {
     }
     let tty = std::io::stderr().is_terminal();
     let report = run(&s, |p| {
+        // Loss of what was sent two to three seconds ago (retransmissions
+        // have had that long); none before then.
+        let loss = p
+            .recent_loss_pct
+            .map_or_else(|| "    -".to_owned(), |l| format!("{l:>5.2}"));
         let line = format!(
-            "{:>5.1}s  clients {:>4}  received {:>9} packets  {:>8.0} kbit/s  latency {:>6.1} ms",
+            "{:>5.1}s  clients {:>4}  received {:>9} packets  {:>8.0} kbit/s  latency {:>6.1} ms  loss {loss}%",
             p.elapsed_s,
             p.connected,
             p.packets_received,

@@ -181,6 +181,13 @@ pub struct Progress {
     pub received_bitrate_bps: f64,
     pub packets_per_s: f64,
     pub mean_latency_ms: f64,
+    /// Loss of the measured packets sent in the second that ended two to
+    /// three seconds before this sample, as it stood at the sample
+    /// (retransmissions have had that long).
+    pub recent_loss_pct: Option<f64>,
+    /// Loss of the measured packets sent in the second this sample closes,
+    /// counted at the end of the run (after every retransmission).
+    pub loss_pct: Option<f64>,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -189,6 +196,51 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     }
     let i = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[i] as f64 / 1000.0
+}
+
+/// Loss of the measured packets sent in the Unix second `second`, over
+/// every stream a receiver was measuring by then: what the publishers
+/// sent in that second against what their receivers got of it. `None`
+/// when nothing was expected.
+fn second_loss(members: &[Member], audio_only: bool, second: u64) -> Option<f64> {
+    let (mut expected, mut received) = (0u64, 0u64);
+    for receiver in members {
+        let Ok(inbox) = receiver.client.inbox.lock() else {
+            continue;
+        };
+        for sender in members
+            .iter()
+            .filter(|m| m.publisher && m.room == receiver.room)
+            .filter(|m| m.client.sid != receiver.client.sid)
+        {
+            let Some(sent) = sender.client.sent_by_second.get(&second) else {
+                continue;
+            };
+            for (kind, k) in [("video", 0), ("audio", 1)] {
+                if kind == "video" && audio_only {
+                    continue;
+                }
+                let key = (sender.client.sid.clone(), kind.to_owned());
+                let Some(t) = inbox.tracks.get(&key) else {
+                    continue;
+                };
+                // Seconds wholly after the receiver's first measured packet
+                // (since its last switch onto the measured layer): what was
+                // sent before the stream reached it is not lost. And not
+                // while it receives another layer.
+                let since = t.measured_since_us.or(t.first_at_us);
+                let on_measured = t.last_layer.is_none_or(|l| l == MEASURED_LAYER);
+                if !on_measured || since.is_none_or(|us| us / 1_000_000 >= second) {
+                    continue;
+                }
+                let got = t.by_second.get(&second).copied().unwrap_or(0);
+                expected += u64::from(sent[k]);
+                // Retransmissions of packets already received count once.
+                received += u64::from(got.min(sent[k]));
+            }
+        }
+    }
+    (expected > 0).then(|| (expected - received) as f64 * 100.0 / expected as f64)
 }
 
 /// An admin token for the REST API, signed with the API secret.
@@ -396,6 +448,8 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
     let frame_bytes = (s.video_bitrate / 8 / s.fps.max(1) as u64) as usize;
     let keyframe_every = s.fps * 2;
     let start = Instant::now();
+    // Sample i closes the Unix second first_second + i.
+    let first_second = crate::payload::now_us() / 1_000_000;
     let mut tick = tokio::time::interval(Duration::from_secs(1) / s.fps.max(1));
     let mut next_report = start + Duration::from_secs(1);
     // (when, packets, bytes, latency sum) at the last progress sample.
@@ -434,6 +488,10 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
                 } else {
                     0.0
                 },
+                recent_loss_pct: (timeline.len() as u64)
+                    .checked_sub(2)
+                    .and_then(|i| second_loss(&members, s.audio_only, first_second + i)),
+                loss_pct: None,
             };
             last = (Instant::now(), received, bytes, latency_us);
             progress(&sample);
@@ -461,6 +519,9 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
         }
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    for (i, sample) in timeline.iter_mut().enumerate() {
+        sample.loss_pct = second_loss(&members, s.audio_only, first_second + i as u64);
+    }
 
     let mut tracks = Vec::new();
     let mut all_latency: Vec<u64> = Vec::new();

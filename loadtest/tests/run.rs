@@ -42,7 +42,10 @@ fn print(report: &Report) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_match_the_server_and_nothing_is_lost() {
     let server = server().await;
-    let report = run(&scenario(&server, 0.0), |_| {}).await.expect("runs");
+    // Long enough for the live loss figure, which looks two seconds back.
+    let mut s = scenario(&server, 0.0);
+    s.duration = Duration::from_secs(5);
+    let report = run(&s, |_| {}).await.expect("runs");
     print(&report);
     // Each publisher reaches the other publisher and the subscriber, audio
     // and video: 2 x 2 x 2 streams.
@@ -54,6 +57,25 @@ async fn counts_match_the_server_and_nothing_is_lost() {
         assert!(t.jitter_ms >= 0.0 && t.jitter_ms < 50.0, "{t:?}");
         assert_eq!(t.layer, None, "one layer published: {t:?}");
     }
+    // Second by second nothing was lost either, from the first second
+    // wholly after the streams started: the live figure and the final
+    // count agree.
+    let measured: Vec<f64> = report.timeline.iter().filter_map(|p| p.loss_pct).collect();
+    assert!(
+        measured.len() + 2 >= report.timeline.len(),
+        "{:?}",
+        report.timeline
+    );
+    assert!(measured.iter().all(|l| *l == 0.0), "{measured:?}");
+    let live: Vec<f64> = report
+        .timeline
+        .iter()
+        .filter_map(|p| p.recent_loss_pct)
+        .collect();
+    assert!(
+        !live.is_empty() && live.iter().all(|l| *l == 0.0),
+        "{live:?}"
+    );
     // Video arrives at about the rate it is sent (300 kbit/s).
     for t in report.tracks.iter().filter(|t| t.kind == "video") {
         assert!((150_000.0..450_000.0).contains(&t.bitrate_bps), "{t:?}");
@@ -79,7 +101,10 @@ async fn counts_match_the_server_and_nothing_is_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_uplink_loss_is_recovered_for_video() {
     let server = server().await;
-    let report = run(&scenario(&server, 0.05), |_| {}).await.expect("runs");
+    // Seconds enough for a few of them to be measured one by one.
+    let mut s = scenario(&server, 0.05);
+    s.duration = Duration::from_secs(6);
+    let report = run(&s, |_| {}).await.expect("runs");
     print(&report);
     if report
         .tracks
@@ -107,6 +132,18 @@ async fn injected_uplink_loss_is_recovered_for_video() {
         .map(|t| t.lost)
         .sum();
     assert!(audio_lost > 0, "no loss was injected");
+    // The audio's loss shows second by second too: the seconds' figures
+    // average out near the run's (audio is a third of the packets, so
+    // about 5% / 3).
+    let seconds: Vec<f64> = report.timeline.iter().filter_map(|p| p.loss_pct).collect();
+    assert!(seconds.len() >= 3, "{:?}", report.timeline);
+    let mean = seconds.iter().sum::<f64>() / seconds.len() as f64;
+    assert!(mean > 0.0, "{seconds:?}");
+    assert!(
+        (mean - report.loss_pct).abs() < 1.5,
+        "seconds {seconds:?}, run {:.2}%",
+        report.loss_pct
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
