@@ -121,7 +121,8 @@ EOF
 }
 
 # window_mark PID N FILE: waits until FILE has N progress lines (or PID
-# exits) and prints "N:<server user ticks>:<server system ticks>".
+# exits) and prints "N:<server user ticks>:<server system ticks>:<PID's
+# ticks>" (PID is the load tester; its ticks are 0 once it has exited).
 window_mark() {
   local n=$2 lines
   while kill -0 "$1" 2>/dev/null; do
@@ -129,7 +130,7 @@ window_mark() {
     [ "${lines:-0}" -ge "$n" ] && break
     sleep 0.02
   done
-  echo "$n:$(cpu_split "$server_pid")"
+  echo "$n:$(cpu_split "$server_pid"):$(cpu_ticks "$1" 2>/dev/null || echo 0)"
 }
 
 bind_ip=$(local_ip)
@@ -174,24 +175,27 @@ cpu_us = (int(k1) - int(k0)) / int(hz) * 1e6
 streams = max(1, len(r["tracks"]))
 whole = cpu_us / delivered if delivered else float("nan")
 # The steady-state window: progress samples i and j (1-based lines).
-(i, ui, si), (j, uj, sj) = (w0.split(":"), w1.split(":"))
+(i, ui, si, li), (j, uj, sj, lj) = (w0.split(":"), w1.split(":"))
 tl = r["timeline"]
 i, j = int(i), int(j)
-steady = user = system = float("nan")
+steady = user = system = tester = float("nan")
 # CPU time comes in clock ticks (10 ms): a window with fewer than 10 of
 # them (a short smoke run on a fast machine) says too little, and the
 # whole run's figure stands instead.
 ticks = (int(uj) + int(sj)) - (int(ui) + int(si))
-if 0 < i < j <= len(tl) and ticks >= 10:
-    pkts = tl[j - 1]["packets_received"] - tl[i - 1]["packets_received"]
-    if pkts > 0:
-        user = (int(uj) - int(ui)) / int(hz) * 1e6 / pkts
-        system = (int(sj) - int(si)) / int(hz) * 1e6 / pkts
-        steady = user + system
+pkts = tl[j - 1]["packets_received"] - tl[i - 1]["packets_received"] if 0 < i < j <= len(tl) else 0
+if pkts > 0 and ticks >= 10:
+    user = (int(uj) - int(ui)) / int(hz) * 1e6 / pkts
+    system = (int(sj) - int(si)) / int(hz) * 1e6 / pkts
+    steady = user + system
+# The load tester's own CPU over the same window: what a machine driving
+# this load needs (its ticks read 0 once it has exited).
+if pkts > 0 and int(li) > 0 and int(lj) - int(li) >= 10:
+    tester = (int(lj) - int(li)) / int(hz) * 1e6 / pkts
 per_pkt = steady if steady == steady else whole
 print(f"| {name} | {target} | {streams} | {delivered / r['seconds']:,.0f} | {per_pkt:.2f} | {user:.2f} / {system:.2f} | {whole:.2f} | "
       f"{r['loss_pct']:.2f} | {r['latency_p50_ms']:.1f} | {r['latency_p95_ms']:.1f} | "
-      f"{r['latency_p99_ms']:.1f} | {(int(r1) - int(r0)) / streams:.0f} |")
+      f"{r['latency_p99_ms']:.1f} | {(int(r1) - int(r0)) / streams:.0f} | {tester:.2f} |")
 with open(results, "a") as f:
     f.write(f"{target}\t{name}\t{per_pkt:.3f}\t{r['loss_pct']:.3f}\t{r['latency_p99_ms']:.2f}\n")
 if delivered <= 0 or r["loss_pct"] > 5:
@@ -202,8 +206,8 @@ PY
 }
 
 header() {
-  printf '| scenario | server | streams | delivered pkt/s | server CPU µs / pkt, steady | of which user / kernel | µs / pkt, whole run | loss %% | p50 ms | p95 ms | p99 ms | server KiB / stream |\n'
-  printf '|---|---|---|---|---|---|---|---|---|---|---|---|\n'
+  printf '| scenario | server | streams | delivered pkt/s | server CPU µs / pkt, steady | of which user / kernel | µs / pkt, whole run | loss %% | p50 ms | p95 ms | p99 ms | server KiB / stream | load tester µs / pkt |\n'
+  printf '|---|---|---|---|---|---|---|---|---|---|---|---|---|\n'
 }
 
 ratios() {
