@@ -1030,9 +1030,16 @@ impl Client {
             follow_janus_handle(publisher.clone(), publish_trickles);
         let (subscribe_task, _) = follow_janus_handle(subscriber.clone(), subscribe_trickles);
         let tasks = vec![publish_task, subscribe_task];
+        // A publisher is known by its index, which its payloads carry; a
+        // receiver's name must not be one (the index wraps past 255).
+        let sid = if publish.publish {
+            index.to_string()
+        } else {
+            format!("receiver {identity}")
+        };
         let mut client = Client::assemble(
             identity,
-            index.to_string(),
+            sid,
             index,
             // Nothing is sent in our protocol to Janus.
             mpsc::unbounded_channel().0,

@@ -263,6 +263,9 @@ struct Member {
     publisher: bool,
     /// Video tracks asked for `Scenario::subscriber_quality` so far.
     asked: usize,
+    /// Measured packets sent when the run ended (video, audio): what
+    /// receivers are expected to get.
+    counted: (u32, u32),
 }
 
 /// The pause between joins, if the scenario asks for one.
@@ -335,6 +338,7 @@ async fn join_sfu(s: &Scenario) -> anyhow::Result<Joined> {
                     client,
                     publisher,
                     asked: 0,
+                    counted: (0, 0),
                 }),
                 Err(e) => failures.push(format!("{room} {identity}: {e:#}")),
             }
@@ -391,6 +395,7 @@ async fn join_janus(s: &Scenario) -> anyhow::Result<Joined> {
                         client,
                         publisher,
                         asked: 0,
+                        counted: (0, 0),
                     });
                 }
                 Err(e) => failures.push(format!("Janus room {room} {identity}: {e:#}")),
@@ -431,6 +436,10 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
             "a subscriber quality is asked for with this server's updateSubscription"
         );
     }
+    anyhow::ensure!(
+        s.target == Target::Sfu || s.publishers <= 256,
+        "with Janus, publishers are told apart by a one-byte index: at most 256 a room"
+    );
     anyhow::ensure!(
         s.room_prefix.is_none() || s.target == Target::Sfu,
         "shared rooms (a room prefix) are for this server only"
@@ -502,15 +511,11 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
     // so that losses near the end are noticed (a gap shows only when a
     // later packet arrives) and retransmitted, then the stragglers land.
     let seconds = start.elapsed().as_secs_f64();
-    let counted: std::collections::HashMap<String, (u32, u32)> = members
-        .iter()
-        .map(|m| {
-            (
-                m.client.sid.clone(),
-                (m.client.video_packets_sent(), m.client.seq_now()),
-            )
-        })
-        .collect();
+    // Per member, not by sid: with Janus, publishers in different rooms
+    // may share an index.
+    for m in members.iter_mut() {
+        m.counted = (m.client.video_packets_sent(), m.client.seq_now());
+    }
     let tail = Instant::now();
     while tail.elapsed() < Duration::from_millis(300) {
         tick.tick().await;
@@ -537,7 +542,7 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
         .map(|m| m.client.sid.as_str())
         .collect();
     for m in members.iter().filter(|m| m.publisher) {
-        let (video, audio) = counted[&m.client.sid];
+        let (video, audio) = m.counted;
         packets_sent += video as u64 + audio as u64;
     }
     for receiver in &members {
@@ -567,7 +572,7 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
             if sender.client.sid == receiver.client.sid {
                 continue;
             }
-            let (video_sent, audio_sent) = counted[&sender.client.sid];
+            let (video_sent, audio_sent) = sender.counted;
             for (kind, sent) in [("video", video_sent), ("audio", audio_sent)] {
                 if kind == "video" && s.audio_only {
                     continue;
