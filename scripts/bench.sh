@@ -238,6 +238,7 @@ case $mode in
     else
       scenarios=(
         "meeting-3x3 3 0 20 800k"
+        "meeting-3x3-spread 3 0 20 800k --spread"
         "meeting-6x6 6 0 20 800k"
         "meetings-30-of-3x3 3 0 20 800k --rooms 30"
         "livestream-1x20 1 20 20 1.2M"

@@ -51,6 +51,10 @@ struct Args {
     /// line's figures take in every packet received.
     #[arg(long)]
     room_prefix: Option<String>,
+    /// Publishers send their frames spread over the frame interval, as
+    /// browsers out of step with each other do, instead of all at once.
+    #[arg(long)]
+    spread: bool,
     /// Publishers per room (they also receive each other).
     #[arg(long, default_value_t = 2)]
     publishers: usize,
@@ -154,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
             })?),
         },
         room_prefix: a.room_prefix,
+        spread: a.spread,
         ..Default::default()
     };
     match a.preset.as_deref() {

@@ -58,6 +58,10 @@ pub struct Scenario {
     /// several machines then share rooms, each measuring loss and latency
     /// of its own publishers. This server only.
     pub room_prefix: Option<String>,
+    /// Publishers send their frames spread over the frame interval, as
+    /// browsers out of step with each other do, instead of all on one
+    /// tick.
+    pub spread: bool,
 }
 
 /// The highest simulcast layer a subscriber asks for.
@@ -112,6 +116,7 @@ impl Default for Scenario {
             bind_ip: None,
             subscriber_quality: None,
             room_prefix: None,
+            spread: false,
         }
     }
 }
@@ -196,6 +201,24 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     }
     let i = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[i] as f64 / 1000.0
+}
+
+/// Most ticks a frame interval is cut into with `Scenario::spread`.
+const MAX_SLOTS: usize = 32;
+
+/// Sends a frame for the publishers of one slot of the frame interval.
+async fn send_slot(
+    members: &mut [Member],
+    slot: usize,
+    slots: usize,
+    frame_bytes: usize,
+    keyframe_every: u32,
+) {
+    for (k, m) in members.iter_mut().filter(|m| m.publisher).enumerate() {
+        if k % slots == slot {
+            m.client.send_media(frame_bytes, keyframe_every).await;
+        }
+    }
 }
 
 /// Loss of the measured packets sent in the Unix second `second`, over
@@ -453,22 +476,33 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
         anyhow::bail!("nobody joined: {first}");
     }
 
-    // Media: every publisher sends a frame per tick, all paced by one timer.
+    // Media: every publisher sends a frame per frame interval, all paced by
+    // one timer: on the same tick, or with `spread` on ticks spread over
+    // the interval (publisher k on slot k mod slots).
     let frame_bytes = (s.video_bitrate / 8 / s.fps.max(1) as u64) as usize;
     let keyframe_every = s.fps * 2;
     let start = Instant::now();
     // Sample i closes the Unix second first_second + i.
     let first_second = crate::payload::now_us() / 1_000_000;
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / s.fps.max(1));
+    let slots = if s.spread {
+        members
+            .iter()
+            .filter(|m| m.publisher)
+            .count()
+            .clamp(1, MAX_SLOTS)
+    } else {
+        1
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / s.fps.max(1) / slots as u32);
+    let mut slot = 0;
     let mut next_report = start + Duration::from_secs(1);
     // (when, packets, bytes, latency sum) at the last progress sample.
     let mut last = (start, 0u64, 0u64, 0u64);
     let mut timeline: Vec<Progress> = Vec::new();
     while start.elapsed() < s.duration {
         tick.tick().await;
-        for m in members.iter_mut().filter(|m| m.publisher) {
-            m.client.send_media(frame_bytes, keyframe_every).await;
-        }
+        send_slot(&mut members, slot, slots, frame_bytes, keyframe_every).await;
+        slot = (slot + 1) % slots;
         if let Some(quality) = s.subscriber_quality {
             for m in &mut members {
                 ask_quality(m, quality);
@@ -519,9 +553,8 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
     let tail = Instant::now();
     while tail.elapsed() < Duration::from_millis(300) {
         tick.tick().await;
-        for m in members.iter_mut().filter(|m| m.publisher) {
-            m.client.send_media(frame_bytes, keyframe_every).await;
-        }
+        send_slot(&mut members, slot, slots, frame_bytes, keyframe_every).await;
+        slot = (slot + 1) % slots;
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     for (i, sample) in timeline.iter_mut().enumerate() {

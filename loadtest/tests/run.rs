@@ -344,3 +344,23 @@ async fn two_load_testers_share_a_room_and_each_measures_its_own() {
     assert_eq!(r.foreign_packets, r.packets_delivered);
     assert_eq!(p.foreign_packets, 0, "its publisher is its own");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_spread_over_the_frame_interval_each_send_at_full_rate() {
+    let server = server().await;
+    let mut s = scenario(&server, 0.0);
+    s.publishers = 3;
+    s.subscribers = 0;
+    s.spread = true;
+    let report = run(&s, |_| {}).await.expect("runs");
+    print(&report);
+    // Three publishers, each received by the other two, audio and video.
+    assert_eq!(report.tracks.len(), 12);
+    for t in &report.tracks {
+        assert!(t.received > 0 && t.lost == 0, "{t:?}");
+    }
+    // Every publisher on its own slot still sends every frame.
+    for t in report.tracks.iter().filter(|t| t.kind == "video") {
+        assert!((150_000.0..450_000.0).contains(&t.bitrate_bps), "{t:?}");
+    }
+}
