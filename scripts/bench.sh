@@ -13,6 +13,9 @@
 #                               NxN grow until loss > 1% or p99 > 50 ms
 #   BENCH_TARGETS="sfu"         only our server (default "sfu janus")
 #   BENCH_SCENARIOS="meeting-10x10 10 0 15 800k;..."  these scenarios instead
+#   JANUS_EVENT_LOOPS=N         Janus's media on N shared event loops (default:
+#                               one per CPU, its setting for many handles; 0:
+#                               Janus's own default, a thread per handle)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +27,7 @@ case "${1:-}" in
   *) echo "usage: $0 [--smoke|--sweep]" >&2; exit 2 ;;
 esac
 targets="${BENCH_TARGETS:-sfu janus}"
+janus_loops="${JANUS_EVENT_LOOPS:-$(nproc)}"
 if [[ " $targets " == *" janus "* ]] && ! command -v janus >/dev/null; then
   echo "janus is not installed (apt-get install janus), or set BENCH_TARGETS=sfu" >&2
   exit 1
@@ -78,6 +82,7 @@ general: {
 	loggers_folder = "$lib/loggers"
 	debug_level = 3
 	session_timeout = 0
+$( [ "$janus_loops" != 0 ] && printf '\tevent_loops = %s\n' "$janus_loops" )
 }
 nat: {
 	ice_enforce_list = "$bind_ip"
