@@ -1,7 +1,7 @@
 //! A run: rooms, publishers and subscribers, media for a while, then the
 //! figures.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -221,24 +221,33 @@ async fn send_slot(
     }
 }
 
-/// Loss of the measured packets sent in the Unix second `second`, over
-/// every stream a receiver was measuring by then: what the publishers
-/// sent in that second against what their receivers got of it. `None`
-/// when nothing was expected.
-fn second_loss(members: &[Member], audio_only: bool, second: u64) -> Option<f64> {
-    let (mut expected, mut received) = (0u64, 0u64);
+/// Loss of the measured packets sent in each Unix second of `seconds`,
+/// over every stream a receiver was measuring by then: what the
+/// publishers sent in that second against what their receivers got of
+/// it. `None` for a second in which nothing was expected. One walk over
+/// the streams serves every second asked for.
+fn loss_by_second(
+    members: &[Member],
+    audio_only: bool,
+    seconds: std::ops::Range<u64>,
+) -> Vec<Option<f64>> {
+    let n = seconds.end.saturating_sub(seconds.start) as usize;
+    let (mut expected, mut received) = (vec![0u64; n], vec![0u64; n]);
+    let mut publishers: HashMap<&str, Vec<&Member>> = HashMap::new();
+    for m in members.iter().filter(|m| m.publisher) {
+        publishers.entry(m.room.as_str()).or_default().push(m);
+    }
     for receiver in members {
+        let Some(senders) = publishers.get(receiver.room.as_str()) else {
+            continue;
+        };
         let Ok(inbox) = receiver.client.inbox.lock() else {
             continue;
         };
-        for sender in members
+        for sender in senders
             .iter()
-            .filter(|m| m.publisher && m.room == receiver.room)
             .filter(|m| m.client.sid != receiver.client.sid)
         {
-            let Some(sent) = sender.client.sent_by_second.get(&second) else {
-                continue;
-            };
             for (kind, k) in [("video", 0), ("audio", 1)] {
                 if kind == "video" && audio_only {
                     continue;
@@ -249,21 +258,32 @@ fn second_loss(members: &[Member], audio_only: bool, second: u64) -> Option<f64>
                 };
                 // Seconds wholly after the receiver's first measured packet
                 // (since its last switch onto the measured layer): what was
-                // sent before the stream reached it is not lost. And not
+                // sent before the stream reached it is not lost. And none
                 // while it receives another layer.
-                let since = t.measured_since_us.or(t.first_at_us);
-                let on_measured = t.last_layer.is_none_or(|l| l == MEASURED_LAYER);
-                if !on_measured || since.is_none_or(|us| us / 1_000_000 >= second) {
+                let (Some(since), true) = (
+                    t.measured_since_us.or(t.first_at_us),
+                    t.last_layer.is_none_or(|l| l == MEASURED_LAYER),
+                ) else {
                     continue;
+                };
+                let from = since / 1_000_000 + 1;
+                for (i, second) in seconds.clone().enumerate().filter(|(_, s)| *s >= from) {
+                    let Some(sent) = sender.client.sent_by_second.get(&second) else {
+                        continue;
+                    };
+                    let got = t.by_second.get(&second).copied().unwrap_or(0);
+                    expected[i] += u64::from(sent[k]);
+                    // Retransmissions of packets already received count once.
+                    received[i] += u64::from(got.min(sent[k]));
                 }
-                let got = t.by_second.get(&second).copied().unwrap_or(0);
-                expected += u64::from(sent[k]);
-                // Retransmissions of packets already received count once.
-                received += u64::from(got.min(sent[k]));
             }
         }
     }
-    (expected > 0).then(|| (expected - received) as f64 * 100.0 / expected as f64)
+    expected
+        .iter()
+        .zip(&received)
+        .map(|(&e, &r)| (e > 0).then(|| (e - r) as f64 * 100.0 / e as f64))
+        .collect()
 }
 
 /// An admin token for the REST API, signed with the API secret.
@@ -531,9 +551,10 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
                 } else {
                     0.0
                 },
-                recent_loss_pct: (timeline.len() as u64)
-                    .checked_sub(2)
-                    .and_then(|i| second_loss(&members, s.audio_only, first_second + i)),
+                recent_loss_pct: (timeline.len() as u64).checked_sub(2).and_then(|i| {
+                    let second = first_second + i;
+                    loss_by_second(&members, s.audio_only, second..second + 1)[0]
+                }),
                 loss_pct: None,
             };
             last = (Instant::now(), received, bytes, latency_us);
@@ -557,8 +578,12 @@ pub async fn run(s: &Scenario, mut progress: impl FnMut(&Progress)) -> anyhow::R
         slot = (slot + 1) % slots;
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    for (i, sample) in timeline.iter_mut().enumerate() {
-        sample.loss_pct = second_loss(&members, s.audio_only, first_second + i as u64);
+    let sampled = first_second..first_second + timeline.len() as u64;
+    for (sample, loss) in timeline
+        .iter_mut()
+        .zip(loss_by_second(&members, s.audio_only, sampled))
+    {
+        sample.loss_pct = loss;
     }
 
     let mut tracks = Vec::new();
