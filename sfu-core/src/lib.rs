@@ -40,6 +40,7 @@ pub mod vp8;
 pub use ids::{ConnId, ParticipantId, SeededRng, TrackKey};
 pub use room::{
     CoreError, DropReason, JoinRequest, Output, Room, RoomConfig, RoomEvent, RoomStats, Transmit,
+    MAX_ADDRS_PER_CONN,
 };
 pub use sfu_signal as signal;
 

@@ -70,6 +70,13 @@ const DYNACAST_GRACE: Duration = Duration::from_secs(3);
 const MIN_LOSS_ESTIMATE: u64 = 300_000;
 /// How often each down track gets a sender report.
 const SENDER_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Source addresses routed to one connection at most: a client's host,
+/// reflexive and relayed candidates on both address families, with room
+/// to spare for a change of network. Any holder of a ufrag can send checks
+/// naming it from as many addresses as it likes; past this, the oldest
+/// address (never the one media goes to) stops being routed, so the
+/// routing tables stay bounded.
+pub const MAX_ADDRS_PER_CONN: usize = 8;
 /// How often subscribers' allocations are revisited.
 const ALLOCATION_INTERVAL: Duration = Duration::from_millis(500);
 /// Requests for a newly connected subscriber wait at most this long.
@@ -255,6 +262,9 @@ pub struct RoomStats {
     pub retransmissions: u64,
     /// NACKed packets no longer (or never) in the cache.
     pub retransmissions_missed: u64,
+    /// Source addresses no longer routed to a connection because checks
+    /// came from more than [`MAX_ADDRS_PER_CONN`] of them.
+    pub addresses_unrouted: u64,
     /// Indexed like [`DropReason::ALL`]; see [`RoomStats::dropped`].
     pub drops: [u64; DropReason::ALL.len()],
 }
@@ -1718,11 +1728,7 @@ impl Room {
             Some(ufrag) => match self.by_ufrag.get(ufrag).copied() {
                 Some(conn) => {
                     if self.by_addr.insert(source, conn) != Some(conn) {
-                        if let Some(c) = self.conn_mut(conn) {
-                            if !c.addrs.contains(&source) {
-                                c.addrs.push(source);
-                            }
-                        }
+                        self.add_route(conn, source);
                     }
                     conn
                 }
@@ -1789,6 +1795,44 @@ impl Room {
         }
         self.mark_dirty(conn);
         self.drain(now);
+    }
+
+    /// Notes that checks from `source` reach connection `id`. Past
+    /// [`MAX_ADDRS_PER_CONN`] the connection's oldest address other than
+    /// the one its media goes to stops being routed, here and (through
+    /// [`RoomEvent::Unrouted`]) at the media socket.
+    fn add_route(&mut self, id: ConnId, source: SocketAddr) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        if c.addrs.contains(&source) {
+            return;
+        }
+        let mut evicted = None;
+        if c.addrs.len() >= MAX_ADDRS_PER_CONN {
+            let media = c.media_dest;
+            if let Some(i) = c.addrs.iter().position(|a| Some(*a) != media) {
+                evicted = Some(c.addrs.remove(i));
+            }
+        }
+        c.addrs.push(source);
+        let Some(old) = evicted else {
+            return;
+        };
+        // The address may have moved on to another connection since.
+        if self.by_addr.get(&old) == Some(&id) {
+            self.by_addr.remove(&old);
+            self.stats.addresses_unrouted += 1;
+            self.outputs.push_back(Output::Event(RoomEvent::Unrouted {
+                ufrags: Vec::new(),
+                addrs: vec![old],
+            }));
+        }
+    }
+
+    /// Source addresses routed to the room's connections.
+    pub fn routed_addresses(&self) -> usize {
+        self.by_addr.len()
     }
 
     /// Advances every connection's timers to `now`.

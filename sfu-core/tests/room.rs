@@ -4,8 +4,10 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use common::Harness;
 use sfu_core::signal::{ServerMessage, Target};
 
@@ -190,6 +192,70 @@ fn a_failed_subscriber_connection_is_restarted_by_the_server() {
     // The server side of the restart is the one a client's `restartIce`
     // asks for; sfu-server's reconnect test carries media across it with
     // real clients.
+}
+
+/// A STUN binding request with `username` and no valid integrity, as
+/// anyone who has seen the ufrag can send from any address.
+fn forged_check(username: &str) -> BytesMut {
+    let mut attr = Vec::new();
+    attr.extend_from_slice(&0x0006u16.to_be_bytes());
+    attr.extend_from_slice(&(username.len() as u16).to_be_bytes());
+    attr.extend_from_slice(username.as_bytes());
+    while attr.len() % 4 != 0 {
+        attr.push(0);
+    }
+    let mut m = BytesMut::new();
+    m.extend_from_slice(&0x0001u16.to_be_bytes());
+    m.extend_from_slice(&(attr.len() as u16).to_be_bytes());
+    m.extend_from_slice(&0x2112_A442u32.to_be_bytes());
+    m.extend_from_slice(&[7u8; 12]);
+    m.extend_from_slice(&attr);
+    m
+}
+
+/// Checks naming a connection's ufrag from ever more source addresses
+/// leave the room's routes bounded, and media goes on reaching the client
+/// at the address it uses.
+#[test]
+fn checks_from_ever_more_addresses_keep_routes_bounded() {
+    let mut h = Harness::new();
+    let a = h.join("alice", true);
+    let b = h.join("bob", false);
+    connect_all(&mut h, &[a], &[(b, a)]);
+    let ufrag = last_subscriber_ufrag(&h, b).expect("an offer");
+    let routed = h.room.routed_addresses();
+    let spoofed: usize = 300;
+    let sources: Vec<SocketAddr> = (0..spoofed)
+        .map(|i| {
+            format!("10.9.{}.{}:{}", i / 200, i % 200, 20_000 + i)
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    for &from in &sources {
+        let now = h.now;
+        h.room
+            .handle_datagram(now, from, forged_check(&format!("{ufrag}:mallory")));
+    }
+    let (before, _) = h.received_from(b, a);
+    pump(&mut h, &[a], 50);
+    let routes = h.room.routed_addresses();
+    assert!(
+        routes < routed + sfu_core::MAX_ADDRS_PER_CONN,
+        "{routes} routes, {routed} before the checks"
+    );
+    let evicted = spoofed + 1 - sfu_core::MAX_ADDRS_PER_CONN;
+    assert_eq!(h.room.stats().addresses_unrouted as usize, evicted);
+    // The media socket is told of each, oldest first.
+    assert_eq!(h.unrouted.len(), evicted);
+    assert_eq!(h.unrouted[..], sources[..evicted]);
+    // Bob's own address was never given up: alice's video reaches him.
+    let (after, _) = h.received_from(b, a);
+    assert!(
+        after >= before + 45,
+        "bob received {} packets",
+        after - before
+    );
 }
 
 fn count_offers(h: &Harness, i: usize) -> usize {

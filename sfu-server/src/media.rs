@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
+use rustc_hash::FxHashMap;
 use sfu_core::demux::{binding_request_ufrag, reflexive_response};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -43,7 +44,7 @@ pub async fn run(
 ) {
     let mut router = Router {
         by_ufrag: HashMap::new(),
-        by_addr: HashMap::new(),
+        by_addr: FxHashMap::default(),
         socket: socket.clone(),
         metrics,
     };
@@ -93,7 +94,10 @@ fn arrival(stamp: Option<SystemTime>, (wall, mono): (SystemTime, Instant)) -> In
 /// The routing tables, owned by the receiving task.
 struct Router {
     by_ufrag: HashMap<String, mpsc::Sender<RoomCmd>>,
-    by_addr: HashMap<SocketAddr, mpsc::Sender<RoomCmd>>,
+    /// Keys are client addresses, added only for checks naming a known
+    /// ufrag and bounded per connection by the rooms, so the fast hash
+    /// cannot be made to degrade by the sources anyone may send from.
+    by_addr: FxHashMap<SocketAddr, mpsc::Sender<RoomCmd>>,
     socket: Arc<UdpSocket>,
     metrics: Arc<Metrics>,
 }

@@ -13,6 +13,8 @@ pub struct Metrics {
     pub datagrams_in: AtomicUsize,
     pub datagrams_unrouted: AtomicUsize,
     pub datagrams_room_busy: AtomicUsize,
+    /// Client addresses no longer routed: checks came from too many.
+    pub addresses_unrouted: AtomicUsize,
     pub rtp_in: AtomicUsize,
     pub rtp_forwarded: AtomicUsize,
     pub bytes_forwarded: AtomicUsize,
@@ -41,7 +43,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicUsize); 19] = [
+        let rows: [(&str, &str, &str, &AtomicUsize); 20] = [
             ("sfu_rooms", "gauge", "Rooms open", &self.rooms),
             (
                 "sfu_participants",
@@ -72,6 +74,12 @@ impl Metrics {
                 "counter",
                 "Datagrams dropped because the room queue was full",
                 &self.datagrams_room_busy,
+            ),
+            (
+                "sfu_addresses_unrouted_total",
+                "counter",
+                "Client addresses no longer routed because checks for one connection came from too many",
+                &self.addresses_unrouted,
             ),
             (
                 "sfu_rtp_packets_received_total",

@@ -641,6 +641,11 @@ impl Worker {
             stats.rtp_received_by_room,
             was.rtp_received_by_room,
         );
+        add(
+            &m.addresses_unrouted,
+            stats.addresses_unrouted,
+            was.addresses_unrouted,
+        );
         for (i, reason) in DropReason::ALL.iter().enumerate() {
             add(&m.drops[i], stats.dropped(*reason), was.dropped(*reason));
         }

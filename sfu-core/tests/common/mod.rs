@@ -304,6 +304,8 @@ pub struct Harness {
     pub room: Room,
     pub clients: Vec<Client>,
     pub removed: Vec<ParticipantId>,
+    /// Source addresses the room said it no longer routes.
+    pub unrouted: Vec<SocketAddr>,
     next_port: u16,
     pending: VecDeque<(ParticipantId, ClientMessage)>,
     /// Random loss on the path from these client addresses to the server
@@ -342,6 +344,7 @@ impl Harness {
             room,
             clients: Vec::new(),
             removed: Vec::new(),
+            unrouted: Vec::new(),
             next_port: 10_000,
             pending: VecDeque::new(),
             uplink_loss: HashMap::new(),
@@ -524,6 +527,9 @@ impl Harness {
                     }
                     Output::Event(RoomEvent::ParticipantRemoved { participant, .. }) => {
                         self.removed.push(participant);
+                    }
+                    Output::Event(RoomEvent::Unrouted { addrs, .. }) => {
+                        self.unrouted.extend(addrs);
                     }
                     Output::Event(_) => {}
                     Output::Timeout(_) => break,
