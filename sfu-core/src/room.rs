@@ -53,7 +53,7 @@ use crate::ids::{ConnId, ParticipantId, SeededRng, TrackKey};
 use crate::rtp::RtpView;
 use crate::seq::SeqExtender;
 use crate::slots::{SlotKey, Slots};
-use crate::srtp::{KeyCapture, MasterKeys, SrtpReceiver, SrtpSender, SrtpStream};
+use crate::srtp::{KeyCapture, MasterKeys, SrtcpReceiver, SrtpReceiver, SrtpSender, SrtpStream};
 use crate::vp8;
 
 /// Keyframe requests to one publisher track are sent at most this often.
@@ -262,6 +262,9 @@ pub struct RoomStats {
     pub retransmissions: u64,
     /// NACKed packets no longer (or never) in the cache.
     pub retransmissions_missed: u64,
+    /// Clients' RTCP packets (compound) the room decrypted itself, past
+    /// the engine's read path.
+    pub rtcp_received_by_room: u64,
     /// Source addresses no longer routed to a connection because checks
     /// came from more than [`MAX_ADDRS_PER_CONN`] of them.
     pub addresses_unrouted: u64,
@@ -317,6 +320,10 @@ struct Conn {
     feedback: Option<SharedFeedback>,
     srtp_in: Option<(SrtpReceiver, MasterKeys)>,
     inbound: FxHashMap<u32, TrackKey>,
+    /// Subscriber connections: the client's RTCP (NACKs, keyframe
+    /// requests, estimates) is decrypted here, past the engine, with the
+    /// keys it was built from.
+    srtcp_in: Option<(SrtcpReceiver, MasterKeys)>,
 }
 
 /// What became of a datagram offered to a connection's inbound fast path.
@@ -529,6 +536,44 @@ impl Conn {
             Ok(receiver) => self.srtp_in = Some((receiver, keys)),
             Err(e) => tracing::warn!(error = %e, "srtp keys; receiving through the engine"),
         }
+    }
+
+    /// Takes the inbound SRTCP keys of a newly connected subscriber
+    /// connection, unless they are the ones already in use.
+    fn take_srtcp_keys(&mut self) {
+        let Some(keys) = self.keys.inbound() else {
+            return;
+        };
+        if self.srtcp_in.as_ref().is_some_and(|(_, k)| *k == keys) {
+            return;
+        }
+        match SrtcpReceiver::new(&keys, self.keys.inner_crypto()) {
+            Ok(receiver) => self.srtcp_in = Some((receiver, keys)),
+            Err(e) => tracing::warn!(error = %e, "srtcp keys; receiving through the engine"),
+        }
+    }
+
+    /// A client's SRTCP on a subscriber connection, decrypted and parsed
+    /// without the engine's read path (whose chain on these connections
+    /// only hands the same packets to the room). `None` for anything
+    /// else, and for what does not decrypt or parse: the engine has it.
+    fn receive_rtcp(
+        &mut self,
+        contents: &[u8],
+        buffer: &mut BytesMut,
+    ) -> Option<Vec<Box<dyn rtc::rtcp::Packet>>> {
+        if contents.len() < 8 || contents[0] >> 6 != 2 || !(192..=223).contains(&contents[1]) {
+            return None;
+        }
+        let (srtcp, _) = self.srtcp_in.as_mut()?;
+        let mut plain = match srtcp.unprotect(contents, buffer) {
+            Ok(plain) => plain.freeze(),
+            Err(e) => {
+                tracing::trace!(error = %e, "srtcp");
+                return None;
+            }
+        };
+        rtc::rtcp::packet::unmarshal(&mut plain).ok()
     }
 
     /// Inbound RTP of a known stream: decrypted and recorded for the
@@ -801,6 +846,8 @@ pub struct Room {
     out_buffer: BytesMut,
     /// Likewise the plaintext of published packets the room decrypts.
     in_buffer: BytesMut,
+    /// Where clients' RTCP is decrypted.
+    rtcp_buffer: BytesMut,
     stats: RoomStats,
     last_now: Instant,
     /// When subscribers with an estimate are next reallocated (upgrades
@@ -833,6 +880,7 @@ impl Room {
             outputs: VecDeque::new(),
             out_buffer: BytesMut::new(),
             in_buffer: BytesMut::new(),
+            rtcp_buffer: BytesMut::new(),
             stats: RoomStats::default(),
             last_now: now,
             next_allocation: now + ALLOCATION_INTERVAL,
@@ -1091,6 +1139,7 @@ impl Room {
             media_dest: None,
             feedback,
             srtp_in: None,
+            srtcp_in: None,
             inbound: FxHashMap::default(),
         });
         Ok(self.conns.insert(conn))
@@ -1756,6 +1805,13 @@ impl Room {
             transport_protocol: TransportProtocol::UDP,
         };
         if !is_check {
+            if let Some(packets) = c.receive_rtcp(&contents, &mut self.rtcp_buffer) {
+                self.stats.rtcp_received_by_room += 1;
+                let participant = c.participant;
+                self.on_rtcp(now, conn, participant, &packets);
+                self.drain(now);
+                return;
+            }
             match c.receive_rtp(now, &contents, &mut self.in_buffer) {
                 Inbound::ForEngine => {}
                 Inbound::Dropped(reason) => {
@@ -2042,6 +2098,7 @@ impl Room {
                     c.set_engine_timeout(c.next_timeout, beats);
                     if connected && target == Target::Subscriber {
                         c.take_srtp_keys();
+                        c.take_srtcp_keys();
                     }
                     if connected && target == Target::Publisher {
                         c.take_inbound_keys();
@@ -2251,74 +2308,84 @@ impl Room {
                     None => self.stats.drop(DropReason::UnknownTrack),
                 }
             }
-            RTCMessage::RtcpPacket(_, packets) => {
-                let mut wanted = Vec::new();
-                for packet in &packets {
-                    let any = packet.as_any();
-                    if let Some(sr) = any.downcast_ref::<SenderReport>() {
-                        let published = self
-                            .participants
-                            .get(&participant)
-                            .filter(|p| p.publisher == Some(conn))
-                            .map(|p| p.published.values().copied().collect::<Vec<_>>())
-                            .unwrap_or_default();
-                        for key in published {
-                            if let Some(layer) = self
-                                .tracks
-                                .get_mut(&key)
-                                .and_then(|t| t.layers.iter_mut().find(|l| l.ssrc == sr.ssrc))
-                            {
-                                layer.sender_report = Some((sr.ntp_time, sr.rtp_time, now));
-                            }
-                        }
-                        continue;
-                    }
-                    if let Some(remb) = any.downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
-                        let from_subscriber = self
-                            .participants
-                            .get(&participant)
-                            .is_some_and(|p| p.subscriber == Some(conn));
-                        if from_subscriber {
-                            self.set_estimate(now, participant, remb.bitrate as u64);
-                        }
-                        continue;
-                    }
-                    if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
-                        if let Some((sub, key)) = self.down_by_ssrc.get(&nack.media_ssrc).copied() {
-                            if sub == participant {
-                                let mut count = 0;
-                                for pair in &nack.nacks {
-                                    for seq in pair.packet_list() {
-                                        self.retransmit(now, sub, key, seq);
-                                        let first = self
-                                            .down_mut(sub, key)
-                                            .is_some_and(|d| d.sent.first_nack(seq));
-                                        count += usize::from(first);
-                                    }
-                                }
-                                if let Some(p) = self.participants.get_mut(&sub) {
-                                    p.nacked_packets.add(now, count);
-                                }
-                            }
-                        }
-                        continue;
-                    }
-                    if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
-                        wanted.push(pli.media_ssrc);
-                    } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
-                        wanted.extend(fir.fir.iter().map(|e| e.ssrc));
-                        wanted.push(fir.media_ssrc);
+            RTCMessage::RtcpPacket(_, packets) => self.on_rtcp(now, conn, participant, &packets),
+            _ => {}
+        }
+    }
+
+    /// Acts on RTCP from a client: a publisher's sender reports, a
+    /// subscriber's estimates, NACKs and keyframe requests.
+    fn on_rtcp(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        participant: ParticipantId,
+        packets: &[Box<dyn rtc::rtcp::Packet>],
+    ) {
+        let mut wanted = Vec::new();
+        for packet in packets {
+            let any = packet.as_any();
+            if let Some(sr) = any.downcast_ref::<SenderReport>() {
+                let published = self
+                    .participants
+                    .get(&participant)
+                    .filter(|p| p.publisher == Some(conn))
+                    .map(|p| p.published.values().copied().collect::<Vec<_>>())
+                    .unwrap_or_default();
+                for key in published {
+                    if let Some(layer) = self
+                        .tracks
+                        .get_mut(&key)
+                        .and_then(|t| t.layers.iter_mut().find(|l| l.ssrc == sr.ssrc))
+                    {
+                        layer.sender_report = Some((sr.ntp_time, sr.rtp_time, now));
                     }
                 }
-                for ssrc in wanted {
-                    if let Some((sub, key)) = self.down_by_ssrc.get(&ssrc).copied() {
-                        if sub == participant {
-                            self.keyframe_for_subscriber(now, sub, key, false);
+                continue;
+            }
+            if let Some(remb) = any.downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
+                let from_subscriber = self
+                    .participants
+                    .get(&participant)
+                    .is_some_and(|p| p.subscriber == Some(conn));
+                if from_subscriber {
+                    self.set_estimate(now, participant, remb.bitrate as u64);
+                }
+                continue;
+            }
+            if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
+                if let Some((sub, key)) = self.down_by_ssrc.get(&nack.media_ssrc).copied() {
+                    if sub == participant {
+                        let mut count = 0;
+                        for pair in &nack.nacks {
+                            for seq in pair.packet_list() {
+                                self.retransmit(now, sub, key, seq);
+                                let first = self
+                                    .down_mut(sub, key)
+                                    .is_some_and(|d| d.sent.first_nack(seq));
+                                count += usize::from(first);
+                            }
+                        }
+                        if let Some(p) = self.participants.get_mut(&sub) {
+                            p.nacked_packets.add(now, count);
                         }
                     }
+                }
+                continue;
+            }
+            if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
+                wanted.push(pli.media_ssrc);
+            } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
+                wanted.extend(fir.fir.iter().map(|e| e.ssrc));
+                wanted.push(fir.media_ssrc);
+            }
+        }
+        for ssrc in wanted {
+            if let Some((sub, key)) = self.down_by_ssrc.get(&ssrc).copied() {
+                if sub == participant {
+                    self.keyframe_for_subscriber(now, sub, key, false);
                 }
             }
-            _ => {}
         }
     }
 

@@ -369,44 +369,72 @@ const LABEL_SRTP_ENCRYPTION: u8 = 0x00;
 const LABEL_SRTP_AUTHENTICATION: u8 = 0x01;
 const LABEL_SRTP_SALT: u8 = 0x02;
 
+/// The key derivation labels of one direction's session keys.
+struct Labels {
+    encryption: u8,
+    authentication: u8,
+    salt: u8,
+}
+
+const SRTP_LABELS: Labels = Labels {
+    encryption: LABEL_SRTP_ENCRYPTION,
+    authentication: LABEL_SRTP_AUTHENTICATION,
+    salt: LABEL_SRTP_SALT,
+};
+
+/// RFC 3711 4.3.2: SRTCP's session keys come from the same master key.
+const SRTCP_LABELS: Labels = Labels {
+    encryption: 0x03,
+    authentication: 0x04,
+    salt: 0x05,
+};
+
+/// The cipher and session salt `keys` give under `labels`.
+fn session(
+    keys: &MasterKeys,
+    crypto: &dyn RTCCrypto,
+    labels: &Labels,
+) -> Result<(Cipher, [u8; MAX_SALT]), CryptoError> {
+    let salt_len = keys.profile.salt_len();
+    if keys.key.len() != 16 {
+        return Err(CryptoError::InvalidKeyLength {
+            expected: 16,
+            actual: keys.key.len(),
+        });
+    }
+    if keys.salt.len() != salt_len {
+        return Err(CryptoError::InvalidKeyLength {
+            expected: salt_len,
+            actual: keys.salt.len(),
+        });
+    }
+    let session_key = derive(crypto, &keys.key, &keys.salt, labels.encryption, 16)?;
+    let mut session_salt = [0u8; MAX_SALT];
+    session_salt[..salt_len].copy_from_slice(&derive(
+        crypto,
+        &keys.key,
+        &keys.salt,
+        labels.salt,
+        salt_len,
+    )?);
+    let cipher = match keys.profile {
+        Profile::AeadAes128Gcm => {
+            Cipher::Gcm(crypto.new_aead(AeadAlgorithm::Aes128Gcm, &session_key)?)
+        }
+        Profile::Aes128CmHmacSha1_80 => {
+            let auth_key = derive(crypto, &keys.key, &keys.salt, labels.authentication, 20)?;
+            Cipher::CmHmac {
+                stream: crypto.new_stream_cipher(StreamCipherAlgorithm::Aes128Ctr, &session_key)?,
+                auth: crypto.new_hmac(HmacAlgorithm::Sha1, &auth_key)?,
+            }
+        }
+    };
+    Ok((cipher, session_salt))
+}
+
 impl SrtpSender {
     pub fn new(keys: &MasterKeys, crypto: &dyn RTCCrypto) -> Result<SrtpSender, CryptoError> {
-        let salt_len = keys.profile.salt_len();
-        if keys.key.len() != 16 {
-            return Err(CryptoError::InvalidKeyLength {
-                expected: 16,
-                actual: keys.key.len(),
-            });
-        }
-        if keys.salt.len() != salt_len {
-            return Err(CryptoError::InvalidKeyLength {
-                expected: salt_len,
-                actual: keys.salt.len(),
-            });
-        }
-        let session_key = derive(crypto, &keys.key, &keys.salt, LABEL_SRTP_ENCRYPTION, 16)?;
-        let mut session_salt = [0u8; MAX_SALT];
-        session_salt[..salt_len].copy_from_slice(&derive(
-            crypto,
-            &keys.key,
-            &keys.salt,
-            LABEL_SRTP_SALT,
-            salt_len,
-        )?);
-        let cipher = match keys.profile {
-            Profile::AeadAes128Gcm => {
-                Cipher::Gcm(crypto.new_aead(AeadAlgorithm::Aes128Gcm, &session_key)?)
-            }
-            Profile::Aes128CmHmacSha1_80 => {
-                let auth_key =
-                    derive(crypto, &keys.key, &keys.salt, LABEL_SRTP_AUTHENTICATION, 20)?;
-                Cipher::CmHmac {
-                    stream: crypto
-                        .new_stream_cipher(StreamCipherAlgorithm::Aes128Ctr, &session_key)?,
-                    auth: crypto.new_hmac(HmacAlgorithm::Sha1, &auth_key)?,
-                }
-            }
-        };
+        let (cipher, session_salt) = session(keys, crypto, &SRTP_LABELS)?;
         Ok(SrtpSender {
             profile: keys.profile,
             cipher,
@@ -616,6 +644,134 @@ impl SrtpReceiver {
             None => {
                 let mut window = fresh;
                 window.accept(extended);
+                self.streams.push((ssrc, window));
+            }
+        }
+        Ok(buffer.split())
+    }
+}
+
+/// Decrypts the SRTCP a client sends on one connection (RFC 3711 3.4,
+/// RFC 7714 9), with a replay window per sending SSRC over the SRTCP
+/// index, so that its feedback (NACKs, keyframe requests, estimates)
+/// reaches the room without the engine's read path.
+pub struct SrtcpReceiver {
+    profile: Profile,
+    cipher: Cipher,
+    session_salt: [u8; MAX_SALT],
+    /// A client's RTCP comes from a handful of SSRCs.
+    streams: Vec<(u32, ReplayWindow)>,
+}
+
+/// The E flag and 31-bit SRTCP index after an SRTCP packet's payload.
+const SRTCP_INDEX_LEN: usize = 4;
+/// The RTCP header and sender SSRC: never encrypted.
+const RTCP_FIXED_LEN: usize = 8;
+/// Sending SSRCs whose replay windows a connection keeps; past this, the
+/// first one heard makes way.
+const MAX_SRTCP_STREAMS: usize = 16;
+
+impl SrtcpReceiver {
+    pub fn new(keys: &MasterKeys, crypto: &dyn RTCCrypto) -> Result<SrtcpReceiver, CryptoError> {
+        let (cipher, session_salt) = session(keys, crypto, &SRTCP_LABELS)?;
+        Ok(SrtcpReceiver {
+            profile: keys.profile,
+            cipher,
+            session_salt,
+            streams: Vec::new(),
+        })
+    }
+
+    /// Authenticates and decrypts the SRTCP packet `encrypted` into
+    /// `buffer` (emptied first): returns the compound RTCP packet, without
+    /// the index and tag.
+    pub fn unprotect(
+        &mut self,
+        encrypted: &[u8],
+        buffer: &mut BytesMut,
+    ) -> Result<BytesMut, UnprotectError> {
+        let tag_len = self.profile.overhead();
+        let n = encrypted.len();
+        if n < RTCP_FIXED_LEN + SRTCP_INDEX_LEN + tag_len {
+            return Err(UnprotectError::TooShort);
+        }
+        // GCM: ... || tag || E+index. AES-CM: ... || E+index || tag.
+        let (body_end, index_at, tag_at) = match self.profile {
+            Profile::AeadAes128Gcm => {
+                let body_end = n - SRTCP_INDEX_LEN - tag_len;
+                (body_end, n - SRTCP_INDEX_LEN, body_end)
+            }
+            Profile::Aes128CmHmacSha1_80 => {
+                let body_end = n - tag_len - SRTCP_INDEX_LEN;
+                (body_end, body_end, n - tag_len)
+            }
+        };
+        let trailer: [u8; 4] = encrypted[index_at..index_at + SRTCP_INDEX_LEN]
+            .try_into()
+            .map_err(|_| UnprotectError::TooShort)?;
+        let e_and_index = u32::from_be_bytes(trailer);
+        let encrypted_flag = e_and_index >> 31 == 1;
+        let index = e_and_index & 0x7FFF_FFFF;
+        let ssrc = u32::from_be_bytes([encrypted[4], encrypted[5], encrypted[6], encrypted[7]]);
+        let at = self.streams.iter().position(|(s, _)| *s == ssrc);
+        if at.is_some_and(|at| !self.streams[at].1.is_new(index as u64)) {
+            return Err(UnprotectError::Replay);
+        }
+        let body = &encrypted[..body_end];
+        let tag = &encrypted[tag_at..tag_at + tag_len];
+        buffer.clear();
+        buffer.extend_from_slice(body);
+        match &mut self.cipher {
+            Cipher::Gcm(aead) => {
+                let mut nonce = [0u8; 12];
+                nonce[2..6].copy_from_slice(&ssrc.to_be_bytes());
+                nonce[8..12].copy_from_slice(&index.to_be_bytes());
+                for (n, s) in nonce.iter_mut().zip(&self.session_salt) {
+                    *n ^= s;
+                }
+                let opened = if encrypted_flag {
+                    // RFC 7714 9.1: the fixed header and the index are
+                    // authenticated, the rest encrypted.
+                    let mut aad = [0u8; RTCP_FIXED_LEN + SRTCP_INDEX_LEN];
+                    aad[..RTCP_FIXED_LEN].copy_from_slice(&body[..RTCP_FIXED_LEN]);
+                    aad[RTCP_FIXED_LEN..].copy_from_slice(&trailer);
+                    aead.open_in_place(&nonce, &aad, &mut buffer[RTCP_FIXED_LEN..], tag)
+                } else {
+                    // Unencrypted: all of it authenticated only.
+                    let mut aad = Vec::with_capacity(body.len() + SRTCP_INDEX_LEN);
+                    aad.extend_from_slice(body);
+                    aad.extend_from_slice(&trailer);
+                    aead.open_in_place(&nonce, &aad, &mut [], tag)
+                };
+                if opened.is_err() {
+                    buffer.clear();
+                    return Err(UnprotectError::Auth);
+                }
+            }
+            Cipher::CmHmac { stream, auth } => {
+                let mut expected = [0u8; 20];
+                auth.sign(&[&encrypted[..tag_at]], &mut expected)?;
+                if !constant_time_eq(&expected[..tag_len], tag) {
+                    buffer.clear();
+                    return Err(UnprotectError::Auth);
+                }
+                if encrypted_flag {
+                    let iv = cm_iv(&self.session_salt, ssrc, index >> 16, index as u16);
+                    if let Err(e) = stream.apply_keystream(&iv, &mut buffer[RTCP_FIXED_LEN..]) {
+                        buffer.clear();
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+        match at {
+            Some(at) => self.streams[at].1.accept(index as u64),
+            None => {
+                if self.streams.len() >= MAX_SRTCP_STREAMS {
+                    self.streams.remove(0);
+                }
+                let mut window = ReplayWindow::default();
+                window.accept(index as u64);
                 self.streams.push((ssrc, window));
             }
         }
@@ -919,6 +1075,78 @@ mod tests {
                 &receiver.unprotect(&next, &view, &mut buffer).unwrap()[..],
                 &plain[..]
             );
+        }
+    }
+
+    /// A compound RTCP packet from `ssrc`: a receiver report and a
+    /// keyframe request for stream `0x1000 + n`.
+    fn rtcp(ssrc: u32, n: u32) -> Vec<u8> {
+        use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+        use rtc::rtcp::receiver_report::ReceiverReport;
+        let packets: Vec<Box<dyn rtc::rtcp::Packet>> = vec![
+            Box::new(ReceiverReport {
+                ssrc,
+                ..Default::default()
+            }),
+            Box::new(PictureLossIndication {
+                sender_ssrc: ssrc,
+                media_ssrc: 0x1000 + n,
+            }),
+        ];
+        rtc::rtcp::packet::marshal(&packets).unwrap().to_vec()
+    }
+
+    /// What the engine encrypts as SRTCP, as a client does, our receiver
+    /// decrypts once; a replay, a damaged packet and a short one are
+    /// refused, and each sender keeps its own window.
+    #[test]
+    fn srtcp_from_the_engine_decrypts_once() {
+        let provider = rtc::crypto::default_provider().unwrap();
+        for (profile, rtc_profile) in BOTH {
+            let keys = keys(profile);
+            let mut client = engine_context(&keys, rtc_profile, provider.crypto());
+            let mut receiver = SrtcpReceiver::new(&keys, provider.crypto()).unwrap();
+            let mut buffer = BytesMut::new();
+            let mut sent = Vec::new();
+            for n in 0..5 {
+                for ssrc in [0xA, 0xB] {
+                    let plain = rtcp(ssrc, n);
+                    let encrypted = client.encrypt_rtcp(&plain).unwrap();
+                    assert_ne!(&encrypted[8..plain.len()], &plain[8..], "encrypted");
+                    sent.push((encrypted, plain));
+                }
+            }
+            for (encrypted, plain) in &sent {
+                let mut damaged = encrypted.to_vec();
+                damaged[10] ^= 1;
+                assert!(
+                    matches!(
+                        receiver.unprotect(&damaged, &mut buffer),
+                        Err(UnprotectError::Auth)
+                    ),
+                    "{profile:?}: damaged"
+                );
+                let got = receiver.unprotect(encrypted, &mut buffer).unwrap();
+                assert_eq!(&got[..], &plain[..], "{profile:?}");
+                assert!(
+                    matches!(
+                        receiver.unprotect(encrypted, &mut buffer),
+                        Err(UnprotectError::Replay)
+                    ),
+                    "{profile:?}: replay"
+                );
+                assert!(matches!(
+                    receiver.unprotect(&encrypted[..12], &mut buffer),
+                    Err(UnprotectError::TooShort)
+                ));
+            }
+            // Parsed, the packets are the ones sent.
+            let last = receiver
+                .unprotect(&client.encrypt_rtcp(&rtcp(0xB, 9)).unwrap(), &mut buffer)
+                .unwrap();
+            let mut raw = last.freeze();
+            let packets = rtc::rtcp::packet::unmarshal(&mut raw).unwrap();
+            assert_eq!(packets.len(), 2);
         }
     }
 

@@ -320,9 +320,12 @@ fn subscriber_keyframe_request_reaches_publisher_throttled() {
     h.run_for(Duration::from_secs(1));
     let video_ssrc = h.clients[a].senders[0].1;
     let before = h.clients[a].keyframe_requests.len();
+    let rtcp_before = h.room.stats().rtcp_received_by_room;
     h.send_pli(b, a);
     let got = &h.clients[a].keyframe_requests[before..];
     assert_eq!(got, &[video_ssrc], "PLI names alice's video SSRC");
+    // Decrypted by the room itself, not the engine.
+    assert!(h.room.stats().rtcp_received_by_room > rtcp_before);
     // A burst of requests within the throttle window reaches alice once.
     for _ in 0..5 {
         h.send_pli(b, a);

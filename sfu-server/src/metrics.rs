@@ -22,6 +22,8 @@ pub struct Metrics {
     pub rtp_encrypted_by_room: AtomicUsize,
     /// Inbound RTP the rooms decrypted themselves.
     pub rtp_received_by_room: AtomicUsize,
+    /// Clients' RTCP the rooms decrypted themselves.
+    pub rtcp_received_by_room: AtomicUsize,
     pub datagrams_sent: AtomicUsize,
     pub gso_messages: AtomicUsize,
     pub gso_datagrams: AtomicUsize,
@@ -43,7 +45,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicUsize); 20] = [
+        let rows: [(&str, &str, &str, &AtomicUsize); 21] = [
             ("sfu_rooms", "gauge", "Rooms open", &self.rooms),
             (
                 "sfu_participants",
@@ -104,6 +106,12 @@ impl Metrics {
                 "counter",
                 "Inbound RTP packets the room decrypted itself (the rest went through the engine's read path)",
                 &self.rtp_received_by_room,
+            ),
+            (
+                "sfu_rtcp_packets_received_by_room_total",
+                "counter",
+                "Subscribers' RTCP packets (compound) the room decrypted itself (the rest went through the engine's read path)",
+                &self.rtcp_received_by_room,
             ),
             (
                 "sfu_datagrams_sent_total",

@@ -642,6 +642,11 @@ impl Worker {
             was.rtp_received_by_room,
         );
         add(
+            &m.rtcp_received_by_room,
+            stats.rtcp_received_by_room,
+            was.rtcp_received_by_room,
+        );
+        add(
             &m.addresses_unrouted,
             stats.addresses_unrouted,
             was.addresses_unrouted,

@@ -74,6 +74,14 @@ async function main() {
     const { ok, detail } = await decodingGrows(page, sids);
     check(`page ${i + 1}: framesDecoded grows for both remote videos`, sids.length === 2 && ok, detail);
   }
+  {
+    // Chromium's RTCP on its subscriber connections (receiver reports,
+    // estimates, keyframe requests) is decrypted by the room itself.
+    const metrics = await (await fetch(`${base}/metrics`)).text();
+    const line = metrics.split('\n').find((l) => l.startsWith('sfu_rtcp_packets_received_by_room_total '));
+    const count = Number(line?.split(' ')[1]);
+    check('the room decrypts browsers\' RTCP itself', count > 0, line ?? 'no such counter');
+  }
   try {
     mkdirSync(new URL('./out/', import.meta.url), { recursive: true });
     await pages[0].screenshot({ path: new URL('./out/page1.png', import.meta.url).pathname });
