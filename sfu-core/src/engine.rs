@@ -276,6 +276,12 @@ impl SharedFeedback {
         );
     }
 
+    /// Notes a sender report the room decrypted, for the receiver
+    /// reports' echo of it (the sender's round-trip time).
+    pub fn sender_report(&self, now: Instant, ssrc: u32, ntp_time: u64) {
+        self.lock().feedback.sender_report(now, ssrc, ntp_time);
+    }
+
     /// Runs the feedback at the room's tick: what is due goes to the
     /// engine as compound RTCP.
     pub fn tick(&self, now: Instant) -> Ticked {

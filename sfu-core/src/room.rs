@@ -320,9 +320,9 @@ struct Conn {
     feedback: Option<SharedFeedback>,
     srtp_in: Option<(SrtpReceiver, MasterKeys)>,
     inbound: FxHashMap<u32, TrackKey>,
-    /// Subscriber connections: the client's RTCP (NACKs, keyframe
-    /// requests, estimates) is decrypted here, past the engine, with the
-    /// keys it was built from.
+    /// The client's RTCP (a publisher's sender reports; a subscriber's
+    /// NACKs, keyframe requests and estimates) is decrypted here, past
+    /// the engine, with the keys it was built from.
     srtcp_in: Option<(SrtcpReceiver, MasterKeys)>,
 }
 
@@ -538,8 +538,8 @@ impl Conn {
         }
     }
 
-    /// Takes the inbound SRTCP keys of a newly connected subscriber
-    /// connection, unless they are the ones already in use.
+    /// Takes the inbound SRTCP keys of a newly connected connection,
+    /// unless they are the ones already in use.
     fn take_srtcp_keys(&mut self) {
         let Some(keys) = self.keys.inbound() else {
             return;
@@ -553,12 +553,14 @@ impl Conn {
         }
     }
 
-    /// A client's SRTCP on a subscriber connection, decrypted and parsed
-    /// without the engine's read path (whose chain on these connections
-    /// only hands the same packets to the room). `None` for anything
-    /// else, and for what does not decrypt or parse: the engine has it.
+    /// A client's SRTCP, decrypted and parsed without the engine's read
+    /// path: the interceptor chain of a connection only hands the same
+    /// packets to the room, and takes note of a publisher's sender
+    /// reports, as this does. `None` for anything else, and for what does
+    /// not decrypt or parse: the engine has it.
     fn receive_rtcp(
         &mut self,
+        now: Instant,
         contents: &[u8],
         buffer: &mut BytesMut,
     ) -> Option<Vec<Box<dyn rtc::rtcp::Packet>>> {
@@ -573,7 +575,15 @@ impl Conn {
                 return None;
             }
         };
-        rtc::rtcp::packet::unmarshal(&mut plain).ok()
+        let packets = rtc::rtcp::packet::unmarshal(&mut plain).ok()?;
+        if let Some(feedback) = &self.feedback {
+            for p in &packets {
+                if let Some(sr) = p.as_any().downcast_ref::<SenderReport>() {
+                    feedback.sender_report(now, sr.ssrc, sr.ntp_time);
+                }
+            }
+        }
+        Some(packets)
     }
 
     /// Inbound RTP of a known stream: decrypted and recorded for the
@@ -1805,7 +1815,7 @@ impl Room {
             transport_protocol: TransportProtocol::UDP,
         };
         if !is_check {
-            if let Some(packets) = c.receive_rtcp(&contents, &mut self.rtcp_buffer) {
+            if let Some(packets) = c.receive_rtcp(now, &contents, &mut self.rtcp_buffer) {
                 self.stats.rtcp_received_by_room += 1;
                 let participant = c.participant;
                 self.on_rtcp(now, conn, participant, &packets);
@@ -2102,6 +2112,7 @@ impl Room {
                     }
                     if connected && target == Target::Publisher {
                         c.take_inbound_keys();
+                        c.take_srtcp_keys();
                     }
                 }
                 if connected && target == Target::Subscriber {

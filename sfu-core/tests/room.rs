@@ -258,6 +258,29 @@ fn checks_from_ever_more_addresses_keep_routes_bounded() {
     );
 }
 
+/// A publisher's sender reports are decrypted by the room itself, and the
+/// receiver reports it gets back echo them (its round-trip time).
+#[test]
+fn publisher_sender_reports_reach_the_room_and_are_echoed() {
+    let mut h = Harness::new();
+    let a = h.join("alice", true);
+    connect_all(&mut h, &[a], &[]);
+    let rtcp_before = h.room.stats().rtcp_received_by_room;
+    let echoes_before = h.clients[a].report_echoes.len();
+    pump(&mut h, &[a], 150);
+    // Alice is alone: all the RTCP the room decrypted is hers.
+    let rtcp = h.room.stats().rtcp_received_by_room - rtcp_before;
+    assert!(
+        rtcp >= 2,
+        "{rtcp} of alice's RTCP packets decrypted by the room"
+    );
+    let echoes = &h.clients[a].report_echoes[echoes_before..];
+    assert!(
+        echoes.iter().any(|lsr| *lsr != 0),
+        "receiver reports echo no sender report: {echoes:?}"
+    );
+}
+
 fn count_offers(h: &Harness, i: usize) -> usize {
     h.clients[i]
         .signals

@@ -110,7 +110,7 @@ impl Metrics {
             (
                 "sfu_rtcp_packets_received_by_room_total",
                 "counter",
-                "Subscribers' RTCP packets (compound) the room decrypted itself (the rest went through the engine's read path)",
+                "Clients' RTCP packets (compound) the room decrypted itself (the rest went through the engine's read path)",
                 &self.rtcp_received_by_room,
             ),
             (

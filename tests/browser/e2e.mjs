@@ -75,8 +75,9 @@ async function main() {
     check(`page ${i + 1}: framesDecoded grows for both remote videos`, sids.length === 2 && ok, detail);
   }
   {
-    // Chromium's RTCP on its subscriber connections (receiver reports,
-    // estimates, keyframe requests) is decrypted by the room itself.
+    // Chromium's RTCP (sender reports on its publisher connection;
+    // receiver reports, estimates and keyframe requests on its subscriber
+    // one) is decrypted by the room itself.
     const metrics = await (await fetch(`${base}/metrics`)).text();
     const line = metrics.split('\n').find((l) => l.startsWith('sfu_rtcp_packets_received_by_room_total '));
     const count = Number(line?.split(' ')[1]);

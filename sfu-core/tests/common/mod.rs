@@ -287,6 +287,8 @@ pub struct Client {
     /// Receiver reports the server sent about this client's streams:
     /// (SSRC, extended highest sequence number received).
     pub receiver_reports: Vec<(u32, u32)>,
+    /// The last-sender-report field of each reception report received.
+    pub report_echoes: Vec<u32>,
     /// Transport-wide congestion control feedback the server sent this
     /// client.
     pub twcc_feedback: usize,
@@ -401,6 +403,7 @@ impl Harness {
             keyframes_sent_for: 0,
             sender_reports: Vec::new(),
             receiver_reports: Vec::new(),
+            report_echoes: Vec::new(),
             twcc_feedback: 0,
             stopped_slots: Vec::new(),
             pad_video: false,
@@ -584,6 +587,9 @@ impl Harness {
                                             rr.reports
                                                 .iter()
                                                 .map(|r| (r.ssrc, r.last_sequence_number)),
+                                        );
+                                        c.report_echoes.extend(
+                                            rr.reports.iter().map(|r| r.last_sender_report),
                                         );
                                     }
                                 }
