@@ -71,12 +71,13 @@ const MIN_LOSS_ESTIMATE: u64 = 300_000;
 /// How often each down track gets a sender report.
 const SENDER_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// Source addresses routed to one connection at most: a client's host,
-/// reflexive and relayed candidates on both address families, with room
-/// to spare for a change of network. Any holder of a ufrag can send checks
-/// naming it from as many addresses as it likes; past this, the oldest
-/// address (never the one media goes to) stops being routed, so the
-/// routing tables stay bounded.
-pub const MAX_ADDRS_PER_CONN: usize = 8;
+/// reflexive and relayed candidates on both address families and several
+/// interfaces, with room to spare for a change of network. Any holder of
+/// a ufrag can send checks naming it from as many addresses as it likes;
+/// past this, the oldest address (never the one media goes to) stops
+/// being routed, so the routing tables stay bounded. An address evicted
+/// while still in use comes back with its next check.
+pub const MAX_ADDRS_PER_CONN: usize = 16;
 /// How often subscribers' allocations are revisited.
 const ALLOCATION_INTERVAL: Duration = Duration::from_millis(500);
 /// Requests for a newly connected subscriber wait at most this long.
