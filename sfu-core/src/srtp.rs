@@ -568,14 +568,9 @@ pub const PLAINTEXT_BUFFER_PACKETS: usize = 32;
 
 impl SrtpReceiver {
     pub fn new(keys: &MasterKeys, crypto: &dyn RTCCrypto) -> Result<SrtpReceiver, CryptoError> {
-        let SrtpSender {
-            profile,
-            cipher,
-            session_salt,
-            ..
-        } = SrtpSender::new(keys, crypto)?;
+        let (cipher, session_salt) = session(keys, crypto, &SRTP_LABELS)?;
         Ok(SrtpReceiver {
-            profile,
+            profile: keys.profile,
             cipher,
             session_salt,
             streams: Vec::new(),
