@@ -2084,7 +2084,18 @@ impl Room {
             }
             RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
                 tracing::debug!(?participant, ?target, %state, "connection state");
-                let connected = state == RTCPeerConnectionState::Connected;
+                let was = self.conns.get(conn).is_some_and(|c| c.connected);
+                // Disconnected is the engine not having heard a check from
+                // the client for 5 s: a lost check or two on a lossy path,
+                // or a client that checks every 4-6 s (RFC 7675). The path
+                // is still the client's, and media goes on to it until it
+                // checks again or the engine gives it up (failed).
+                let connected = match state {
+                    RTCPeerConnectionState::Connected => true,
+                    RTCPeerConnectionState::Disconnected => was,
+                    _ => false,
+                };
+                let came_up = connected && !was;
                 if state == RTCPeerConnectionState::Failed && target == Target::Subscriber {
                     // No check from the client on the selected path for the
                     // engine's failure timeout: restart ICE from this side
@@ -2107,16 +2118,16 @@ impl Room {
                 if let Some(c) = self.conn_mut(conn) {
                     c.connected = connected;
                     c.set_engine_timeout(c.next_timeout, beats);
-                    if connected && target == Target::Subscriber {
+                    if came_up && target == Target::Subscriber {
                         c.take_srtp_keys();
                         c.take_srtcp_keys();
                     }
-                    if connected && target == Target::Publisher {
+                    if came_up && target == Target::Publisher {
                         c.take_inbound_keys();
                         c.take_srtcp_keys();
                     }
                 }
-                if connected && target == Target::Subscriber {
+                if came_up && target == Target::Subscriber {
                     let keys: Vec<TrackKey> = self
                         .participants
                         .get(&participant)

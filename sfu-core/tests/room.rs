@@ -281,6 +281,35 @@ fn publisher_sender_reports_reach_the_room_and_are_echoed() {
     );
 }
 
+/// A client that checks consent less often than the engine waits before
+/// calling it disconnected (5 s; RFC 7675 has clients check every 4-6 s,
+/// and a lossy path loses checks) goes on receiving between its checks.
+#[test]
+fn media_flows_through_the_gaps_between_consent_checks() {
+    let mut h = Harness::new();
+    h.client_keepalive = Some(Duration::from_secs(7));
+    let a = h.join("alice", true);
+    let b = h.join("bob", false);
+    connect_all(&mut h, &[a], &[(b, a)]);
+    let (before, _) = h.received_from(b, a);
+    let offers = count_offers(&h, b);
+    let dropped = h.room.stats().dropped(sfu_core::DropReason::NotConnected);
+    // 20 s of virtual time: two gaps of 7 s.
+    pump(&mut h, &[a], 1000);
+    let (after, _) = h.received_from(b, a);
+    assert!(
+        after >= before + 950,
+        "bob received {} of 1000",
+        after - before
+    );
+    assert_eq!(
+        h.room.stats().dropped(sfu_core::DropReason::NotConnected),
+        dropped,
+        "dropped for a connection not up"
+    );
+    assert_eq!(count_offers(&h, b), offers, "no ICE restart");
+}
+
 fn count_offers(h: &Harness, i: usize) -> usize {
     h.clients[i]
         .signals

@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use rtc::interceptor::{Registry, Slot, TwccSenderBuilder};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::RTCMessage;
@@ -53,7 +54,13 @@ pub fn epoch() -> Instant {
     Instant::now()
 }
 
-fn client_pc(epoch: Instant, now: Instant, addr: SocketAddr, twcc: bool) -> RTCPeerConnection {
+fn client_pc(
+    epoch: Instant,
+    now: Instant,
+    addr: SocketAddr,
+    twcc: bool,
+    keepalive: Option<Duration>,
+) -> RTCPeerConnection {
     let mut engine = media_engine().unwrap();
     let mut registry = register_default_interceptors(Registry::new(), &mut engine)
         .unwrap()
@@ -67,8 +74,13 @@ fn client_pc(epoch: Instant, now: Instant, addr: SocketAddr, twcc: bool) -> RTCP
         // Numbered for transport-wide feedback, as a browser's packets are.
         registry = registry.with(Slot::TwccSender, TwccSenderBuilder::new().build());
     }
+    let mut settings = SettingEngineBuilder::new();
+    if keepalive.is_some() {
+        settings = settings.with_ice_timeouts(None, None, keepalive);
+    }
     let mut pc = RTCPeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_setting_engine(settings.build())
         .with_media_engine(engine)
         .with_interceptor_registry(registry)
         .build(now)
@@ -322,6 +334,9 @@ pub struct Harness {
     /// transport-wide congestion control feedback, as browsers do (on by
     /// default).
     pub client_twcc: bool,
+    /// Clients joining from now on check consent this often once
+    /// connected (the engine's default, 2 s, when `None`).
+    pub client_keepalive: Option<Duration>,
     rng: sfu_core::SeededRng,
 }
 
@@ -354,6 +369,7 @@ impl Harness {
             lost: (0, 0),
             room_wakes: Vec::new(),
             client_twcc: true,
+            client_keepalive: None,
             rng: sfu_core::SeededRng::new(42),
         }
     }
@@ -391,7 +407,13 @@ impl Harness {
             name: name.into(),
             id,
             publisher: None,
-            subscriber: client_pc(self.epoch, self.now, sub_addr, self.client_twcc),
+            subscriber: client_pc(
+                self.epoch,
+                self.now,
+                sub_addr,
+                self.client_twcc,
+                self.client_keepalive,
+            ),
             pub_addr,
             sub_addr,
             senders: Vec::new(),
@@ -410,7 +432,13 @@ impl Harness {
             seq: 0,
         };
         if publish {
-            let mut pc = client_pc(self.epoch, self.now, pub_addr, self.client_twcc);
+            let mut pc = client_pc(
+                self.epoch,
+                self.now,
+                pub_addr,
+                self.client_twcc,
+                self.client_keepalive,
+            );
             let video_rids: &[&str] = if simulcast { &["q", "h", "f"] } else { &[""] };
             for (kind, codec, pt, base, rids) in [
                 (
