@@ -327,6 +327,27 @@ struct Conn {
     srtcp_in: Option<(SrtcpReceiver, MasterKeys)>,
 }
 
+/// Puts what `build` makes of `keys` in `slot`, unless the slot already
+/// holds what was built from them. When it fails, the slot is left as it
+/// was and that traffic goes through the engine.
+fn take_keys<T>(
+    slot: &mut Option<(T, MasterKeys)>,
+    keys: Option<MasterKeys>,
+    build: impl FnOnce(&MasterKeys) -> Result<T, rtc::crypto::CryptoError>,
+    what: &str,
+) {
+    let Some(keys) = keys else {
+        return;
+    };
+    if slot.as_ref().is_some_and(|(_, k)| *k == keys) {
+        return;
+    }
+    match build(&keys) {
+        Ok(built) => *slot = Some((built, keys)),
+        Err(e) => tracing::warn!(error = %e, what, "keys not usable; through the engine"),
+    }
+}
+
 /// What became of a datagram offered to a connection's inbound fast path.
 enum Inbound {
     /// Not RTP of a stream the room decrypts itself: for the engine.
@@ -512,46 +533,32 @@ impl Conn {
     /// connection, unless they are the ones already in use (the state of
     /// each stream's rollover counter goes on with them).
     fn take_srtp_keys(&mut self) {
-        let Some(keys) = self.keys.outbound() else {
-            return;
-        };
-        if self.srtp.as_ref().is_some_and(|(_, k)| *k == keys) {
-            return;
-        }
-        match SrtpSender::new(&keys, self.keys.inner_crypto()) {
-            Ok(sender) => self.srtp = Some((sender, keys)),
-            Err(e) => tracing::warn!(error = %e, "srtp keys; forwarding through the engine"),
-        }
+        let (keys, crypto) = (self.keys.outbound(), self.keys.inner_crypto());
+        take_keys(&mut self.srtp, keys, |k| SrtpSender::new(k, crypto), "srtp");
     }
 
     /// Takes the inbound SRTP keys of a newly connected publisher
     /// connection, unless they are the ones already in use.
     fn take_inbound_keys(&mut self) {
-        let Some(keys) = self.keys.inbound() else {
-            return;
-        };
-        if self.srtp_in.as_ref().is_some_and(|(_, k)| *k == keys) {
-            return;
-        }
-        match SrtpReceiver::new(&keys, self.keys.inner_crypto()) {
-            Ok(receiver) => self.srtp_in = Some((receiver, keys)),
-            Err(e) => tracing::warn!(error = %e, "srtp keys; receiving through the engine"),
-        }
+        let (keys, crypto) = (self.keys.inbound(), self.keys.inner_crypto());
+        take_keys(
+            &mut self.srtp_in,
+            keys,
+            |k| SrtpReceiver::new(k, crypto),
+            "srtp",
+        );
     }
 
     /// Takes the inbound SRTCP keys of a newly connected connection,
     /// unless they are the ones already in use.
     fn take_srtcp_keys(&mut self) {
-        let Some(keys) = self.keys.inbound() else {
-            return;
-        };
-        if self.srtcp_in.as_ref().is_some_and(|(_, k)| *k == keys) {
-            return;
-        }
-        match SrtcpReceiver::new(&keys, self.keys.inner_crypto()) {
-            Ok(receiver) => self.srtcp_in = Some((receiver, keys)),
-            Err(e) => tracing::warn!(error = %e, "srtcp keys; receiving through the engine"),
-        }
+        let (keys, crypto) = (self.keys.inbound(), self.keys.inner_crypto());
+        take_keys(
+            &mut self.srtcp_in,
+            keys,
+            |k| SrtcpReceiver::new(k, crypto),
+            "srtcp",
+        );
     }
 
     /// A client's SRTCP, decrypted and parsed without the engine's read

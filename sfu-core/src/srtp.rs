@@ -503,7 +503,7 @@ pub struct SrtpReceiver {
     cipher: Cipher,
     session_salt: [u8; MAX_SALT],
     /// A publisher connection carries a handful of streams.
-    streams: Vec<(u32, ReplayWindow)>,
+    streams: StreamWindows,
 }
 
 /// Why an inbound packet could not be decrypted.
@@ -562,6 +562,40 @@ impl ReplayWindow {
     }
 }
 
+/// Streams whose replay windows one receiver keeps; past this, the first
+/// one heard makes way.
+const MAX_STREAMS: usize = 32;
+
+/// The replay windows of one direction's streams, by SSRC.
+#[derive(Default)]
+struct StreamWindows(Vec<(u32, ReplayWindow)>);
+
+impl StreamWindows {
+    fn find(&self, ssrc: u32) -> Option<usize> {
+        self.0.iter().position(|(s, _)| *s == ssrc)
+    }
+
+    fn get(&self, at: Option<usize>) -> Option<&ReplayWindow> {
+        at.map(|at| &self.0[at].1)
+    }
+
+    /// Notes an authenticated `value` on the window at `at` (from
+    /// [`find`](Self::find)), or on a new one for `ssrc`.
+    fn accept(&mut self, at: Option<usize>, ssrc: u32, value: u64) {
+        match at {
+            Some(at) => self.0[at].1.accept(value),
+            None => {
+                if self.0.len() >= MAX_STREAMS {
+                    self.0.remove(0);
+                }
+                let mut window = ReplayWindow::default();
+                window.accept(value);
+                self.0.push((ssrc, window));
+            }
+        }
+    }
+}
+
 /// Room for this many full-size packets per allocation of the buffer
 /// plaintext is written into.
 pub const PLAINTEXT_BUFFER_PACKETS: usize = 32;
@@ -573,7 +607,7 @@ impl SrtpReceiver {
             profile: keys.profile,
             cipher,
             session_salt,
-            streams: Vec::new(),
+            streams: StreamWindows::default(),
         })
     }
 
@@ -593,9 +627,9 @@ impl SrtpReceiver {
             return Err(UnprotectError::TooShort);
         }
         let (ssrc, seq) = (header.ssrc, header.sequence_number);
-        let at = self.streams.iter().position(|(s, _)| *s == ssrc);
+        let at = self.streams.find(ssrc);
         let fresh = ReplayWindow::default();
-        let window = at.map_or(&fresh, |at| &self.streams[at].1);
+        let window = self.streams.get(at).unwrap_or(&fresh);
         let (extended, index) = packet_index(&window.seq, seq);
         let index = index.ok_or(UnprotectError::Replay)?;
         if !window.is_new(extended) {
@@ -634,14 +668,7 @@ impl SrtpReceiver {
                 }
             }
         }
-        match at {
-            Some(at) => self.streams[at].1.accept(extended),
-            None => {
-                let mut window = fresh;
-                window.accept(extended);
-                self.streams.push((ssrc, window));
-            }
-        }
+        self.streams.accept(at, ssrc, extended);
         Ok(buffer.split())
     }
 }
@@ -655,16 +682,13 @@ pub struct SrtcpReceiver {
     cipher: Cipher,
     session_salt: [u8; MAX_SALT],
     /// A client's RTCP comes from a handful of SSRCs.
-    streams: Vec<(u32, ReplayWindow)>,
+    streams: StreamWindows,
 }
 
 /// The E flag and 31-bit SRTCP index after an SRTCP packet's payload.
 const SRTCP_INDEX_LEN: usize = 4;
 /// The RTCP header and sender SSRC: never encrypted.
 const RTCP_FIXED_LEN: usize = 8;
-/// Sending SSRCs whose replay windows a connection keeps; past this, the
-/// first one heard makes way.
-const MAX_SRTCP_STREAMS: usize = 16;
 
 impl SrtcpReceiver {
     pub fn new(keys: &MasterKeys, crypto: &dyn RTCCrypto) -> Result<SrtcpReceiver, CryptoError> {
@@ -673,7 +697,7 @@ impl SrtcpReceiver {
             profile: keys.profile,
             cipher,
             session_salt,
-            streams: Vec::new(),
+            streams: StreamWindows::default(),
         })
     }
 
@@ -708,8 +732,12 @@ impl SrtcpReceiver {
         let encrypted_flag = e_and_index >> 31 == 1;
         let index = e_and_index & 0x7FFF_FFFF;
         let ssrc = u32::from_be_bytes([encrypted[4], encrypted[5], encrypted[6], encrypted[7]]);
-        let at = self.streams.iter().position(|(s, _)| *s == ssrc);
-        if at.is_some_and(|at| !self.streams[at].1.is_new(index as u64)) {
+        let at = self.streams.find(ssrc);
+        if self
+            .streams
+            .get(at)
+            .is_some_and(|w| !w.is_new(index as u64))
+        {
             return Err(UnprotectError::Replay);
         }
         let body = &encrypted[..body_end];
@@ -759,17 +787,7 @@ impl SrtcpReceiver {
                 }
             }
         }
-        match at {
-            Some(at) => self.streams[at].1.accept(index as u64),
-            None => {
-                if self.streams.len() >= MAX_SRTCP_STREAMS {
-                    self.streams.remove(0);
-                }
-                let mut window = ReplayWindow::default();
-                window.accept(index as u64);
-                self.streams.push((ssrc, window));
-            }
-        }
+        self.streams.accept(at, ssrc, index as u64);
         Ok(buffer.split())
     }
 }
