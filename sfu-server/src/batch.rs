@@ -1,9 +1,9 @@
 //! Sending many datagrams with few system calls.
 //!
 //! One publisher packet becomes a datagram per subscriber; sending them one
-//! `sendto` at a time costs a system call each. On Linux the room worker
-//! hands the whole batch to `sendmmsg`. Datagrams to the same address that
-//! were queued together (the packets of one video frame, say) go as one
+//! `sendto` at a time costs a system call each. On Linux the media thread
+//! hands the whole batch of a wake, every room's, to `sendmmsg`. Datagrams
+//! to the same address that were queued together (the packets of one video frame, say) go as one
 //! UDP GSO message (`UDP_SEGMENT`): the kernel routes and builds one
 //! buffer for the run and cuts it into datagrams at the end of its path,
 //! or in the network card. A run is made of datagrams of one size, the
@@ -13,8 +13,9 @@
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 
+use std::net::UdpSocket;
+
 use bytes::BytesMut;
-use tokio::net::UdpSocket;
 
 /// What a batch has sent so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -159,18 +160,19 @@ impl SendBatch {
         }
     }
 
-    /// Sends everything queued. Errors for single datagrams (an ICMP error
-    /// from a departed client, say) are logged at debug level and skipped.
-    pub async fn flush(&mut self, socket: &UdpSocket) {
+    /// Sends everything queued on `socket` (non-blocking). Errors for
+    /// single datagrams (an ICMP error from a departed client, say) are
+    /// logged at debug level and skipped.
+    pub fn flush(&mut self, socket: &UdpSocket) {
         self.plan();
-        self.send_planned(socket).await;
+        self.send_planned(socket);
     }
 
-    async fn send_planned(&mut self, socket: &UdpSocket) {
+    fn send_planned(&mut self, socket: &UdpSocket) {
         let mut start = 0;
         while start < self.messages.len() {
             let end = (start + MAX_BATCH).min(self.messages.len());
-            match self.send_some(socket, start, end).await {
+            match self.send_some(socket, start, end) {
                 Ok(sent) => {
                     for m in &self.messages[start..start + sent] {
                         self.sent.datagrams += m.count as u64;
@@ -221,22 +223,17 @@ impl SendBatch {
     }
 
     #[cfg(target_os = "linux")]
-    async fn send_some(
+    fn send_some(
         &mut self,
         socket: &UdpSocket,
         start: usize,
         end: usize,
     ) -> std::io::Result<usize> {
         use std::os::fd::AsRawFd;
-        // Waits at most a millisecond for room in the send buffer (a
-        // socket just made is writable once the runtime has looked); a
-        // buffer still full after that is the caller's to drop.
+        let fd = socket.as_raw_fd();
+        // A full send buffer gets a millisecond to drain; one still full
+        // after that is the caller's to drop.
         for attempt in 0..2 {
-            match tokio::time::timeout(std::time::Duration::from_millis(1), socket.writable()).await
-            {
-                Ok(ready) => ready?,
-                Err(_) => break,
-            }
             let SendBatch {
                 items,
                 order,
@@ -244,10 +241,16 @@ impl SendBatch {
                 sys,
                 ..
             } = &mut *self;
-            match socket.try_io(tokio::io::Interest::WRITABLE, || {
-                sys.sendmmsg(socket.as_raw_fd(), items, order, &messages[start..end])
-            }) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && attempt == 0 => continue,
+            match sys.sendmmsg(fd, items, order, &messages[start..end]) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && attempt == 0 => {
+                    let mut poll = libc::pollfd {
+                        fd,
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut poll, 1, 1) };
+                }
                 result => return result,
             }
         }
@@ -255,7 +258,7 @@ impl SendBatch {
     }
 
     #[cfg(not(target_os = "linux"))]
-    async fn send_some(
+    fn send_some(
         &mut self,
         socket: &UdpSocket,
         start: usize,
@@ -263,7 +266,7 @@ impl SendBatch {
     ) -> std::io::Result<usize> {
         let m = self.messages[start];
         let (to, contents) = &self.items[self.order[m.first]];
-        socket.send_to(contents, to).await?;
+        socket.send_to(contents, to)?;
         Ok(1)
     }
 }
@@ -450,6 +453,14 @@ mod linux {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::UdpSocket;
+
+    /// A media socket as the media thread has it: non-blocking.
+    fn sender(addr: &str) -> std::net::UdpSocket {
+        let socket = std::net::UdpSocket::bind(addr).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        socket
+    }
 
     async fn receive_all(socket: &UdpSocket, n: usize) -> Vec<Vec<u8>> {
         let mut buf = [0u8; 2048];
@@ -463,7 +474,7 @@ mod tests {
 
     async fn a_batch_reaches_every_destination_in_order(batch: SendBatch) {
         let mut batch = batch;
-        let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let sender = sender("127.0.0.1:0");
         let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         for i in 0..150u8 {
@@ -474,7 +485,7 @@ mod tests {
             };
             batch.push(to, BytesMut::from(&[i; 20][..]));
         }
-        batch.flush(&sender).await;
+        batch.flush(&sender);
         assert!(batch.is_empty());
         let got_a = receive_all(&a, 75).await;
         let got_b = receive_all(&b, 75).await;
@@ -487,7 +498,7 @@ mod tests {
     /// IPv6 destinations, in runs and alone.
     #[tokio::test]
     async fn ipv6_runs_arrive_whole() {
-        let sender = UdpSocket::bind("[::1]:0").await.unwrap();
+        let sender = sender("[::1]:0");
         let to = UdpSocket::bind("[::1]:0").await.unwrap();
         let mut batch = SendBatch::default();
         let sizes = [1200, 1200, 1200, 500, 80];
@@ -497,7 +508,7 @@ mod tests {
                 BytesMut::from(&vec![n as u8; *size][..]),
             );
         }
-        batch.flush(&sender).await;
+        batch.flush(&sender);
         assert_eq!(batch.sent.datagrams, 5);
         if cfg!(target_os = "linux") {
             assert_eq!((batch.sent.gso_messages, batch.sent.gso_datagrams), (1, 4));
@@ -512,7 +523,7 @@ mod tests {
     /// takes in one) is sent again one datagram at a time.
     #[tokio::test]
     async fn a_refused_gso_message_goes_out_datagram_by_datagram() {
-        let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let sender = sender("127.0.0.1:0");
         let to = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut batch = SendBatch::default();
         if !batch.gso {
@@ -530,7 +541,7 @@ mod tests {
             count: 150,
             segment: 2,
         }];
-        batch.send_planned(&sender).await;
+        batch.send_planned(&sender);
         assert_eq!(batch.messages.len(), 150, "split into single datagrams");
         assert!(batch.gso, "EINVAL is about the message, not the kernel");
         let got = receive_all(&to, 150).await;
@@ -597,7 +608,7 @@ mod tests {
     /// in its order, and runs became GSO messages.
     #[tokio::test]
     async fn runs_of_unequal_datagrams_arrive_whole() {
-        let sender = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let sender = sender("127.0.0.1:0");
         let mut subs = Vec::new();
         for _ in 0..3 {
             subs.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
@@ -618,7 +629,7 @@ mod tests {
             // [1]: five messages where ten datagrams went.
             assert_eq!(batch.messages.len(), 15, "{:?}", batch.messages);
         }
-        batch.flush(&sender).await;
+        batch.flush(&sender);
         assert_eq!(batch.sent.datagrams, 30);
         if cfg!(target_os = "linux") {
             assert_eq!(batch.sent.gso_messages, 6);

@@ -19,8 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::net::TcpListener;
 
 pub use config::Config;
 
@@ -39,6 +38,7 @@ pub struct RunningServer {
     /// Where the embedded TURN server listens, if it runs.
     pub turn: Option<turn_server::TurnAddrs>,
     rooms: rooms::Rooms,
+    media: media::MediaHandle,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -53,8 +53,10 @@ impl RunningServer {
         (&mut self.task).await.context("server task")
     }
 
+    /// Stops serving at once: HTTP, signalling and media.
     pub fn abort(&self) {
         self.task.abort();
+        self.media.stop();
     }
 
     /// Tells every participant the server is going away, closes the rooms
@@ -68,6 +70,7 @@ impl RunningServer {
 impl Drop for RunningServer {
     fn drop(&mut self) {
         self.task.abort();
+        self.media.stop();
     }
 }
 
@@ -77,8 +80,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
     if let Some(dir) = &config.web_dir {
         let _ = http::WEB_DIR.set(dir.clone());
     }
-    let socket = UdpSocket::bind(config.media_addr)
-        .await
+    let socket = std::net::UdpSocket::bind(config.media_addr)
         .with_context(|| format!("binding media UDP socket {}", config.media_addr))?;
     batch::enlarge_buffers(&socket);
     let bound = socket.local_addr()?;
@@ -91,26 +93,28 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         (None, ip) => ip,
     };
     let media_addr = SocketAddr::new(advertised_ip, bound.port());
-    let socket = Arc::new(socket);
     let metrics = Arc::new(metrics::Metrics::default());
-    let (routes_tx, routes_rx) = mpsc::unbounded_channel();
+    let media = media::start(
+        socket,
+        config.udp_gso,
+        metrics.clone(),
+        tokio::runtime::Handle::current(),
+    )
+    .context("starting the media thread")?;
     let rooms = rooms::Rooms::new(
-        socket.clone(),
-        routes_tx,
+        media.clone(),
         rooms::RoomDefaults {
             media_addr,
             ice_servers: Vec::new(),
             empty_timeout: Duration::from_secs(config.empty_room_timeout),
             departure_timeout: Duration::from_secs(config.departure_timeout),
             reconnect_grace: Duration::from_secs(config.reconnect_grace),
-            udp_gso: config.udp_gso,
             max_participants: config.max_participants,
             max_tracks: config.max_tracks_per_participant,
             max_rooms: config.max_rooms,
         },
         metrics.clone(),
     );
-    tokio::spawn(media::run(socket, routes_rx, metrics.clone()));
 
     let listener = TcpListener::bind(config.http_addr)
         .await
@@ -233,6 +237,7 @@ pub async fn start(config: &Config) -> anyhow::Result<RunningServer> {
         tls_cert_pem,
         turn,
         rooms,
+        media,
         task,
     })
 }

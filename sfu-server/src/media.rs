@@ -1,76 +1,358 @@
-//! The one UDP port all media shares.
+//! The one UDP port all media shares, and the thread that serves it.
 //!
-//! A single task reads the socket and hands each datagram to the room that
-//! owns its sender: the first datagram from a client is a STUN binding
-//! request whose USERNAME names the server-side ufrag; after that the source
+//! One thread owns the media socket and every room. It blocks in the
+//! kernel (`ppoll`) until a datagram or a command arrives or a room's timer
+//! is due; reads what has arrived (on Linux many datagrams per `recvmmsg`,
+//! into slices of one buffer, each with the time the kernel received it);
+//! hands each datagram to the room that owns its sender by calling it;
+//! lets every room it touched produce its output; and sends all of it
+//! with one `sendmmsg` (see [`crate::batch`]). No task switch, queue or
+//! reactor stands between the socket and a room: on a small room each
+//! wake carries a few datagrams, and what the wake costs beyond the
+//! kernel's part is the server's per-packet overhead.
+//!
+//! Routing: the first datagram from a client is a STUN binding request
+//! whose USERNAME names the server-side ufrag; after that the source
 //! address does. Bare binding requests (no USERNAME) are answered with the
 //! sender's address, so the port doubles as a STUN server. The routing
-//! tables belong to this task alone (rooms send updates over a channel),
-//! so the per-packet path takes no lock. On Linux one `recvmmsg` reads a
-//! burst of datagrams into slices of one buffer, each with the time the
-//! kernel received it.
+//! tables belong to this thread alone: the rooms it runs update them
+//! directly, so the per-packet path takes no lock.
+//!
+//! Signalling (joins, SDP, leaves) reaches a room over the room's own
+//! bounded queue ([`crate::rooms::RoomSender`]); a send also tells this
+//! thread which room has work, and wakes it through a socket pair if it
+//! sleeps.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
 use rustc_hash::FxHashMap;
 use sfu_core::demux::{binding_request_ufrag, reflexive_response};
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
+use crate::batch::{SendBatch, Sent};
 use crate::metrics::Metrics;
-use crate::rooms::RoomCmd;
+use crate::rooms::Worker;
 
-pub enum RouteUpdate {
-    AddUfrag(String, mpsc::Sender<RoomCmd>),
-    Remove {
-        ufrags: Vec<String>,
-        addrs: Vec<SocketAddr>,
-    },
+/// A room's number on this server, never reused.
+pub type RoomId = u64;
+
+/// What the media thread is told besides datagrams.
+pub(crate) enum Control {
+    /// A new room, to run from now on.
+    Add(RoomId, Box<Worker>),
+    /// The room has commands queued.
+    Ready(RoomId),
+    /// End the thread (the server is going away).
+    Stop,
 }
 
-/// Largest datagram read; anything larger is truncated and then rejected
-/// by the connection it reaches.
-const MAX_DATAGRAM: usize = 1500;
+/// Wakes the media thread out of its wait, once per wait however many
+/// ask.
+struct Wake {
+    /// Set by the first waker since the thread last looked.
+    pending: AtomicBool,
+    tx: UnixDatagram,
+}
 
-pub async fn run(
-    socket: Arc<UdpSocket>,
-    mut updates: mpsc::UnboundedReceiver<RouteUpdate>,
+impl Wake {
+    fn wake(&self) {
+        if !self.pending.swap(true, Ordering::SeqCst) {
+            // Non-blocking: a full pair already has a wake in it.
+            let _ = self.tx.send(&[1]);
+        }
+    }
+}
+
+/// How the rest of the server reaches the media thread.
+#[derive(Clone)]
+pub struct MediaHandle {
+    control: mpsc::UnboundedSender<Control>,
+    wake: Arc<Wake>,
+}
+
+impl MediaHandle {
+    /// Queues `control` and wakes the thread; false once it has ended.
+    pub(crate) fn send(&self, control: Control) -> bool {
+        let sent = self.control.send(control).is_ok();
+        self.wake.wake();
+        sent
+    }
+
+    /// Ends the media thread; its rooms end with it, unclosed.
+    pub fn stop(&self) {
+        self.send(Control::Stop);
+    }
+}
+
+/// Starts the media thread on `socket` (made non-blocking here). Rooms it
+/// ends give their memory back on `runtime`'s blocking threads.
+pub fn start(
+    socket: UdpSocket,
+    udp_gso: bool,
     metrics: Arc<Metrics>,
-) {
-    let mut router = Router {
-        by_ufrag: HashMap::new(),
-        by_addr: FxHashMap::default(),
-        socket: socket.clone(),
-        metrics,
+    runtime: tokio::runtime::Handle,
+) -> std::io::Result<MediaHandle> {
+    socket.set_nonblocking(true)?;
+    let (wake_tx, wake_rx) = UnixDatagram::pair()?;
+    wake_tx.set_nonblocking(true)?;
+    wake_rx.set_nonblocking(true)?;
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let handle = MediaHandle {
+        control: control_tx,
+        wake: Arc::new(Wake {
+            pending: AtomicBool::new(false),
+            tx: wake_tx,
+        }),
     };
-    let mut receiver = Receiver::default();
-    loop {
-        tokio::select! {
-            biased;
-            update = updates.recv() => match update {
-                Some(RouteUpdate::AddUfrag(ufrag, tx)) => { router.by_ufrag.insert(ufrag, tx); }
-                Some(RouteUpdate::Remove { ufrags, addrs }) => {
-                    for u in ufrags { router.by_ufrag.remove(&u); }
-                    for a in addrs { router.by_addr.remove(&a); }
+    let media = MediaThread {
+        router: Router {
+            by_ufrag: HashMap::new(),
+            by_addr: FxHashMap::default(),
+        },
+        rooms: FxHashMap::default(),
+        touched: Vec::new(),
+        receiver: Receiver::default(),
+        control: control_rx,
+        wake_rx,
+        wake: handle.wake.clone(),
+        batch: SendBatch::new(udp_gso),
+        reported_sent: Sent::default(),
+        last_report: Instant::now(),
+        metrics,
+        runtime,
+        socket,
+    };
+    std::thread::Builder::new()
+        .name("media".into())
+        .spawn(move || media.run())?;
+    Ok(handle)
+}
+
+/// Longest wait without looking at the control queue.
+const MAX_WAIT: Duration = Duration::from_secs(1);
+/// Reads per wake at most before the rooms' output goes out.
+const MAX_READS_PER_WAKE: usize = 8;
+/// How often the thread adds its send counters to the server's.
+const SENT_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+struct MediaThread {
+    socket: UdpSocket,
+    router: Router,
+    rooms: FxHashMap<RoomId, Box<Worker>>,
+    /// Rooms with work done since their last flush.
+    touched: Vec<RoomId>,
+    receiver: Receiver,
+    control: mpsc::UnboundedReceiver<Control>,
+    wake_rx: UnixDatagram,
+    wake: Arc<Wake>,
+    /// The datagrams of every room touched in one wake, sent together.
+    batch: SendBatch,
+    reported_sent: Sent,
+    last_report: Instant,
+    metrics: Arc<Metrics>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl MediaThread {
+    fn run(mut self) {
+        loop {
+            if !self.take_control() {
+                return;
+            }
+            let now = Instant::now();
+            for (id, worker) in self.rooms.iter_mut() {
+                if worker.deadline() <= now {
+                    worker.on_timer(now);
+                    touch(&mut self.touched, *id, worker);
                 }
-                None => return,
-            },
-            received = receiver.receive(&socket) => match received {
-                Ok(datagrams) => {
-                    let read = (SystemTime::now(), Instant::now());
-                    for (source, contents, stamp) in datagrams {
-                        router.route(source, contents, arrival(stamp, read));
+            }
+            self.flush();
+            let next = self.rooms.values().map(|w| w.deadline()).min();
+            let (readable, woken) = self.wait(next);
+            if woken {
+                let mut sink = [0u8; 64];
+                while self.wake_rx.recv(&mut sink).is_ok() {}
+                self.wake.pending.store(false, Ordering::SeqCst);
+            }
+            if readable {
+                self.receive();
+            }
+        }
+    }
+
+    /// Acts on queued controls; false when the thread is to end.
+    fn take_control(&mut self) -> bool {
+        loop {
+            match self.control.try_recv() {
+                Ok(Control::Add(id, worker)) => {
+                    self.rooms.insert(id, worker);
+                    if let Some(worker) = self.rooms.get_mut(&id) {
+                        touch(&mut self.touched, id, worker);
                     }
                 }
-                // ICMP errors from departed clients surface here on some systems.
-                Err(e) => tracing::trace!(error = %e, "media recv"),
-            },
+                Ok(Control::Ready(id)) => {
+                    if let Some(worker) = self.rooms.get_mut(&id) {
+                        worker.take_commands();
+                        touch(&mut self.touched, id, worker);
+                    }
+                }
+                Ok(Control::Stop) => return false,
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
         }
+    }
+
+    /// Carries out what the touched rooms produced, sends it, and lets go
+    /// of the rooms that closed.
+    fn flush(&mut self) {
+        for id in std::mem::take(&mut self.touched) {
+            let Some(worker) = self.rooms.get_mut(&id) else {
+                continue;
+            };
+            worker.flush(&mut self.router, &mut self.batch, id);
+            if worker.closed() {
+                self.rooms.remove(&id);
+                // Routes a room did not take back itself go with it.
+                self.router.by_ufrag.retain(|_, r| *r != id);
+                self.router.by_addr.retain(|_, r| *r != id);
+                // The room's memory back to the system, off this thread.
+                let metrics = self.metrics.clone();
+                self.runtime.spawn_blocking(move || {
+                    crate::metrics::release_freed_memory();
+                    metrics.memory_releases.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+        }
+        if !self.batch.is_empty() {
+            self.batch.flush(&self.socket);
+        }
+        self.report_sent();
+    }
+
+    /// Adds what the batch sent to the server's counters, at most once a
+    /// second.
+    fn report_sent(&mut self) {
+        let now = Instant::now();
+        if now < self.last_report + SENT_REPORT_INTERVAL {
+            return;
+        }
+        self.last_report = now;
+        let (sent, had, m) = (self.batch.sent, self.reported_sent, &self.metrics);
+        let add = |counter: &std::sync::atomic::AtomicUsize, now: u64, before: u64| {
+            counter.fetch_add((now - before) as usize, Ordering::Relaxed);
+        };
+        add(&m.datagrams_sent, sent.datagrams, had.datagrams);
+        add(&m.gso_messages, sent.gso_messages, had.gso_messages);
+        add(&m.gso_datagrams, sent.gso_datagrams, had.gso_datagrams);
+        add(
+            &m.datagrams_send_buffer_full,
+            sent.dropped_full,
+            had.dropped_full,
+        );
+        self.reported_sent = sent;
+    }
+
+    /// Sleeps until the media socket is readable, the thread is woken, or
+    /// `until` (at most [`MAX_WAIT`]); says which of the first two.
+    fn wait(&self, until: Option<Instant>) -> (bool, bool) {
+        let timeout = until
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or(MAX_WAIT)
+            .min(MAX_WAIT);
+        let mut fds = [
+            libc::pollfd {
+                fd: self.socket.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.wake_rx.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        if poll(&mut fds, timeout) <= 0 {
+            return (false, false);
+        }
+        (fds[0].revents != 0, fds[1].revents != 0)
+    }
+
+    /// Reads what has arrived and hands each datagram to its room.
+    fn receive(&mut self) {
+        for _ in 0..MAX_READS_PER_WAKE {
+            let full = match self.receiver.try_receive(&self.socket) {
+                Ok(datagrams) => {
+                    let full = datagrams.len() >= RECV_BATCH;
+                    let read = (SystemTime::now(), Instant::now());
+                    for (source, contents, stamp) in datagrams {
+                        route(
+                            &mut self.router,
+                            &mut self.rooms,
+                            &mut self.touched,
+                            &self.socket,
+                            &self.metrics,
+                            source,
+                            contents,
+                            arrival(stamp, read),
+                        );
+                    }
+                    full
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+                // ICMP errors from departed clients surface here on some
+                // systems; the next read goes on.
+                Err(e) => {
+                    tracing::trace!(error = %e, "media recv");
+                    true
+                }
+            };
+            if !full {
+                return;
+            }
+        }
+    }
+}
+
+/// Notes that `worker` has work to flush.
+fn touch(touched: &mut Vec<RoomId>, id: RoomId, worker: &mut Worker) {
+    if worker.touch() {
+        touched.push(id);
+    }
+}
+
+/// `ppoll` with a nanosecond timeout where there is one; the number of
+/// ready descriptors, 0 on timeout, negative on an error (EINTR).
+fn poll(fds: &mut [libc::pollfd], timeout: Duration) -> i32 {
+    #[cfg(target_os = "linux")]
+    {
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: valid pollfds and timespec for the duration of the call.
+        unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &ts,
+                std::ptr::null(),
+            )
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        // Rounded up: waking early would only spin.
+        let ms = timeout.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
+        // SAFETY: valid pollfds for the duration of the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) }
     }
 }
 
@@ -91,59 +373,81 @@ fn arrival(stamp: Option<SystemTime>, (wall, mono): (SystemTime, Instant)) -> In
     }
 }
 
-/// The routing tables, owned by the receiving task.
-struct Router {
-    by_ufrag: HashMap<String, mpsc::Sender<RoomCmd>>,
+/// The routing tables, owned by the media thread.
+pub(crate) struct Router {
+    by_ufrag: HashMap<String, RoomId>,
     /// Keys are client addresses, added only for checks naming a known
     /// ufrag and bounded per connection by the rooms, so the fast hash
     /// cannot be made to degrade by the sources anyone may send from.
-    by_addr: FxHashMap<SocketAddr, mpsc::Sender<RoomCmd>>,
-    socket: Arc<UdpSocket>,
-    metrics: Arc<Metrics>,
+    by_addr: FxHashMap<SocketAddr, RoomId>,
 }
 
 impl Router {
-    fn route(&mut self, source: SocketAddr, contents: BytesMut, at: Instant) {
-        let metrics = &self.metrics;
-        metrics.datagrams_in.fetch_add(1, Ordering::Relaxed);
-        let room = match binding_request_ufrag(&contents) {
-            Some(ufrag) => match self.by_ufrag.get(ufrag) {
-                Some(tx) => {
-                    self.by_addr.insert(source, tx.clone());
-                    Some(tx)
-                }
-                None => None,
-            },
-            None => self.by_addr.get(&source),
-        };
-        let Some(room) = room else {
-            // A bare binding request: a client learning its
-            // server-reflexive address, as from any STUN server.
-            if let Some(response) = reflexive_response(&contents, source) {
-                metrics
-                    .stun_binding_answered
-                    .fetch_add(1, Ordering::Relaxed);
-                let _ = self.socket.try_send_to(&response, source);
-                return;
-            }
-            // Unknown sources are dropped without allocating or logging.
-            metrics.datagrams_unrouted.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let cmd = RoomCmd::Datagram {
-            source,
-            contents,
-            at,
-        };
-        if room.try_send(cmd).is_err() {
-            metrics.datagrams_room_busy.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn add_ufrag(&mut self, ufrag: String, room: RoomId) {
+        self.by_ufrag.insert(ufrag, room);
+    }
+
+    pub(crate) fn remove(&mut self, ufrags: Vec<String>, addrs: Vec<SocketAddr>) {
+        for u in ufrags {
+            self.by_ufrag.remove(&u);
+        }
+        for a in addrs {
+            self.by_addr.remove(&a);
         }
     }
 }
 
+/// Hands one datagram to the room that owns its sender.
+#[allow(clippy::too_many_arguments)]
+fn route(
+    router: &mut Router,
+    rooms: &mut FxHashMap<RoomId, Box<Worker>>,
+    touched: &mut Vec<RoomId>,
+    socket: &UdpSocket,
+    metrics: &Metrics,
+    source: SocketAddr,
+    contents: BytesMut,
+    at: Instant,
+) {
+    metrics.datagrams_in.fetch_add(1, Ordering::Relaxed);
+    let room = match binding_request_ufrag(&contents) {
+        Some(ufrag) => match router.by_ufrag.get(ufrag) {
+            Some(&room) => {
+                router.by_addr.insert(source, room);
+                Some(room)
+            }
+            None => None,
+        },
+        None => router.by_addr.get(&source).copied(),
+    };
+    let Some(worker) = room.and_then(|id| Some((id, rooms.get_mut(&id)?))) else {
+        // A bare binding request: a client learning its
+        // server-reflexive address, as from any STUN server.
+        if let Some(response) = reflexive_response(&contents, source) {
+            metrics
+                .stun_binding_answered
+                .fetch_add(1, Ordering::Relaxed);
+            let _ = socket.send_to(&response, source);
+            return;
+        }
+        // Unknown sources are dropped without allocating or logging.
+        metrics.datagrams_unrouted.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let (id, worker) = worker;
+    worker.datagram(source, contents, at);
+    touch(touched, id, worker);
+}
+
+/// Largest datagram read; anything larger is truncated and then rejected
+/// by the connection it reaches.
+const MAX_DATAGRAM: usize = 1500;
+
 /// Datagrams read with one system call at most.
 #[cfg(target_os = "linux")]
 const RECV_BATCH: usize = 32;
+#[cfg(not(target_os = "linux"))]
+const RECV_BATCH: usize = 1;
 /// Receive slots per buffer; datagrams are handed on as slices of it, so
 /// receiving allocates and copies nothing per datagram.
 #[cfg(target_os = "linux")]
@@ -228,47 +532,26 @@ impl Receiver {
         self.spares.push(busy);
     }
 
-    /// Waits for datagrams and returns those that can be read now.
+    /// The datagrams that can be read now (at most [`RECV_BATCH`]); a
+    /// would-block error when there are none.
     #[cfg(target_os = "linux")]
-    async fn receive(
+    fn try_receive(
         &mut self,
         socket: &UdpSocket,
     ) -> std::io::Result<std::vec::Drain<'_, Datagram>> {
-        use std::os::fd::AsRawFd;
-        loop {
-            socket.readable().await?;
-            // A read that did not fill the batch emptied the socket: the
-            // readiness is cleared then and there (as a would-block does),
-            // which saves the call that would only have found it empty.
-            // A datagram arriving after the read marks the socket ready
-            // anew, so none waits unseen.
-            match socket.try_io(tokio::io::Interest::READABLE, || {
-                self.recvmmsg(socket.as_raw_fd())?;
-                if self.received.len() < RECV_BATCH {
-                    return Err(std::io::ErrorKind::WouldBlock.into());
-                }
-                Ok(())
-            }) {
-                Ok(()) => return Ok(self.received.drain(..)),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if !self.received.is_empty() {
-                        return Ok(self.received.drain(..));
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.recvmmsg(socket.as_raw_fd())?;
+        Ok(self.received.drain(..))
     }
 
     #[cfg(not(target_os = "linux"))]
-    async fn receive(
+    fn try_receive(
         &mut self,
         socket: &UdpSocket,
     ) -> std::io::Result<std::vec::Drain<'_, Datagram>> {
         if self.arena.len() < MAX_DATAGRAM {
             self.refill_arena(MAX_DATAGRAM * 64);
         }
-        let (n, source) = socket.recv_from(&mut self.arena[..MAX_DATAGRAM]).await?;
+        let (n, source) = socket.recv_from(&mut self.arena[..MAX_DATAGRAM])?;
         let mut contents = self.arena.split_to(MAX_DATAGRAM);
         contents.truncate(n);
         self.received.push((source, contents, None));
@@ -377,11 +660,39 @@ fn arrival_stamp(hdr: &libc::msghdr) -> Option<SystemTime> {
 mod tests {
     use super::*;
 
+    /// A media socket as the media thread has it: non-blocking.
+    fn bind(addr: &str) -> UdpSocket {
+        let socket = UdpSocket::bind(addr).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        socket
+    }
+
+    /// Waits (at most 10 s) for datagrams, as the media thread does, and
+    /// reads what is there.
+    fn receive(receiver: &mut Receiver, socket: &UdpSocket) -> Vec<Datagram> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match receiver.try_receive(socket) {
+                Ok(datagrams) => return datagrams.collect(),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no datagram within 10 s");
+            let mut fds = [libc::pollfd {
+                fd: socket.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            poll(&mut fds, left);
+        }
+    }
+
     /// More datagrams than one read takes, over more than one buffer:
     /// each comes out whole, in order, with its sender.
-    #[tokio::test]
-    async fn bursts_are_read_whole_and_in_order() {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    #[test]
+    fn bursts_are_read_whole_and_in_order() {
+        let socket = bind("127.0.0.1:0");
         let to = socket.local_addr().unwrap();
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -398,14 +709,8 @@ mod tests {
                 from.send_to(&vec![n as u8; size], to).unwrap();
             }
             while got.len() < (round + 1) * per_round {
-                let batch = tokio::time::timeout(
-                    std::time::Duration::from_secs(10),
-                    receiver.receive(&socket),
-                )
-                .await
-                .expect("datagrams within 10 s")
-                .unwrap();
-                got.extend(batch.map(|(s, c, _)| (s, c.to_vec())));
+                let batch = receive(&mut receiver, &socket);
+                got.extend(batch.into_iter().map(|(s, c, _)| (s, c.to_vec())));
             }
         }
         assert_eq!(got.len(), total);
@@ -471,31 +776,26 @@ mod tests {
     }
 
     /// IPv6 senders come out with their address.
-    #[tokio::test]
-    async fn ipv6_senders_are_named() {
-        let socket = UdpSocket::bind("[::1]:0").await.unwrap();
+    #[test]
+    fn ipv6_senders_are_named() {
+        let socket = bind("[::1]:0");
         let to = socket.local_addr().unwrap();
         let from = std::net::UdpSocket::bind("[::1]:0").unwrap();
         from.send_to(b"hello", to).unwrap();
         let mut receiver = Receiver::default();
-        let got: Vec<(SocketAddr, Vec<u8>)> = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            receiver.receive(&socket),
-        )
-        .await
-        .expect("a datagram within 10 s")
-        .unwrap()
-        .map(|(s, c, _)| (s, c.to_vec()))
-        .collect();
+        let got: Vec<(SocketAddr, Vec<u8>)> = receive(&mut receiver, &socket)
+            .into_iter()
+            .map(|(s, c, _)| (s, c.to_vec()))
+            .collect();
         assert_eq!(got, vec![(from.local_addr().unwrap(), b"hello".to_vec())]);
     }
 
     /// A datagram read well after it arrived carries the time it arrived,
     /// not the time it was read.
     #[cfg(target_os = "linux")]
-    #[tokio::test]
-    async fn datagrams_carry_the_kernels_arrival_time() {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    #[test]
+    fn datagrams_carry_the_kernels_arrival_time() {
+        let socket = bind("127.0.0.1:0");
         let to = socket.local_addr().unwrap();
         let from = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut receiver = Receiver::default();
@@ -511,12 +811,7 @@ mod tests {
             let sent = SystemTime::now();
             from.send_to(b"datagram", to).unwrap();
             std::thread::sleep(busy);
-            let got: Vec<_> =
-                tokio::time::timeout(Duration::from_secs(10), receiver.receive(&socket))
-                    .await
-                    .expect("a datagram within 10 s")
-                    .unwrap()
-                    .collect();
+            let got = receive(&mut receiver, &socket);
             let read = SystemTime::now();
             let Some(stamp) = got[0].2 else {
                 continue;

@@ -12,7 +12,6 @@ pub struct Metrics {
     pub peer_connections: AtomicUsize,
     pub datagrams_in: AtomicUsize,
     pub datagrams_unrouted: AtomicUsize,
-    pub datagrams_room_busy: AtomicUsize,
     /// Client addresses no longer routed: checks came from too many.
     pub addresses_unrouted: AtomicUsize,
     pub rtp_in: AtomicUsize,
@@ -45,7 +44,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicUsize); 21] = [
+        let rows: [(&str, &str, &str, &AtomicUsize); 20] = [
             ("sfu_rooms", "gauge", "Rooms open", &self.rooms),
             (
                 "sfu_participants",
@@ -70,12 +69,6 @@ impl Metrics {
                 "counter",
                 "Datagrams from unknown sources, dropped",
                 &self.datagrams_unrouted,
-            ),
-            (
-                "sfu_datagrams_room_busy_total",
-                "counter",
-                "Datagrams dropped because the room queue was full",
-                &self.datagrams_room_busy,
             ),
             (
                 "sfu_addresses_unrouted_total",

@@ -1,13 +1,14 @@
 //! Room workers and the registry of rooms.
 //!
-//! Each room runs as one task that owns its `sfu_core::Room`: commands
-//! (joins, signals, datagrams) arrive over a bounded channel, so nothing on
-//! the packet path takes a lock. Tokio's multi-threaded runtime spreads the
-//! room tasks over a worker per core.
+//! Each room's worker owns its `sfu_core::Room` and runs on the media
+//! thread (see [`crate::media`]), which hands it its datagrams directly
+//! and runs its timers: nothing on the packet path takes a lock or
+//! switches tasks. Signalling commands (joins, SDP, leaves) arrive over
+//! the room's own bounded queue.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,11 +16,10 @@ use bytes::BytesMut;
 use dashmap::DashMap;
 use sfu_core::signal::{ClientMessage, IceServer, LeaveReason, ParticipantInfo, ServerMessage};
 use sfu_core::{DropReason, JoinRequest, Output, ParticipantId, Room, RoomConfig, RoomEvent};
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::batch::SendBatch;
-use crate::media::RouteUpdate;
+use crate::media::{Control, MediaHandle, RoomId, Router};
 use crate::metrics::Metrics;
 
 /// Messages queued for one participant's WebSocket.
@@ -69,11 +69,6 @@ pub enum RoomCmd {
         participant: ParticipantId,
         reason: LeaveReason,
     },
-    Datagram {
-        source: SocketAddr,
-        contents: BytesMut,
-        at: Instant,
-    },
     /// A message for one client that did not come from the room itself
     /// (an error about a frame that could not be parsed).
     Reply {
@@ -91,6 +86,33 @@ pub enum RoomCmd {
     Close(LeaveReason),
 }
 
+/// Sends commands to one room: into its queue, telling the media thread.
+#[derive(Clone)]
+pub struct RoomSender {
+    id: RoomId,
+    tx: mpsc::Sender<RoomCmd>,
+    media: MediaHandle,
+}
+
+impl RoomSender {
+    /// Queues `cmd`, waiting for room in the queue; fails once the room
+    /// has closed.
+    pub async fn send(&self, cmd: RoomCmd) -> Result<(), mpsc::error::SendError<RoomCmd>> {
+        self.tx.send(cmd).await?;
+        self.media.send(Control::Ready(self.id));
+        Ok(())
+    }
+
+    /// Queues `cmd` if there is room; says whether it did.
+    pub fn try_send(&self, cmd: RoomCmd) -> bool {
+        if self.tx.try_send(cmd).is_err() {
+            return false;
+        }
+        self.media.send(Control::Ready(self.id));
+        true
+    }
+}
+
 /// What the registry keeps of a running room.
 #[derive(Clone)]
 pub struct RoomHandle {
@@ -99,7 +121,7 @@ pub struct RoomHandle {
     pub created_at: u64,
     pub max_participants: usize,
     pub participants: Arc<AtomicUsize>,
-    pub tx: mpsc::Sender<RoomCmd>,
+    pub tx: RoomSender,
 }
 
 /// Settings shared by every room.
@@ -112,8 +134,6 @@ pub struct RoomDefaults {
     pub departure_timeout: Duration,
     /// How long a participant without a signalling connection stays.
     pub reconnect_grace: Duration,
-    /// Whether media may go out as UDP GSO messages.
-    pub udp_gso: bool,
     pub max_participants: usize,
     /// Tracks per participant; 0 = no cap.
     pub max_tracks: usize,
@@ -124,8 +144,8 @@ pub struct RoomDefaults {
 #[derive(Clone)]
 pub struct Rooms {
     inner: Arc<DashMap<String, RoomHandle>>,
-    socket: Arc<UdpSocket>,
-    routes: mpsc::UnboundedSender<RouteUpdate>,
+    media: MediaHandle,
+    next_id: Arc<AtomicU64>,
     defaults: RoomDefaults,
     metrics: Arc<Metrics>,
 }
@@ -138,16 +158,11 @@ pub enum CreateError {
 }
 
 impl Rooms {
-    pub fn new(
-        socket: Arc<UdpSocket>,
-        routes: mpsc::UnboundedSender<RouteUpdate>,
-        defaults: RoomDefaults,
-        metrics: Arc<Metrics>,
-    ) -> Rooms {
+    pub fn new(media: MediaHandle, defaults: RoomDefaults, metrics: Arc<Metrics>) -> Rooms {
         Rooms {
             inner: Arc::new(DashMap::new()),
-            socket,
-            routes,
+            media,
+            next_id: Arc::new(AtomicU64::new(1)),
             defaults,
             metrics,
         }
@@ -240,6 +255,12 @@ impl Rooms {
         let sid = format!("RM_{}", sfu_core::SeededRng::new(seed ^ 0x5EED).string(12));
         let max_participants = max_participants.unwrap_or(self.defaults.max_participants);
         let (tx, rx) = mpsc::channel(ROOM_QUEUE);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let tx = RoomSender {
+            id,
+            tx,
+            media: self.media.clone(),
+        };
         let handle = RoomHandle {
             name: name.to_owned(),
             sid: sid.clone(),
@@ -265,8 +286,6 @@ impl Rooms {
             rx,
             tx,
             clients: HashMap::new(),
-            socket: self.socket.clone(),
-            routes: self.routes.clone(),
             registry: self.inner.clone(),
             handle: handle.clone(),
             empty_timeout: empty_timeout.unwrap_or(self.defaults.empty_timeout),
@@ -278,18 +297,17 @@ impl Rooms {
             reported: Default::default(),
             last_report: Instant::now(),
             reported_conns: 0,
-            batch: SendBatch::new(self.defaults.udp_gso),
-            reported_sent: Default::default(),
+            touched: false,
+            closed: false,
+            deadline: Instant::now(),
         };
         self.metrics.rooms.fetch_add(1, Ordering::Relaxed);
-        let metrics = self.metrics.clone();
-        tokio::spawn(async move {
-            worker.run().await;
-            // The worker and its room are dropped now: give their memory
-            // back, off the runtime's threads.
-            let _ = tokio::task::spawn_blocking(crate::metrics::release_freed_memory).await;
-            metrics.memory_releases.fetch_add(1, Ordering::Relaxed);
-        });
+        if !self.media.send(Control::Add(id, Box::new(worker))) {
+            tracing::error!(
+                room = name,
+                "the media thread has ended; the room cannot run"
+            );
+        }
         handle
     }
 }
@@ -314,14 +332,12 @@ impl ClientLink {
     }
 }
 
-struct Worker {
+pub(crate) struct Worker {
     room: Room,
     rx: mpsc::Receiver<RoomCmd>,
-    tx: mpsc::Sender<RoomCmd>,
+    tx: RoomSender,
     clients: HashMap<ParticipantId, ClientLink>,
     reconnect_grace: Duration,
-    socket: Arc<UdpSocket>,
-    routes: mpsc::UnboundedSender<RouteUpdate>,
     registry: Arc<DashMap<String, RoomHandle>>,
     handle: RoomHandle,
     empty_timeout: Duration,
@@ -335,10 +351,12 @@ struct Worker {
     reported: sfu_core::RoomStats,
     last_report: Instant,
     reported_conns: usize,
-    /// Datagrams of this flush, sent together.
-    batch: SendBatch,
-    /// What the batch had sent at the last report.
-    reported_sent: crate::batch::Sent,
+    /// Work done since the last flush.
+    touched: bool,
+    /// Closed: the media thread lets go of it after its last flush.
+    closed: bool,
+    /// When the room next needs its timer run.
+    deadline: Instant,
 }
 
 impl Worker {
@@ -351,66 +369,52 @@ impl Worker {
         }
     }
 
-    async fn run(mut self) {
-        // One timer for the room's life, moved only when its deadline
-        // changes (a datagram seldom changes it): registering a new one
-        // at every wake costs the timer wheel's lock twice.
-        let timer = tokio::time::sleep_until(tokio::time::Instant::now());
-        tokio::pin!(timer);
-        loop {
-            let deadline = self.flush().await;
-            let mut wake = match self.empty_since {
-                Some(since) => deadline.min(since + self.idle_limit()),
-                None => deadline,
-            };
-            if let Some(away) = self.clients.values().filter_map(|c| c.away_since).min() {
-                wake = wake.min(away + self.reconnect_grace);
-            }
-            // A change in open connections reaches the gauges within a
-            // report interval even when nothing else wakes the room.
-            if self.reported_conns != self.room.connection_count() {
-                wake = wake.min(self.last_report + STATS_INTERVAL);
-            }
-            let wake = tokio::time::Instant::from_std(wake);
-            if timer.deadline() != wake {
-                timer.as_mut().reset(wake);
-            }
-            let cmd = tokio::select! {
-                cmd = self.rx.recv() => cmd,
-                _ = &mut timer => {
-                    let now = Instant::now();
-                    if self.empty_since.is_some_and(|s| now >= s + self.idle_limit()) {
-                        tracing::info!(room = %self.handle.name, "closing empty room");
-                        self.close(LeaveReason::RoomDeleted).await;
-                        return;
-                    }
-                    self.expire_away(now);
-                    self.room.handle_timeout(now);
-                    continue;
-                }
-            };
-            match cmd {
-                None => {
-                    self.close(LeaveReason::RoomDeleted).await;
-                    return;
-                }
-                Some(RoomCmd::Close(reason)) => {
-                    self.close(reason).await;
-                    return;
-                }
-                Some(cmd) => self.handle(cmd),
-            }
-            // Take whatever else is already queued before flushing.
-            for _ in 0..64 {
-                match self.rx.try_recv() {
-                    Ok(RoomCmd::Close(reason)) => {
-                        let _ = self.flush().await;
-                        self.close(reason).await;
-                        return;
-                    }
-                    Ok(cmd) => self.handle(cmd),
-                    Err(_) => break,
-                }
+    /// When the media thread is to run [`Worker::on_timer`].
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Marks the worker as having work to flush; true if it had none.
+    pub(crate) fn touch(&mut self) -> bool {
+        !std::mem::replace(&mut self.touched, true)
+    }
+
+    pub(crate) fn closed(&self) -> bool {
+        self.closed
+    }
+
+    /// The room's timer: closes a room empty for too long, ends sessions
+    /// whose clients did not come back, and runs the room's own timers.
+    pub(crate) fn on_timer(&mut self, now: Instant) {
+        if self.closed {
+            return;
+        }
+        if self
+            .empty_since
+            .is_some_and(|s| now >= s + self.idle_limit())
+        {
+            tracing::info!(room = %self.handle.name, "closing empty room");
+            self.close(LeaveReason::RoomDeleted);
+            return;
+        }
+        self.expire_away(now);
+        self.room.handle_timeout(now);
+    }
+
+    /// One datagram from a client of this room.
+    pub(crate) fn datagram(&mut self, source: SocketAddr, contents: BytesMut, at: Instant) {
+        if !self.closed {
+            self.room.handle_datagram(at, source, contents);
+        }
+    }
+
+    /// Handles the commands queued for the room.
+    pub(crate) fn take_commands(&mut self) {
+        while !self.closed {
+            match self.rx.try_recv() {
+                Ok(RoomCmd::Close(reason)) => self.close(reason),
+                Ok(cmd) => self.handle(cmd),
+                Err(_) => break,
             }
         }
     }
@@ -499,11 +503,6 @@ impl Worker {
                 participant,
                 reason,
             } => self.room.leave(now, participant, reason),
-            RoomCmd::Datagram {
-                source,
-                contents,
-                at,
-            } => self.room.handle_datagram(at, source, contents),
             RoomCmd::Reply {
                 participant,
                 message,
@@ -543,12 +542,15 @@ impl Worker {
         }
     }
 
-    /// Carries out everything the room produced; returns its next deadline.
-    async fn flush(&mut self) -> Instant {
+    /// Carries out everything the room produced: its datagrams into
+    /// `batch`, its signals to the clients' queues, its routes into
+    /// `router` (as room `id`); then works out its next deadline.
+    pub(crate) fn flush(&mut self, router: &mut Router, batch: &mut SendBatch, id: RoomId) {
+        self.touched = false;
         let deadline;
         loop {
             match self.room.poll_output() {
-                Output::Transmit(t) => self.batch.push(t.destination, t.contents),
+                Output::Transmit(t) => batch.push(t.destination, t.contents),
                 Output::Signal {
                     participant,
                     message,
@@ -578,12 +580,12 @@ impl Worker {
                     }
                 }
                 Output::Event(RoomEvent::UfragAdded(ufrag)) => {
-                    let _ = self
-                        .routes
-                        .send(RouteUpdate::AddUfrag(ufrag, self.tx.clone()));
+                    if !self.closed {
+                        router.add_ufrag(ufrag, id);
+                    }
                 }
                 Output::Event(RoomEvent::Unrouted { ufrags, addrs }) => {
-                    let _ = self.routes.send(RouteUpdate::Remove { ufrags, addrs });
+                    router.remove(ufrags, addrs)
                 }
                 Output::Event(RoomEvent::ParticipantRemoved { participant, .. }) => {
                     self.metrics.participants.fetch_sub(1, Ordering::Relaxed);
@@ -597,16 +599,32 @@ impl Worker {
                 }
             }
         }
-        if !self.batch.is_empty() {
-            self.batch.flush(&self.socket).await;
-        }
         let count = self.room.participant_count();
         self.handle.participants.store(count, Ordering::Relaxed);
         if count == 0 && self.empty_since.is_none() {
             self.empty_since = Some(Instant::now());
         }
+        if self.closed {
+            // The last report, whenever the one before was.
+            self.last_report = Instant::now() - STATS_INTERVAL;
+            self.report_stats();
+            self.metrics.rooms.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
         self.report_stats();
-        deadline
+        let mut wake = match self.empty_since {
+            Some(since) => deadline.min(since + self.idle_limit()),
+            None => deadline,
+        };
+        if let Some(away) = self.clients.values().filter_map(|c| c.away_since).min() {
+            wake = wake.min(away + self.reconnect_grace);
+        }
+        // A change in open connections reaches the gauges within a
+        // report interval even when nothing else wakes the room.
+        if self.reported_conns != self.room.connection_count() {
+            wake = wake.min(self.last_report + STATS_INTERVAL);
+        }
+        self.deadline = wake;
     }
 
     /// Adds the room's counters to the server's, at most once a second so
@@ -623,7 +641,7 @@ impl Worker {
         let add = |counter: &std::sync::atomic::AtomicUsize, now: u64, before: u64| {
             counter.fetch_add((now - before) as usize, Ordering::Relaxed);
         };
-        let (was, sent, had) = (&self.reported, self.batch.sent, self.reported_sent);
+        let was = &self.reported;
         add(&m.rtp_in, stats.rtp_in, was.rtp_in);
         add(&m.rtp_forwarded, stats.rtp_forwarded, was.rtp_forwarded);
         add(
@@ -654,16 +672,7 @@ impl Worker {
         for (i, reason) in DropReason::ALL.iter().enumerate() {
             add(&m.drops[i], stats.dropped(*reason), was.dropped(*reason));
         }
-        add(&m.datagrams_sent, sent.datagrams, had.datagrams);
-        add(&m.gso_messages, sent.gso_messages, had.gso_messages);
-        add(&m.gso_datagrams, sent.gso_datagrams, had.gso_datagrams);
-        add(
-            &m.datagrams_send_buffer_full,
-            sent.dropped_full,
-            had.dropped_full,
-        );
         self.reported = stats.clone();
-        self.reported_sent = sent;
         let conns = self.room.connection_count();
         if conns >= self.reported_conns {
             m.peer_connections
@@ -675,7 +684,10 @@ impl Worker {
         self.reported_conns = conns;
     }
 
-    async fn close(&mut self, reason: LeaveReason) {
+    /// Closes the room: everyone leaves (told why), joins still queued
+    /// are refused, and the media thread lets go of the room after its
+    /// next flush.
+    fn close(&mut self, reason: LeaveReason) {
         // Only remove our own entry: a new room of the same name may exist.
         self.registry
             .remove_if(&self.handle.name, |_, h| h.sid == self.handle.sid);
@@ -684,7 +696,6 @@ impl Worker {
         for id in ids {
             self.room.leave(now, id, reason);
         }
-        let _ = self.flush().await;
         // Joins that raced with closing learn the room is gone.
         self.rx.close();
         while let Ok(cmd) = self.rx.try_recv() {
@@ -692,8 +703,6 @@ impl Worker {
                 let _ = reply.send(Err("room closed".into()));
             }
         }
-        self.last_report = now - STATS_INTERVAL;
-        self.report_stats();
-        self.metrics.rooms.fetch_sub(1, Ordering::Relaxed);
+        self.closed = true;
     }
 }
