@@ -167,6 +167,9 @@ impl MediaThread {
                 return;
             }
             let now = Instant::now();
+            // Every room's deadline is looked at twice a wake: a few
+            // microseconds at a thousand rooms, against a wake's hundred
+            // or more.
             for (id, worker) in self.rooms.iter_mut() {
                 if worker.deadline() <= now {
                     worker.on_timer(now);
